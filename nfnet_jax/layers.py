@@ -1,0 +1,254 @@
+"""Building blocks shared by NFNets, NF-ResNets and NF-RegNets.
+
+Layouts: activations are NHWC, conv kernels HWIO (H, W, in/groups, out), linear
+kernels (in, out). Parameters are created in float32; every layer computes in the
+dtype of its input (bf16 inputs give bf16 matmuls/convs), so a model runs in bfloat16
+by casting its images, with float32 master weights and no per-layer promotion.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Gamma-scaled activations.
+# ---------------------------------------------------------------------------
+# act(z) * gamma has unit variance for z ~ N(0, 1). These constants are the ones the
+# released checkpoints were trained with (measured empirically; a hair above the exact
+# 1/std); they are kept verbatim for weight compatibility.
+GAMMAS: dict[str, float] = {
+    'gelu': 1.7015043497085571,
+    'gelu_exact': 1.7015043497085571,  # timm's port: erf GELU with the same gamma.
+    'relu': 1.7139588594436646,
+    'silu': 1.7881293296813965,
+    'elu': 1.2716004848480225,
+    'tanh': 1.5939117670059204,
+    'sigmoid': 4.803835391998291,
+    'softplus': 1.9203323125839233,
+    'leaky_relu': 1.70590341091156,
+    'identity': 1.0,
+}
+
+BASE_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'elu': jax.nn.elu,
+    'tanh': jnp.tanh,
+    'sigmoid': jax.nn.sigmoid,
+    'softplus': jax.nn.softplus,
+    'leaky_relu': jax.nn.leaky_relu,
+    'identity': lambda x: x,
+}
+
+
+def compute_gamma(fn: Callable[[jax.Array], jax.Array], num_samples: int = 1 << 22,
+                  seed: int = 0) -> float:
+  """Returns 1 / std(fn(z)) for z ~ N(0, 1), estimated in float64 numpy.
+
+  Use it to get a gamma for an activation that is not in `GAMMAS`.
+  """
+  z = np.random.default_rng(seed).standard_normal(num_samples)
+  y = np.asarray(fn(jnp.asarray(z, jnp.float32)), np.float64)
+  return float(1.0 / np.std(y))
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The gamma-scaled activation `act(x) * gamma` for a name in `GAMMAS`."""
+  if name not in BASE_ACTIVATIONS:
+    raise ValueError(f'Unknown activation {name!r}; valid: {sorted(BASE_ACTIVATIONS)}')
+  fn, gamma = BASE_ACTIVATIONS[name], GAMMAS[name]
+
+  def scaled(x: jax.Array) -> jax.Array:
+    return fn(x) * jnp.asarray(gamma, x.dtype)
+
+  scaled.__name__ = f'scaled_{name}'
+  return scaled
+
+
+# ---------------------------------------------------------------------------
+# Weight standardisation.
+# ---------------------------------------------------------------------------
+def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
+                       eps_mode: str = 'max') -> jax.Array:
+  """Scaled Weight Standardisation of an HWIO kernel, in float32.
+
+  Args:
+    w: [H, W, I, O] kernel (I is the per-group input width).
+    gain: [O] per-output-channel gain.
+    eps: floor on the variance term.
+    eps_mode: 'max' (DeepMind): w_hat = gain * (w - mean) * rsqrt(max(var * fan_in,
+      eps)); 'add' (timm's port): w_hat = gain * (w - mean) * rsqrt(var + eps) /
+      sqrt(fan_in).
+  Returns:
+    [H, W, I, O] standardised kernel, float32.
+  """
+  w = w.astype(jnp.float32)
+  fan_in = math.prod(w.shape[:-1])
+  mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+  var = jnp.var(w, axis=(0, 1, 2), keepdims=True)  # biased (ddof 0)
+  if eps_mode == 'max':
+    scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps))
+  elif eps_mode == 'add':
+    scale = jax.lax.rsqrt(var + eps) * (fan_in ** -0.5)
+  else:
+    raise ValueError(f"eps_mode must be 'max' or 'add', got {eps_mode!r}")
+  scale = scale * gain.astype(jnp.float32)
+  return w * scale - mean * scale
+
+
+class WSConv2D(hk.Module):
+  """2D convolution with Scaled Weight Standardisation, a per-channel gain and bias.
+
+  Parameters: `w` [kh, kw, in/groups, out] (variance-scaling(1, fan_in, normal)),
+  `gain` [out] (ones), `bias` [out] (zeros). SAME padding (TF-style, asymmetric for
+  stride 2). Input [N, H, W, C] -> output [N, H', W', out] in the input's dtype; the
+  standardisation runs in float32 and the kernel is cast once to the input dtype.
+  """
+
+  def __init__(self, output_channels: int, kernel_shape: Union[int, Sequence[int]] = 1,
+               stride: int = 1, padding: str = 'SAME', feature_group_count: int = 1,
+               eps: float = 1e-4, eps_mode: str = 'max', name: Optional[str] = None):
+    super().__init__(name=name)
+    self.output_channels = output_channels
+    self.kernel_shape = ((kernel_shape, kernel_shape) if isinstance(kernel_shape, int)
+                         else tuple(kernel_shape))
+    self.stride = stride
+    self.padding = padding
+    self.feature_group_count = feature_group_count
+    self.eps = eps
+    self.eps_mode = eps_mode
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_ch = x.shape[-1]
+    if in_ch % self.feature_group_count:
+      raise ValueError(f'{self.module_name}: {in_ch} input channels do not divide into '
+                       f'{self.feature_group_count} groups')
+    w_shape = (*self.kernel_shape, in_ch // self.feature_group_count, self.output_channels)
+    w_init = hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal')
+    w = hk.get_parameter('w', w_shape, jnp.float32, init=w_init)
+    gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32, init=jnp.ones)
+    bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32, init=jnp.zeros)
+    kernel = standardize_weight(w, gain, self.eps, self.eps_mode).astype(x.dtype)
+    out = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(self.stride, self.stride), padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=self.feature_group_count)
+    return out + bias.astype(x.dtype)
+
+
+class Linear(hk.Module):
+  """Dense layer `x @ w + b` computed in the input's dtype.
+
+  Parameters `w` [in, out] and `b` [out] are float32 (names as hk.Linear, so released
+  checkpoints apply). x: [..., in] -> [..., out].
+  """
+
+  def __init__(self, output_size: int, w_init: Optional[hk.initializers.Initializer] = None,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.output_size = output_size
+    self.w_init = w_init
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_size = x.shape[-1]
+    w_init = self.w_init or hk.initializers.TruncatedNormal(1.0 / math.sqrt(in_size))
+    w = hk.get_parameter('w', (in_size, self.output_size), jnp.float32, init=w_init)
+    b = hk.get_parameter('b', (self.output_size,), jnp.float32, init=jnp.zeros)
+    return jnp.dot(x, w.astype(x.dtype)) + b.astype(x.dtype)
+
+
+class SqueezeExcite(hk.Module):
+  """Squeeze-and-excite gate: mean-pool, linear, relu, linear, sigmoid.
+
+  x: [N, H, W, C] -> gate [N, 1, 1, out_ch] in (0, 1); the caller multiplies by 2.
+  Submodules `linear` (C -> hidden) and `linear_1` (hidden -> out_ch).
+  """
+
+  def __init__(self, in_ch: int, out_ch: int, se_ratio: float = 0.5,
+               hidden_ch: Optional[int] = None, name: Optional[str] = None):
+    super().__init__(name=name)
+    hidden_ch = hidden_ch if hidden_ch is not None else max(1, int(in_ch * se_ratio))
+    # Submodules are built here, not in __call__, so their names are `.../~/linear`
+    # and `.../~/linear_1` as in the released checkpoints.
+    self.fc0 = Linear(hidden_ch)
+    self.fc1 = Linear(out_ch)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+    h = self.fc1(jax.nn.relu(self.fc0(h)))
+    return jax.nn.sigmoid(h)[:, None, None, :]
+
+
+# ---------------------------------------------------------------------------
+# Randomness per example, independent of how the batch is split over devices.
+# ---------------------------------------------------------------------------
+_EXAMPLE_OFFSET: list = [0]
+
+
+@contextlib.contextmanager
+def example_offset(offset: Union[int, jax.Array]) -> Iterator[None]:
+  """Within this context, row i of the local batch is global example `offset + i`.
+
+  The data-parallel step sets it to `device_index * local_batch`, so dropout and
+  stochastic-depth masks depend on (rng, global example index) only, and 1 device or
+  8 devices draw the same masks for the same global batch.
+  """
+  _EXAMPLE_OFFSET.append(offset)
+  try:
+    yield
+  finally:
+    _EXAMPLE_OFFSET.pop()
+
+
+def per_example_uniform(key: jax.Array, batch: int, shape: Sequence[int] = (),
+                        dtype=jnp.float32) -> jax.Array:
+  """[batch, *shape] uniforms in [0, 1); row i depends only on (key, global index)."""
+  ids = _EXAMPLE_OFFSET[-1] + jnp.arange(batch, dtype=jnp.uint32)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids)
+  return jax.vmap(lambda k: jax.random.uniform(k, tuple(shape), dtype))(keys)
+
+
+class StochDepth(hk.Module):
+  """Stochastic depth: drops the whole residual branch per example in training.
+
+  Keep probability 1 - drop_rate, no rescaling (as the NFNet recipe). x: [N, ...].
+  """
+
+  def __init__(self, drop_rate: float, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.drop_rate = drop_rate
+
+  def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
+    if not is_training or self.drop_rate <= 0.0:
+      return x
+    r = per_example_uniform(hk.next_rng_key(), x.shape[0])
+    keep = (r >= self.drop_rate).astype(x.dtype)
+    return x * keep.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
+  """Inverted dropout with per-example masks (see `per_example_uniform`). x: [N, ...]."""
+  if not is_training or rate <= 0.0:
+    return x
+  r = per_example_uniform(hk.next_rng_key(), x.shape[0], x.shape[1:])
+  keep = 1.0 - rate
+  return jnp.where(r < keep, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def signal_metrics(x: jax.Array, index: int) -> dict[str, jax.Array]:
+  """Signal-propagation statistics of an NHWC activation, in float32.
+
+  avg_sq_mean: mean over channels of the squared per-channel mean (over N, H, W);
+  avg_var: mean over channels of the per-channel variance.
+  """
+  x = x.astype(jnp.float32)
+  return {f'avg_sq_mean_{index}': jnp.mean(jnp.mean(x, axis=(0, 1, 2)) ** 2),
+          f'avg_var_{index}': jnp.mean(jnp.var(x, axis=(0, 1, 2)))}

@@ -1,0 +1,116 @@
+"""Layers against hand-written numpy references."""
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nfnet_jax import layers
+
+
+def _np_standardize(w, gain, eps=1e-4):
+  w = np.asarray(w, np.float64)
+  fan_in = np.prod(w.shape[:-1])
+  mean = w.mean(axis=(0, 1, 2), keepdims=True)
+  var = ((w - mean) ** 2).mean(axis=(0, 1, 2), keepdims=True)
+  return gain * (w - mean) / np.sqrt(np.maximum(var * fan_in, eps))
+
+
+def _np_conv_same(x, w, stride, groups):
+  """Direct NHWC/HWIO grouped convolution with TF SAME padding, in float64."""
+  n, h, wd, c = x.shape
+  kh, kw, ci, co = w.shape
+  oh, ow = -(-h // stride), -(-wd // stride)
+  ph = max((oh - 1) * stride + kh - h, 0)
+  pw = max((ow - 1) * stride + kw - wd, 0)
+  xp = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+  out = np.zeros((n, oh, ow, co))
+  cog = co // groups
+  for g in range(groups):
+    for i in range(oh):
+      for j in range(ow):
+        patch = xp[:, i * stride:i * stride + kh, j * stride:j * stride + kw,
+                   g * ci:(g + 1) * ci]
+        out[:, i, j, g * cog:(g + 1) * cog] = np.einsum(
+            'nhwc,hwco->no', patch, w[..., g * cog:(g + 1) * cog])
+  return out
+
+
+@pytest.mark.parametrize('stride,groups,k', [(1, 1, 3), (2, 2, 3), (2, 1, 1), (1, 4, 3)])
+def test_wsconv_matches_numpy(stride, groups, k):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 7, 6, 8)).astype(np.float32)
+  f = hk.transform(lambda x: layers.WSConv2D(8, k, stride=stride,
+                                             feature_group_count=groups)(x))
+  params = f.init(jax.random.PRNGKey(0), x)
+  mod = list(params)[0]
+  w = rng.standard_normal(params[mod]['w'].shape).astype(np.float32) * 0.3 + 0.1
+  gain = rng.uniform(0.5, 2, 8).astype(np.float32)
+  bias = rng.standard_normal(8).astype(np.float32)
+  params = {mod: {'w': w, 'gain': gain, 'bias': bias}}
+  got = np.asarray(f.apply(params, None, x))
+  want = _np_conv_same(x.astype(np.float64), _np_standardize(w, gain), stride, groups) + bias
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_standardized_kernel_moments():
+  w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 16, 32)) * 5 + 2
+  w_hat = np.asarray(layers.standardize_weight(w, jnp.ones(32)), np.float64)
+  fan_in = 3 * 3 * 16
+  np.testing.assert_allclose(w_hat.mean(axis=(0, 1, 2)), 0, atol=1e-6)
+  np.testing.assert_allclose(w_hat.var(axis=(0, 1, 2)), 1 / fan_in, rtol=1e-4)
+
+
+def test_standardize_eps_floor_and_timm_mode():
+  w = jnp.zeros((1, 1, 4, 2))  # zero variance: the eps floor keeps it finite
+  assert np.all(np.isfinite(layers.standardize_weight(w, jnp.ones(2))))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 2))
+  fan_in = 36
+  wn = np.asarray(w, np.float64)
+  mean, var = wn.mean((0, 1, 2)), wn.var((0, 1, 2))
+  want = (wn - mean) / np.sqrt(var + 1e-5) / np.sqrt(fan_in)
+  got = layers.standardize_weight(w, jnp.ones(2), eps=1e-5, eps_mode='add')
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['gelu', 'relu', 'silu', 'elu', 'tanh', 'sigmoid',
+                                  'softplus', 'leaky_relu'])
+def test_gamma_gives_unit_variance(name):
+  z = np.random.default_rng(0).standard_normal(1 << 21).astype(np.float32)
+  y = np.asarray(layers.activation(name)(jnp.asarray(z)), np.float64)
+  assert abs(y.var() - 1.0) < 0.01
+
+
+def test_compute_gamma_matches_exact_relu():
+  # Exact 1/std(relu(z)) = 1/sqrt(1/2 - 1/(2*pi)) = 1.712859 (DESIGN.md).
+  assert abs(layers.compute_gamma(jax.nn.relu) - 1.712859) < 2e-3
+
+
+def test_unknown_activation():
+  with pytest.raises(ValueError, match='valid'):
+    layers.activation('swishy')
+
+
+def test_stochdepth_and_dropout_only_in_training():
+  x = jnp.ones((64, 2, 2, 3))
+  f = hk.transform(lambda x, t: layers.StochDepth(0.5)(x, t))
+  y_eval = f.apply({}, jax.random.PRNGKey(0), x, False)
+  np.testing.assert_array_equal(y_eval, x)
+  y = np.asarray(f.apply({}, jax.random.PRNGKey(0), x, True))
+  per_example = y.reshape(64, -1)
+  assert set(np.unique(per_example)) <= {0.0, 1.0}  # no rescaling
+  assert np.all(per_example.min(1) == per_example.max(1))  # whole example dropped
+  assert 10 < per_example[:, 0].sum() < 54
+  d = hk.transform(lambda x, t: layers.dropout(x, 0.25, t))
+  np.testing.assert_array_equal(d.apply({}, jax.random.PRNGKey(0), x, False), x)
+  yd = np.asarray(d.apply({}, jax.random.PRNGKey(0), x, True))
+  np.testing.assert_allclose(np.unique(yd), [0.0, 1 / 0.75], rtol=1e-6)
+
+
+def test_per_example_masks_do_not_depend_on_split():
+  """Masks for rows [4:8] drawn as a local batch with offset 4 equal the full batch's."""
+  key = jax.random.PRNGKey(3)
+  full = layers.per_example_uniform(key, 8, (5,))
+  with layers.example_offset(4):
+    part = layers.per_example_uniform(key, 4, (5,))
+  np.testing.assert_array_equal(full[4:], part)
