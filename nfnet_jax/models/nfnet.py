@@ -57,7 +57,7 @@ class NFBlock(hk.Module):
   """
 
   def __init__(self, in_ch: int, out_ch: int, *, stride: int = 1, beta: float = 1.0,
-               alpha: float = 0.2, expansion: float = 0.5, group_size: int = 128,
+               alpha: float = 0.2, expansion: float = 0.5, group_size: Optional[int] = 128,
                se_ratio: float = 0.5, stochdepth_rate: float = 0.0,
                act: Any = None, ws_eps: float = 1e-4, ws_eps_mode: str = 'max',
                name: Optional[str] = None):
@@ -65,6 +65,9 @@ class NFBlock(hk.Module):
     self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
     self.beta, self.alpha = beta, alpha
     self.act = act
+    # group_size None: ordinary (ungrouped) 3x3 convs, for small models on CPU, where
+    # XLA's grouped convolutions are slow.
+    group_size = group_size or int(out_ch * expansion)
     groups = int(out_ch * expansion) // group_size
     if groups < 1:
       raise ValueError(f'Bottleneck width {out_ch * expansion} is below the group width '
@@ -115,7 +118,9 @@ class NFNet(hk.Module):
 
   Call with images [N, H, W, 3] (NHWC, normalised floats). The images' dtype sets the
   compute dtype (pass bfloat16 for mixed precision; parameters stay float32), unless
-  `dtype` is given, in which case images are cast to it. Returns a dict with `logits`
+  `dtype` is given, in which case images are cast to it. `width` multiplies the stage
+  widths; `group_size` (128 in the paper; None = ungrouped) and `depths` exist for small models (the
+  quickstart) and change the architecture away from the paper's. Returns a dict with `logits`
   [N, num_classes] (float32) and `pool` [N, C]; with `return_metrics=True` also per-block
   `avg_sq_mean_i`, `avg_var_i` (i = 0 is the stem output, i = k the output of block k-1)
   and `res_avg_var_k` (the residual branch of block k before the skip gain).
@@ -125,7 +130,8 @@ class NFNet(hk.Module):
                se_ratio: float = 0.5, alpha: float = 0.2, stochdepth_rate: float = 0.1,
                drop_rate: Optional[float] = None, activation: str = 'gelu',
                final_conv_mult: float = 2, dtype: Any = None, ws_eps: float = 1e-4,
-               ws_eps_mode: str = 'max', name: str = 'NFNet'):
+               ws_eps_mode: str = 'max', group_size: Optional[int] = 128,
+               depths: Optional[list[int]] = None, name: str = 'NFNet'):
     super().__init__(name=name)
     if variant not in VARIANTS:
       raise ValueError(f'Unknown NFNet variant {variant!r}; valid: {list(VARIANTS)}')
@@ -134,7 +140,7 @@ class NFNet(hk.Module):
     params = VARIANTS[variant]
     self.train_imsize, self.test_imsize = params['train_imsize'], params['test_imsize']
     self.widths = [int(w * width) for w in params['width']]
-    self.depths = params['depth']
+    self.depths = list(depths or params['depth'])  # override for small/debug models
     self.drop_rate = params['drop_rate'] if drop_rate is None else drop_rate
     self.se_ratio, self.alpha = se_ratio, alpha
     self.stochdepth_rate = stochdepth_rate
@@ -156,7 +162,7 @@ class NFNet(hk.Module):
             ch, width, stride=stride if block_index == 0 else 1,
             beta=1.0 / expected_std, alpha=alpha, se_ratio=se_ratio,
             stochdepth_rate=stochdepth_rate * len(self.blocks) / num_blocks,
-            act=self.act, ws_eps=ws_eps, ws_eps_mode=ws_eps_mode))
+            group_size=group_size, act=self.act, ws_eps=ws_eps, ws_eps_mode=ws_eps_mode))
         ch = width
         if block_index == 0:
           expected_std = 1.0

@@ -1,0 +1,29 @@
+r"""Fine-tune a released NFNet on a folder of your own images.
+
+  python -m nfnet_jax.train --config=experiments/finetune_folder.py:F0 --workdir=... \
+      --config.init_from=F0_haiku.npz --config.data.folder=/path/to/images
+
+The folder holds one subfolder per class (with train/ and val/ subfolders, or a
+held-out fraction). The classifier is re-initialised for the folder's classes; the
+body starts from the released weights. AdamW-free SGD at a small learning rate,
+short schedule, no AGC on a small batch, light augmentation.
+"""
+from nfnet_jax import configs
+
+
+def get_config(arg: str = 'F0'):
+  c = configs.nfnet_config(arg)
+  c.data.source = 'folder'
+  c.data.holdout_fraction = 0.1
+  c.data.randaugment.enabled = False
+  c.data.mix.enabled = False
+  c.batch_size = 64
+  c.num_epochs = 10.0
+  c.warmup_epochs = 1.0
+  c.optimizer.base_lr = 0.01
+  c.optimizer.agc_clipping = 0.0
+  c.model_kwargs = dict(stochdepth_rate=0.1, drop_rate=0.2)
+  c.eval_batch_size = 64
+  c.log_every = 10
+  c.checkpoint_every_steps = 500
+  return c

@@ -1,0 +1,18 @@
+r"""NFNet-F0..F7 (and F0+..F7+) on ImageNet with the paper's recipe.
+
+  python -m nfnet_jax.train --config=experiments/nfnet.py:F1 --workdir=...
+  python -m nfnet_jax.train --config=experiments/nfnet.py:F6,sam --workdir=...
+
+arg: '<variant>[,sam]'. 'sam' turns on SAM (rho 0.05) with the ascent gradient on 20%
+of each device's batch, as the paper's F6/F7 runs.
+"""
+from nfnet_jax import configs
+
+
+def get_config(arg: str = 'F0'):
+  variant, *opts = arg.split(',')
+  c = configs.nfnet_config(variant)
+  if 'sam' in opts:
+    c.sam.enabled = True
+    c.sam.fraction = 0.2
+  return c

@@ -1,0 +1,82 @@
+"""Scalar metrics to a JSONL file and TensorBoard event files, without TensorFlow.
+
+TensorBoard's own writer imports TensorFlow when it is installed; the training loop
+must not (TF belongs to the input pipeline only), so the event file is written here
+directly: TFRecord framing (length, masked CRC32C) around `Event` protos from the
+`tensorboard` package.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+from typing import Mapping, Optional
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for i in range(256):
+    crc = i
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    table.append(crc)
+  return table
+
+
+_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), as TFRecord uses."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class MetricsWriter:
+  """Writes `{step, **scalars}` lines to `metrics.jsonl` and TensorBoard scalars.
+
+  Only process 0 writes (pass `enabled=False` on the others).
+  """
+
+  def __init__(self, logdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    os.makedirs(logdir, exist_ok=True)
+    self._jsonl = open(os.path.join(logdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
+    self._events = open(os.path.join(logdir, name), 'ab')
+    self._write_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write_event(self, event: event_pb2.Event) -> None:
+    data = event.SerializeToString()
+    header = struct.pack('<Q', len(data))
+    self._events.write(header + struct.pack('<I', _masked_crc(header)) + data +
+                       struct.pack('<I', _masked_crc(data)))
+
+  def write(self, step: int, scalars: Mapping[str, float], prefix: Optional[str] = None):
+    if not self.enabled:
+      return
+    scalars = {(f'{prefix}/{k}' if prefix else k): float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    self._jsonl.flush()
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+    self._write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                      summary=summary_pb2.Summary(value=values)))
+    self._events.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._events.close()
