@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Train on one host with all of its GPUs (one process; the step is data-parallel
+# over every visible GPU).
+#
+#   launch/gpu.sh --workdir=/ckpt/f0 -- --config=experiments/nfnet.py:F0 --config.batch_size=1024
+#
+# Everything after `--` goes to `python -m nfnet_jax.train` (default:
+# --config=experiments/nfnet.py:F0). The global batch must divide by the number of
+# GPUs. Re-running the same command resumes from the workdir's last checkpoint; Ctrl-C
+# or SIGTERM saves a checkpoint first. The log also goes to WORKDIR/train.log.
+#
+# Options:
+#   --workdir=DIR       checkpoints, metrics, TensorBoard, train.log (required)
+#   --mode=MODE         train | eval | train_and_eval (default: train)
+#   --gpus=LIST         CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (default: all)
+#   --python=PATH       interpreter (default: .venv/bin/python if present, else python3)
+#   --install           first create .venv and install this project with JAX for CUDA
+#   --jax=SPEC          pip requirement for JAX with CUDA (default: jax[cuda12])
+#   --mem-fraction=F    share of GPU memory JAX takes at start (default: 0.9)
+#   --dry-run           print the environment and commands instead of running them
+set -euo pipefail
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+workdir="" mode=train gpus="" python="" install=0 dry=0 mem_fraction=0.9
+jax_spec='jax[cuda12]'
+train_args=()
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "gpu.sh: $*" >&2; exit 2; }
+
+while (($#)); do
+  case "$1" in
+    --workdir=*) workdir="${1#*=}" ;;
+    --mode=*) mode="${1#*=}" ;;
+    --gpus=*) gpus="${1#*=}" ;;
+    --python=*) python="${1#*=}" ;;
+    --install) install=1 ;;
+    --jax=*) jax_spec="${1#*=}" ;;
+    --mem-fraction=*) mem_fraction="${1#*=}" ;;
+    --dry-run) dry=1 ;;
+    -h|--help) usage 0 ;;
+    --) shift; train_args=("$@"); break ;;
+    *) die "unknown option $1 (training flags go after --; see --help)" ;;
+  esac
+  shift
+done
+[[ -n "$workdir" ]] || die "--workdir is required"
+[[ "$mode" =~ ^(train|eval|train_and_eval)$ ]] || die "--mode must be train, eval or train_and_eval"
+if ((${#train_args[@]} == 0)); then train_args=(--config=experiments/nfnet.py:F0); fi
+
+if [[ -z "$python" ]]; then
+  if ((install)) || [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"
+  else python=python3; fi
+fi
+
+run() {
+  if ((dry)); then
+    local out=() a
+    for a in "$@"; do out+=("$(printf '%q' "$a")"); done
+    echo "${out[*]}"
+  else
+    "$@"
+  fi
+}
+
+# XLA: overlap the gradient all-reduce with the backward pass. JAX preallocates
+# this share of each GPU's memory. The input pipeline's TensorFlow never sees a GPU
+# (nfnet_jax.data hides them from it) and logs only errors.
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_latency_hiding_scheduler=true"
+export XLA_PYTHON_CLIENT_MEM_FRACTION="$mem_fraction"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
+[[ -n "$gpus" ]] && export CUDA_VISIBLE_DEVICES="$gpus"
+if ((dry)); then
+  for v in XLA_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION TF_CPP_MIN_LOG_LEVEL CUDA_VISIBLE_DEVICES; do
+    [[ -n "${!v:-}" ]] && echo "export $v=$(printf '%q' "${!v}")"
+  done
+fi
+
+cd "$repo"
+if ((install)); then
+  run python3 -m venv .venv
+  run .venv/bin/pip install -q --upgrade pip
+  run .venv/bin/pip install -q "$jax_spec" -e .
+fi
+if ((!dry)) && command -v nvidia-smi > /dev/null; then
+  echo "gpu.sh: $(nvidia-smi -L | grep -c '^GPU') GPU(s) on this host${gpus:+, using $gpus}" >&2
+fi
+cmd=("$python" -m nfnet_jax.train --workdir="$workdir" --mode="$mode" "${train_args[@]}")
+if ((dry)); then
+  run "${cmd[@]}"
+  exit 0
+fi
+mkdir -p "$workdir" 2> /dev/null || true
+# exec keeps signals going straight to Python (checkpoint on SIGTERM / Ctrl-C); the
+# log is tee'd by a process substitution.
+if [[ "$workdir" == *://* ]]; then exec "${cmd[@]}"; fi
+exec "${cmd[@]}" > >(tee -a "$workdir/train.log") 2>&1

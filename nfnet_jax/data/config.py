@@ -1,0 +1,82 @@
+"""Default input-pipeline configuration (an `ml_collections.ConfigDict`).
+
+Nothing here imports TensorFlow. Every stage of the training transform can be
+switched off from the config; the defaults are the NFNet-F0 ImageNet recipe of
+DESIGN.md (192 px train, 256 px test, RandAugment N=4 M=5, MixUp 0.2 + CutMix).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import ml_collections
+
+SOURCES = ('tfds', 'folder', 'offline')
+CROPS = ('auto', 'inception', 'pad_crop', 'resize', 'none')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the data config; see the inline comments for each field."""
+  c = ml_collections.ConfigDict()
+  c.source = 'tfds'              # 'tfds' | 'folder' | 'offline'
+  c.name = 'imagenet2012'        # TFDS builder name (source='tfds')
+  c.data_dir = None              # TFDS data_dir (None: TFDS default ~/tensorflow_datasets)
+  c.manual_dir = None            # where ILSVRC2012_img_{train,val}.tar live (prepare step)
+  c.folder = None                # root of a folder dataset (source='folder')
+  c.holdout_fraction = 0.0       # >0: eval on this fraction of the train split instead
+  c.train_split = 'train'
+  c.eval_split = 'validation'    # folder source: the 'val' subfolder is used when present
+
+  c.image_size = 192             # train resolution (square)
+  c.eval_size = 256              # test resolution; eval resizes to (eval_size+32)^2 first
+  c.eval_resize_margin = 32
+  # 'auto' = 'inception' for tfds/folder, 'pad_crop' for offline; 'inception' =
+  # random area/aspect crop (fused decode-and-crop on JPEG) then bicubic resize;
+  # 'pad_crop' = zero-pad by `pad_crop_padding`, random crop back to the size;
+  # 'resize' = bicubic squash of the whole image; 'none' = image used as is.
+  c.crop = 'auto'
+  c.inception = ml_collections.ConfigDict(dict(
+      area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3),
+      min_object_covered=0.1, max_attempts=10))
+  c.pad_crop_padding = 4
+  c.flip = True
+
+  c.randaugment = ml_collections.ConfigDict(dict(
+      enabled=True, num_layers=4, magnitude=5.0,
+      contrast_mode='tf',          # 'tf': blend toward min(H*W/256, 255); 'mean': mean grey
+      posterize_mode='keep_bits',  # 'keep_bits': keep int(4M/10) bits; 'remove_bits'
+      fill=128, translate_const=100.0, cutout_const=40.0))
+
+  # Mixing: 2B decoded images in, B out. With both MixUp and CutMix on, the first
+  # half of the global batch is MixUp, the second half CutMix.
+  c.mix = ml_collections.ConfigDict(dict(enabled=True, mixup_alpha=0.2, cutmix=True))
+
+  c.normalize = True             # ImageNet mean/std on the 0-255 scale
+  c.bfloat16 = False             # emit images as bfloat16
+  c.shuffle = True               # per-epoch permutation of the whole split
+  c.num_parallel_calls = -1      # -1 = tf.data.AUTOTUNE
+  c.prefetch = 2                 # batches prefetched (tf.data and numpy paths)
+  c.threadpool_size = 0          # >0: private tf.data threadpool of this size
+  c.folder_verify = 'open'       # 'open' (PIL header check) | 'decode' (full) | 'none'
+
+  c.offline = ml_collections.ConfigDict(dict(
+      num_classes=10, num_train=10_000, num_eval=2_000, image_size=32, seed=0))
+  c.use_tf = True                # False: pure-numpy path (offline source only)
+  return c
+
+
+def resolve_crop(cfg) -> str:
+  """The crop actually used: 'auto' is 'pad_crop' for offline, else 'inception'."""
+  if cfg.crop == 'auto':
+    return 'pad_crop' if cfg.source == 'offline' else 'inception'
+  if cfg.crop not in CROPS:
+    raise ValueError(f'Unknown data.crop {cfg.crop!r}; one of {CROPS}')
+  return cfg.crop
+
+
+def output_sizes(cfg, raw_size: Optional[int] = None) -> Tuple[int, int]:
+  """(train, eval) image sizes. The offline source keeps its native size unless
+  crop is 'inception' or 'resize'."""
+  if cfg.source == 'offline' and resolve_crop(cfg) in ('pad_crop', 'none'):
+    size = raw_size or int(cfg.offline.image_size)
+    return size, size
+  return int(cfg.image_size), int(cfg.eval_size)

@@ -1,0 +1,254 @@
+"""Performance variants of the NFNet forward pass that compute the same function.
+
+Everything here swaps the *implementation* of existing layers through Haiku method
+interceptors and custom getters, so parameter trees, names and checkpoints are the
+ones of `nfnet_jax.models`; `tests/test_perf_equivalence.py` checks each variant's
+logits and gradients against the reference.
+
+- :func:`naive_model`: the "plain" baseline of `benchmarks/train_step.py` -- what a
+  straightforward mixed-precision port does (jmp/`hk.mixed_precision`-style): every
+  float32 parameter is cast to the compute dtype when it is read, and weight
+  standardisation then runs in the compute dtype on the rounded weights (DeepMind's
+  reference does this), with an f32 round trip of each kernel for the statistics.
+  In float32 it is exactly the reference model.
+- :func:`model`: the real model with optional experimental implementations:
+  `groups='split'` runs grouped convolutions as one dense convolution per group
+  (same arithmetic; for GPUs whose grouped-conv kernels are slow).
+- :func:`fold_params` + :func:`folded_model`: inference with weight
+  standardisation done once, outside the step (kernels pre-standardised and stored
+  in the compute dtype), instead of on every call.
+- :func:`compile_step`: `jit(...).lower(...).compile()` with XLA options that are
+  dropped (and reported) when this XLA build does not know them, instead of aborting.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnet_jax import layers
+from nfnet_jax.models import registry
+
+PyTree = Any
+
+# XLA option sets tried by the benchmarks (compile options, i.e. DebugOptions fields;
+# unknown ones are dropped by `compile_step`). Defaults of XLA are tuned already, so
+# the optimised step uses none; these are experiments measured side by side.
+XLA_PRESETS: dict[str, dict[str, Any]] = {
+    'none': {},
+    # cuDNN graph fusions of convolutions with their elementwise neighbours
+    # (bias, GELU, gamma/beta scaling) instead of separate XLA loop fusions.
+    'conv_fusion': {'xla_gpu_experimental_enable_conv_fusion': True},
+    # cuDNN runtime-compiled conv + bias + activation fusion (older mechanism).
+    'runtime_fusion': {'xla_gpu_use_runtime_fusion': True},
+    # Exhaustive conv/GEMM autotuning (level 4 is XLA's default already).
+    'autotune4': {'xla_gpu_autotune_level': 4},
+}
+
+
+# ---------------------------------------------------------------------------
+# Plain (naive mixed precision) reference.
+# ---------------------------------------------------------------------------
+def _naive_ws_conv(module: layers.WSConv2D, x: jax.Array) -> jax.Array:
+  """WSConv2D as a naive port writes it: statistics in the compute dtype."""
+  in_ch = x.shape[-1]
+  w_shape = (*module.kernel_shape, in_ch // module.feature_group_count,
+             module.output_channels)
+  w_init = hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal')
+  w = hk.get_parameter('w', w_shape, jnp.float32, init=w_init)  # cast by the getter
+  gain = hk.get_parameter('gain', (module.output_channels,), jnp.float32, init=jnp.ones)
+  bias = hk.get_parameter('bias', (module.output_channels,), jnp.float32, init=jnp.zeros)
+  dt = x.dtype
+  w = w.astype(dt)
+  fan_in = math.prod(w_shape[:-1])
+  mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+  var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
+  if module.eps_mode == 'max':
+    scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, jnp.asarray(module.eps, dt)))
+  else:
+    scale = jax.lax.rsqrt(var + jnp.asarray(module.eps, dt)) * jnp.asarray(
+        fan_in ** -0.5, dt)
+  scale = scale * gain.astype(dt)
+  kernel = w * scale - mean * scale  # the reference's formula, in the compute dtype
+  out = jax.lax.conv_general_dilated(
+      x, kernel.astype(dt), window_strides=(module.stride, module.stride),
+      padding=module.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=module.feature_group_count)
+  return out + bias.astype(dt)
+
+
+def naive_model(name: str, num_classes: int = 1000, compute_dtype: Any = jnp.bfloat16,
+                **overrides) -> hk.Transformed:
+  """The "plain" baseline: params cast to `compute_dtype` on read, WS in that dtype.
+
+  Same parameters and names as `models.create(name, num_classes, **overrides)`;
+  with compute_dtype float32 it computes exactly the same function.
+  """
+  make = registry.module_fn(name, num_classes, **overrides)
+  cdt = jnp.dtype(compute_dtype)
+
+  def cast_getter(next_getter, value, context):
+    del context
+    value = next_getter(value)
+    if jnp.issubdtype(value.dtype, jnp.floating):
+      value = value.astype(cdt)
+    return value
+
+  def interceptor(next_f, args, kwargs, context):
+    if isinstance(context.module, layers.WSConv2D) and context.method_name == '__call__':
+      return _naive_ws_conv(context.module, *args, **kwargs)
+    return next_f(*args, **kwargs)
+
+  def forward(images, is_training: bool, return_metrics: bool = False):
+    with hk.custom_getter(cast_getter), hk.intercept_methods(interceptor):
+      return make()(images, is_training=is_training, return_metrics=return_metrics)
+
+  return hk.transform(forward)
+
+
+# ---------------------------------------------------------------------------
+# Optimised / experimental implementations.
+# ---------------------------------------------------------------------------
+def split_grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: str,
+                       groups: int) -> jax.Array:
+  """A grouped NHWC/HWIO convolution as `groups` dense convolutions, concatenated.
+
+  Same arithmetic as `feature_group_count=groups`; its backward pass is the dense
+  filter/input gradients per group instead of XLA's batch-grouped form.
+  """
+  cin = x.shape[-1] // groups
+  cout = kernel.shape[-1] // groups
+  outs = []
+  for g in range(groups):
+    outs.append(jax.lax.conv_general_dilated(
+        x[..., g * cin:(g + 1) * cin], kernel[..., g * cout:(g + 1) * cout],
+        window_strides=(stride, stride), padding=padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  return jnp.concatenate(outs, axis=-1)
+
+
+def _ws_kernel(module: layers.WSConv2D, in_ch: int, dtype) -> tuple[jax.Array, jax.Array]:
+  w_shape = (*module.kernel_shape, in_ch // module.feature_group_count,
+             module.output_channels)
+  w_init = hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal')
+  w = hk.get_parameter('w', w_shape, jnp.float32, init=w_init)
+  gain = hk.get_parameter('gain', (module.output_channels,), jnp.float32, init=jnp.ones)
+  bias = hk.get_parameter('bias', (module.output_channels,), jnp.float32, init=jnp.zeros)
+  kernel = layers.standardize_weight(w, gain, module.eps, module.eps_mode).astype(dtype)
+  return kernel, bias.astype(dtype)
+
+
+def _split_ws_conv(module: layers.WSConv2D, x: jax.Array) -> jax.Array:
+  kernel, bias = _ws_kernel(module, x.shape[-1], x.dtype)
+  out = split_grouped_conv(x, kernel, module.stride, module.padding,
+                           module.feature_group_count)
+  return out + bias
+
+
+def model(name: str, num_classes: int = 1000, groups: str = 'lax',
+          **overrides) -> hk.Transformed:
+  """`models.create` with implementation knobs (same params, same function).
+
+  groups: 'lax' (XLA grouped convolution, as models.create) or 'split'.
+  """
+  if groups not in ('lax', 'split'):
+    raise ValueError(f"groups must be 'lax' or 'split', got {groups!r}")
+  make = registry.module_fn(name, num_classes, **overrides)
+
+  def interceptor(next_f, args, kwargs, context):
+    m = context.module
+    if (groups == 'split' and isinstance(m, layers.WSConv2D)
+        and context.method_name == '__call__' and m.feature_group_count > 1):
+      return _split_ws_conv(m, *args, **kwargs)
+    return next_f(*args, **kwargs)
+
+  def forward(images, is_training: bool, return_metrics: bool = False):
+    with hk.intercept_methods(interceptor):
+      return make()(images, is_training=is_training, return_metrics=return_metrics)
+
+  return hk.transform(forward)
+
+
+# ---------------------------------------------------------------------------
+# Inference with weight standardisation folded out of the step.
+# ---------------------------------------------------------------------------
+def _is_ws_conv(leaves: Mapping[str, Any]) -> bool:
+  return set(leaves) == {'w', 'gain', 'bias'} and getattr(leaves['w'], 'ndim', 0) == 4
+
+
+def fold_params(params: PyTree, dtype: Any = jnp.bfloat16, eps: float = 1e-4,
+                eps_mode: str = 'max') -> PyTree:
+  """WS conv modules {w, gain, bias} -> {kernel (standardised, dtype), bias (dtype)}.
+
+  Other modules are kept as they are. Pass the model's `ws_eps`/`ws_eps_mode`.
+  Run it once per set of weights (it is jittable); feed the result to
+  :func:`folded_model`'s apply.
+  """
+  out = {}
+  for mod, leaves in params.items():
+    if _is_ws_conv(leaves):
+      out[mod] = {'kernel': layers.standardize_weight(
+          leaves['w'], leaves['gain'], eps, eps_mode).astype(dtype),
+                  'bias': leaves['bias'].astype(dtype)}
+    else:
+      out[mod] = dict(leaves)
+  return out
+
+
+def folded_model(name: str, num_classes: int = 1000, **overrides) -> hk.Transformed:
+  """Model whose WS convs read pre-standardised kernels (see :func:`fold_params`).
+
+  apply(folded_params, rng, images, is_training=False) equals
+  models.create(...).apply(params, ...) up to the one rounding of the kernel that
+  the reference does too. For inference (no gradients through the folding).
+  """
+  make = registry.module_fn(name, num_classes, **overrides)
+
+  def interceptor(next_f, args, kwargs, context):
+    m = context.module
+    if isinstance(m, layers.WSConv2D) and context.method_name == '__call__':
+      x = args[0]
+      k_shape = (*m.kernel_shape, x.shape[-1] // m.feature_group_count, m.output_channels)
+      kernel = hk.get_parameter('kernel', k_shape, x.dtype, init=jnp.zeros)
+      bias = hk.get_parameter('bias', (m.output_channels,), x.dtype, init=jnp.zeros)
+      out = jax.lax.conv_general_dilated(
+          x, kernel.astype(x.dtype), window_strides=(m.stride, m.stride),
+          padding=m.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          feature_group_count=m.feature_group_count)
+      return out + bias.astype(x.dtype)
+    return next_f(*args, **kwargs)
+
+  def forward(images, is_training: bool = False, return_metrics: bool = False):
+    with hk.intercept_methods(interceptor):
+      return make()(images, is_training=is_training, return_metrics=return_metrics)
+
+  return hk.transform(forward)
+
+
+# ---------------------------------------------------------------------------
+# Compilation with optional XLA options.
+# ---------------------------------------------------------------------------
+def compile_step(jitted: Callable, args: tuple, options: Optional[Mapping[str, Any]] = None,
+                 log: Callable[[str], None] = print):
+  """Lowers and compiles `jitted(*args)` with XLA compile options.
+
+  Options this XLA does not know ('No such compile option') are dropped one by one
+  and reported through `log`; any other compile error propagates. Returns
+  (compiled, options actually used).
+  """
+  opts = dict(options or {})
+  lowered = jitted.lower(*args)
+  while True:
+    try:
+      return (lowered.compile(opts) if opts else lowered.compile()), opts
+    except Exception as e:  # pylint: disable=broad-except
+      msg = str(e)
+      bad = [k for k in opts if k in msg and 'No such compile option' in msg]
+      if not bad:
+        raise
+      for k in bad:
+        log(f'XLA option {k!r} unknown to this XLA build; dropped')
+        opts.pop(k)

@@ -1,0 +1,637 @@
+"""Training entry point (nfnet_jax/train.py): device/host-count independence, gradient
+accumulation, preemption and resume, non-finite steps, evaluation and summaries.
+
+The runs are real `python -m nfnet_jax.train` processes on a tiny NFNet-F0 (width 1/8,
+ungrouped, two blocks, dropout 0.5, stochastic depth 0.5) on 16 px offline images with
+flips, pad-crops, MixUp and CutMix (RandAugment too on the TF path). They are started
+together, in parallel, by the module fixture `runs`, and share a persistent XLA
+compilation cache, so each distinct program is compiled once (at -O0: these tests
+are about the training loop, not about XLA's code quality):
+
+  one        1 device                        (the reference run)
+  eight      8 devices                       same config
+  accum      1 device, grad_accum_steps=4    same config
+  four       1 process x 4 devices, TF input pipeline
+  two_hosts  2 processes x 2 devices (jax.distributed on localhost), TF input pipeline
+  preempted  'one' with a real SIGTERM at a random step; then `resumed`, the same
+             command again, with a half-written checkpoint and an orbax tmp dir added
+  nan_once   'one' with a NaN in the batch of step 3
+  nan_many   NaN in every batch from step 2, max_consecutive_nonfinite=3
+  evaluate   --mode=eval on a copy of 'one's workdir
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+TIMEOUT = 900  # Per run; CI needs a fraction of it.
+
+TINY_CONFIG = textwrap.dedent('''
+    """Tiny NFNet for tests; arg 'tf': the TF input pipeline with RandAugment."""
+    from nfnet_jax import configs
+
+
+    def get_config(arg=''):
+      c = configs.base_config()
+      c.model = 'F0'
+      c.model_kwargs = dict(width=0.125, group_size=None, depths=(1, 1),
+                            stochdepth_rate=0.5, drop_rate=0.5)
+      c.data.source = 'offline'
+      c.data.use_tf = arg == 'tf'
+      c.data.randaugment.enabled = arg == 'tf'
+      c.data.randaugment.num_layers = 2
+      c.data.offline.num_train = 64
+      c.data.offline.num_eval = 40
+      c.data.offline.image_size = 16
+      c.data.prefetch = 1
+      c.data.num_parallel_calls = 2
+      c.batch_size = 16
+      c.total_steps = %d
+      c.warmup_epochs = 0.0
+      c.optimizer.base_lr = 0.4
+      c.optimizer.agc_clipping = 0.01
+      c.log_agc_clip_fraction = True
+      c.compute_dtype = 'float32'
+      c.ema_decay = 0.9
+      c.eval_batch_size = 32
+      c.log_every = 1
+      c.checkpoint_every_steps = 0
+      c.checkpoint_every_minutes = 0.0
+      return c
+''' % STEPS)
+
+# Runs the real entry point after wrapping the input pipeline: 'nan' puts a NaN into
+# the batches of the given steps, 'sigterm' sends this process a real SIGTERM while
+# the batch of that step is being fetched.
+HOOK = textwrap.dedent('''
+    import os, signal, sys
+    import numpy as np
+    what, steps = sys.argv[1], sys.argv[2]
+    del sys.argv[1:3]
+    first, _, last = steps.partition('-')
+    first, last = int(first), int(last or first) if last != 'inf' else 10**9
+    from nfnet_jax import data, train
+    build = data.build_train_iter
+
+    def hooked(cfg, batch_size, seed, start_step=0, **kwargs):
+      for step, batch in enumerate(build(cfg, batch_size, seed, start_step=start_step,
+                                         **kwargs), start=start_step + 1):
+        if first <= step <= last:
+          if what == 'nan':
+            batch = dict(batch, images=np.array(batch['images']))
+            batch['images'][0, 0, 0, 0] = np.nan
+          elif what == 'sigterm':
+            os.kill(os.getpid(), signal.SIGTERM)
+        yield batch
+
+    data.build_train_iter = hooked
+    from absl import app
+    app.run(train.main)
+''')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+class Run:
+  """One `python -m nfnet_jax.train` process (or the HOOK wrapper around it)."""
+
+  def __init__(self, root: Path, cache: Path, name: str, devices: int, *flags: str,
+               arg: str = '', hook: tuple[str, str] | None = None,
+               workdir: Path | None = None):
+    self.name, self.root = name, root
+    self.workdir = workdir or root / name
+    self.log = root / f'{name}.log'
+    entry = (['-c', HOOK, *hook] if hook else ['-m', 'nfnet_jax.train'])
+    self.cmd = [sys.executable, *entry, f'--config={root / "tiny.py"}:{arg}',
+                f'--workdir={self.workdir}', *flags]
+    self.env = dict(
+        os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+        XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices} '
+                   '--xla_backend_optimization_level=0'),
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
+    self.proc = None
+    self.rc = None
+
+  def start(self) -> 'Run':
+    self._out = open(self.log, 'w')
+    self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self._out,
+                                 stderr=subprocess.STDOUT, text=True)
+    return self
+
+  def wait(self) -> 'Run':
+    if self.rc is None:
+      try:
+        self.rc = self.proc.wait(timeout=TIMEOUT)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.rc = self.proc.wait()
+      self._out.close()
+    return self
+
+  @property
+  def output(self) -> str:
+    return self.log.read_text()
+
+  def ok(self) -> 'Run':
+    assert self.wait().rc == 0, f'{self.name} exited {self.rc}:\n{self.output[-6000:]}'
+    return self
+
+  def metrics(self, prefix: str = 'train') -> dict[int, dict[str, float]]:
+    """{step: {name: value}} of metrics.jsonl (the last record of a step wins)."""
+    out = {}
+    for line in (self.workdir / 'metrics.jsonl').read_text().splitlines():
+      rec = json.loads(line)
+      vals = {k.split('/', 1)[1]: v for k, v in rec.items() if k.startswith(prefix + '/')}
+      if vals:
+        out[rec['step']] = vals
+    return out
+
+  def losses(self) -> np.ndarray:
+    m = self.metrics()
+    return np.array([m[s]['loss'] for s in sorted(m)])
+
+  def steps(self) -> list[int]:
+    return sorted(int(p.name) for p in (self.workdir / 'checkpoints').iterdir()
+                  if p.name.isdigit())
+
+  def state(self, step: int | None = None) -> dict:
+    return load_state(self.workdir / 'checkpoints' / str(step or self.steps()[-1]))
+
+
+def load_state(step_dir: Path) -> dict:
+  """A checkpoint's state as numpy arrays (whatever mesh wrote it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckpt = ocp.StandardCheckpointer()
+  meta = ckpt.metadata(step_dir / 'state')
+  meta = getattr(meta, 'item_metadata', meta)
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
+                        meta)
+  return jax.tree.map(np.asarray, ckpt.restore(step_dir / 'state', target))
+
+
+def leaves(tree) -> dict[str, np.ndarray]:
+  import jax  # pylint: disable=g-import-not-at-top
+  return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
+  la, lb = leaves(a), leaves(b)
+  assert la.keys() == lb.keys()
+  for k in la:
+    np.testing.assert_allclose(la[k], lb[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def assert_trees_equal(a, b):
+  la, lb = leaves(a), leaves(b)
+  assert la.keys() == lb.keys()
+  for k in la:
+    np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------
+# The runs, started together.
+# ---------------------------------------------------------------------------
+class Runs:
+  """Starts every run as early as its inputs allow; `get(name)` waits for one."""
+
+  def __init__(self, root: Path):
+    self.root = root
+    (root / 'tiny.py').write_text(TINY_CONFIG)
+    self.cache = root / 'xla_cache'
+    self.runs: dict[str, Run] = {}
+    self.sigterm_step = random.Random().randint(2, STEPS - 2)  # Stops after it + 1.
+    self.nan_step = 3
+    self.done = threading.Event()
+    self.error: BaseException | None = None
+
+  def _run(self, name, devices, *flags, **kw) -> Run:
+    run = Run(self.root, self.cache, name, devices, *flags, **kw)
+    self.runs[name] = run
+    return run.start()
+
+  def start(self) -> 'Runs':
+    # Cold runs: each compiles its own programs. 'one' first, as the others share
+    # its programs through the cache.
+    one = self._run('one', 1)
+    self._run('eight', 8)
+    self._run('accum', 1, '--config.grad_accum_steps=4')
+    self._run('four', 4, arg='tf')
+    port = _free_port()
+    for i in range(2):
+      self._run(f'two_hosts_{i}', 2, f'--coordinator_address=localhost:{port}',
+                '--num_processes=2', f'--process_id={i}', arg='tf',
+                workdir=self.root / 'two_hosts')
+
+    def warm():
+      try:
+        one.wait()
+        preempted = self._run('preempted', 1, hook=('sigterm', str(self.sigterm_step)))
+        self._run('nan_once', 1, hook=('nan', str(self.nan_step)))
+        self._run('nan_many', 1, '--config.max_consecutive_nonfinite=3',
+                  '--config.checkpoint_every_steps=1', hook=('nan', '2-inf'))
+        if one.rc == 0:
+          shutil.copytree(one.workdir, self.root / 'evaluate')
+          self._run('evaluate', 1, '--mode=eval', workdir=self.root / 'evaluate')
+        preempted.wait()
+        if preempted.rc == 128 + signal.SIGTERM:
+          self.half_written = self.simulate_half_written(preempted.workdir)
+        self._run('resumed', 1, workdir=preempted.workdir)
+      except BaseException as e:  # pylint: disable=broad-except
+        self.error = e
+      finally:
+        self.done.set()
+
+    threading.Thread(target=warm, daemon=True).start()
+    return self
+
+  @staticmethod
+  def simulate_half_written(workdir: Path) -> dict[str, Path]:
+    """What a kill mid-save leaves: a later step dir without commit marker (as on a
+    file system without atomic rename, e.g. GCS), and an orbax tmp dir (on POSIX) for
+    the step the resumed run will write last."""
+    ckpts = workdir / 'checkpoints'
+    last = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    partial = ckpts / str(last + 1)
+    (partial / 'state').mkdir(parents=True)
+    (partial / 'state' / 'manifest.ocdbt').write_bytes(b'\0' * 10)
+    (partial / 'meta').mkdir()
+    tmp = ckpts / f'{STEPS}.orbax-checkpoint-tmp'
+    (tmp / 'state').mkdir(parents=True)
+    return dict(partial=partial, tmp=tmp, last=last)
+
+  def get(self, name: str) -> Run:
+    if name in ('preempted', 'nan_once', 'nan_many', 'evaluate', 'resumed'):
+      self.done.wait(TIMEOUT)
+      if self.error:
+        raise self.error
+    if name not in self.runs:
+      pytest.fail(f'run {name} was not started (see {self.root})')
+    return self.runs[name].wait()
+
+  def stop(self):
+    self.done.wait(TIMEOUT)
+    for run in self.runs.values():
+      if run.proc is not None and run.proc.poll() is None:
+        run.proc.kill()
+      run.wait()
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  r = Runs(tmp_path_factory.mktemp('train_runs')).start()
+  yield r
+  r.stop()
+
+
+# ---------------------------------------------------------------------------
+# Tests on the runs.
+# ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_reference_run_logs_and_prints_final_top1(runs):
+  one = runs.get('one').ok()
+  assert 'Final top-1:' in one.output
+  m = one.metrics()
+  assert sorted(m) == list(range(1, STEPS + 1))
+  for k in ('loss', 'top1', 'lr', 'grad_norm', 'images_per_sec', 'agc_clip_fraction'):
+    assert k in m[STEPS], k
+  assert m[1]['agc_clip_fraction'] > 0  # AGC acts in these runs.
+  assert all(v['finite'] == 1 and v['skipped'] == 0 for v in m.values())
+  assert f'step {STEPS}/{STEPS} loss' in one.output and 'img/s ETA' in one.output
+  assert one.steps() == [STEPS]
+
+
+@pytest.mark.slow
+def test_one_device_and_eight_devices_agree(runs):
+  one, eight = runs.get('one').ok(), runs.get('eight').ok()
+  assert '8 devices on 1 hosts' in eight.output
+  np.testing.assert_allclose(eight.losses(), one.losses(), rtol=1e-5)
+  assert_trees_close(eight.state()['params'], one.state()['params'])
+  assert_trees_close(eight.state()['ema_params'], one.state()['ema_params'])
+  # The check can fail: dropout and stochastic depth make the loss noisy, so equal
+  # curves mean equal masks.
+  assert np.ptp(one.losses()) > 1e-3
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_one_big_batch(runs):
+  one, accum = runs.get('one').ok(), runs.get('accum').ok()
+  m1, m4 = one.metrics(), accum.metrics()
+  # Step 1: the accumulated gradient is the big batch's (norm and AGC clip fraction
+  # are computed on it), and so is every later step.
+  for k in ('loss', 'grad_norm', 'agc_clip_fraction'):
+    np.testing.assert_allclose([m4[s][k] for s in m4], [m1[s][k] for s in m1],
+                               rtol=1e-5, err_msg=k)
+  assert_trees_close(accum.state()['params'], one.state()['params'])
+  assert_trees_close(accum.state()['opt_state'], one.state()['opt_state'])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(runs):
+  four = runs.get('four').ok()
+  p0, p1 = runs.get('two_hosts_0').ok(), runs.get('two_hosts_1').ok()
+  for p in (p0, p1):
+    assert '4 devices on 2 hosts' in p.output, p.output[-3000:]
+  assert '4 devices on 1 hosts' in four.output
+  two = p0  # Process 0 writes metrics for the job.
+  np.testing.assert_allclose(two.losses(), four.losses(), rtol=1e-5)
+  assert_trees_close(two.state()['params'], four.state()['params'])
+  assert 'Final top-1' in p0.output and 'Final top-1' not in p1.output
+  # TF pipeline vs numpy pipeline: different augmentation, different curve.
+  assert not np.allclose(four.losses(), runs.get('one').losses())
+
+
+@pytest.mark.slow
+def test_sigterm_then_rerun_equals_uninterrupted_run_bitwise(runs):
+  one = runs.get('one').ok()
+  pre = runs.get('preempted')
+  k = runs.sigterm_step
+  assert pre.rc == 128 + signal.SIGTERM, pre.output[-4000:]
+  assert 'Signal 15: checkpoint saved at step' in pre.output
+  stopped = max(pre.metrics())
+  assert k <= stopped < STEPS
+  res = runs.get('resumed').ok()
+  half = runs.half_written
+  assert f'Resumed from checkpoint at step {half["last"]} ' in res.output
+  assert 'is incomplete' in res.output and not half['partial'].exists()
+  assert res.steps()[-1] == STEPS
+  assert_trees_equal(res.state(), one.state())  # params, opt_state, EMA, counters
+  # metrics.jsonl holds the interrupted run's steps, then the resumed ones.
+  np.testing.assert_array_equal(res.losses(), one.losses())
+
+
+@pytest.mark.slow
+def test_nan_batch_is_skipped_and_counted(runs):
+  run = runs.get('nan_once').ok()
+  m, k = run.metrics(), runs.nan_step
+  assert m[k]['finite'] == 0 and np.isnan(m[k]['loss'])
+  assert [m[s]['skipped'] for s in sorted(m)] == [0] * (k - 1) + [1] * (STEPS - k + 1)
+  assert all(m[s]['finite'] == 1 for s in m if s != k)
+  assert 'skipped 1 non-finite' in run.output
+  state = run.state()
+  assert int(state['skipped']) == 1 and int(state['step']) == STEPS
+  for v in leaves(state).values():
+    assert np.all(np.isfinite(v))
+  one = runs.get('one').ok()  # Same steps before the NaN, a different path after.
+  np.testing.assert_array_equal(run.losses()[:k - 1], one.losses()[:k - 1])
+
+
+@pytest.mark.slow
+def test_consecutive_nans_stop_with_a_clear_error(runs):
+  run = runs.get('nan_many')
+  assert run.rc not in (0, None)
+  assert 'NonFiniteError: 3 consecutive non-finite' in run.output, run.output[-4000:]
+  assert 'max_consecutive_nonfinite' in run.output
+  assert run.steps() and max(run.steps()) <= 4  # Steps 2, 3, 4 were NaN.
+  for step in run.steps():
+    for v in leaves(run.state(step)).values():
+      assert np.all(np.isfinite(v))
+
+
+@pytest.mark.slow
+def test_eval_mode_and_summaries(runs):
+  one, ev = runs.get('one').ok(), runs.get('evaluate').ok()
+  final = [l for l in one.output.splitlines() if l.startswith('Final top-1')]
+  assert final and final == [l for l in ev.output.splitlines()
+                             if l.startswith('Final top-1')]
+  assert 'on 40 held-out examples' in final[0]
+  ev_metrics = ev.metrics('eval')
+  assert ev_metrics[STEPS]['count'] == 40
+  # TensorBoard: the event file holds the same scalars as metrics.jsonl.
+  events = read_events(one.workdir)
+  assert events[0].file_version.startswith('brain.Event')
+  scalars = {}
+  for e in events[1:]:
+    for v in e.summary.value:
+      scalars.setdefault(v.tag, {})[e.step] = v.simple_value
+  np.testing.assert_allclose([scalars['train/loss'][s] for s in range(1, STEPS + 1)],
+                             one.losses(), rtol=1e-6)
+  assert scalars['eval/raw_top1'][STEPS] == pytest.approx(one.metrics('eval')[STEPS]['raw_top1'])
+
+
+def read_events(logdir: Path):
+  """Events of the TensorBoard file(s) in `logdir`, parsing the TFRecord framing
+  (length, masked CRC-32C of the length, data, masked CRC-32C of the data)."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  files = sorted(logdir.glob('events.out.tfevents.*'))
+  assert files, f'no event file in {logdir}'
+  events = []
+  for f in files:
+    buf = f.read_bytes()
+    pos = 0
+    while pos < len(buf):
+      header = buf[pos:pos + 8]
+      (length,) = struct.unpack('<Q', header)
+      (hcrc,) = struct.unpack('<I', buf[pos + 8:pos + 12])
+      assert hcrc == _masked_crc32c(header)
+      data = buf[pos + 12:pos + 12 + length]
+      (dcrc,) = struct.unpack('<I', buf[pos + 12 + length:pos + 16 + length])
+      assert dcrc == _masked_crc32c(data)
+      events.append(event_pb2.Event.FromString(data))
+      pos += 16 + length
+  return events
+
+
+def _masked_crc32c(data: bytes) -> int:
+  crc = 0xFFFFFFFF
+  for byte in data:  # Bitwise CRC-32C (Castagnoli, reflected polynomial 0x82F63B78).
+    crc ^= byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------
+# In-process tests (nothing is compiled).
+# ---------------------------------------------------------------------------
+def tiny_config():
+  from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
+  ns = {}
+  exec(compile(TINY_CONFIG, 'tiny.py', 'exec'), ns)  # pylint: disable=exec-used
+  return ns['get_config']('')
+
+
+@pytest.fixture
+def no_compilation():
+  """Fails the test if XLA compiles anything."""
+  from jax import monitoring  # pylint: disable=g-import-not-at-top
+  compiled = []
+
+  def listen(event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiled.append(duration)
+
+  monitoring.register_event_duration_secs_listener(listen)
+  yield compiled
+  monitoring.unregister_event_duration_listener(listen)
+  assert not compiled, 'something was compiled'
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: setattr(c, 'bach_size', 8), 'Unknown config key config.bach_size. Did you '
+     'mean batch_size'),
+    (lambda c: setattr(c.optimizer, 'learning_rate', 0.1),
+     'Unknown config key config.optimizer.learning_rate'),
+    (lambda c: setattr(c.data, 'sorce', 'tfds'), 'Did you mean source?'),
+    (lambda c: setattr(c, 'model', 'F9'), "config.model='F9' is not a model"),
+    (lambda c: setattr(c, 'model', 'nf_resnet_50'), 'Did you mean nf_resnet50'),
+    (lambda c: c.model_kwargs.__setattr__('widht', 0.5), "Valid keys: width"),
+    (lambda c: setattr(c, 'compute_dtype', 'float16'), "'bfloat16' or 'float32'"),
+    (lambda c: setattr(c, 'batch_size', 0), 'config.batch_size=0 must be a positive'),
+    (lambda c: setattr(c, 'grad_accum_steps', 3), 'config.grad_accum_steps=3 must divide'),
+    (lambda c: setattr(c.optimizer, 'name', 'lamb'), "'sgd', 'adam', 'adamw'"),
+    (lambda c: setattr(c, 'log_every', 0), 'config.log_every=0 must be >= 1'),
+    (lambda c: setattr(c.data, 'source', 'imagenet'), "'tfds', 'folder' or 'offline'"),
+], ids=['key', 'nested_key', 'data_key', 'model', 'model_close', 'model_kwargs', 'dtype',
+        'batch', 'accum', 'optimizer', 'log_every', 'data_source'])
+def test_bad_config_refused_before_compilation(edit, message, tmp_path, no_compilation):
+  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  edit(config)
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert message in str(e.value), str(e.value)
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_valid_choices_are_listed():
+  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.model = 'F9'
+  with pytest.raises(ValueError, match=r'Valid: F0, F0\+, F1, .*nf_resnet50.*nf_regnet_b0'):
+    train.validate_config(config, 1, 1)
+  config = tiny_config()
+  with pytest.raises(ValueError, match=r'config.batch_size=12 must be a positive multiple '
+                     r'of the 8 devices \(2 hosts\)'):
+    config.batch_size = 12
+    train.validate_config(config, 8, 2)
+  config.batch_size = 16
+  config.grad_accum_steps = 4
+  with pytest.raises(ValueError, match=r'config.grad_accum_steps=4 must divide the '
+                     r'per-device batch 2 \(config.batch_size=16 / 8 devices\)'):
+    train.validate_config(config, 8, 2)
+  with pytest.raises(ValueError, match="mode='test'; valid: train, eval, train_and_eval"):
+    train.validate_config(tiny_config(), 1, 1, mode='test')
+
+
+def test_unknown_command_line_key_is_refused(tmp_path):
+  """--config.<key>=... overrides (absl + ml_collections, as train.py defines them)."""
+  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'tiny.py').write_text(TINY_CONFIG)
+
+  def parse(*overrides):
+    argv = ['prog', f'--config={tmp_path / "tiny.py"}', *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, 'test', flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+  assert parse('--config.optimizer.base_lr=1').optimizer.base_lr == 1
+  assert parse('--config.model_kwargs.width=0.5').model_kwargs.width == 0.5
+  bad = ['--config.optimizer.learning_rate=1']
+  with pytest.raises(AttributeError, match='learning_rate'):
+    parse(*bad)  # ml_collections' own error: an AttributeError naming just the key.
+  # What train.py's flag parser reports instead:
+  assert train.unknown_override(['prog', '--config=x.py', *bad]) == (
+      'Unknown config key config.optimizer.learning_rate (from '
+      '--config.optimizer.learning_rate=1). Valid keys of config.optimizer: agc_clipping, '
+      'agc_eps, base_lr, end_lr, momentum, name, nesterov, scale_lr_by_batch, '
+      'weight_decay')
+  assert 'Did you mean batch_size' in train.unknown_override(['--config.batchsize=8'])
+  assert train.unknown_override(['--config.data.offline.seed=3', '--config.seed=1',
+                                 '--config.model_kwargs.anything=1']) is None
+
+
+@pytest.mark.parametrize('path, args', [
+    ('quickstart.py', ['', 'numpy']), ('nfnet.py', ['F0', 'F3', 'F6,sam', 'F7+,sam']),
+    ('nf_resnet50.py', ['']), ('nf_regnet.py', ['B0', 'B8']),
+    ('finetune_folder.py', ['F0'])])
+def test_experiment_configs_are_valid(path, args):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('exp', REPO / 'experiments' / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for arg in args:
+    config = module.get_config(arg)
+    train.validate_config(config, num_devices=8, num_processes=1)
+
+
+def test_eval_mode_needs_a_checkpoint_or_weights(tmp_path, no_compilation):
+  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='--mode=eval needs a checkpoint in .* or '
+                     'config.init_from'):
+    train.train_and_evaluate(tiny_config(), str(tmp_path), mode='eval')
+
+
+def test_incomplete_checkpoints_are_set_aside(tmp_path):
+  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  ckpts = tmp_path / 'checkpoints'
+  good = ckpts / '4'
+  for item in ('state', 'meta'):
+    (good / item).mkdir(parents=True)
+  (good / 'commit_success.txt').write_text('ok')
+  legacy = ckpts / '6'  # Committed, with the commit time in its metadata only.
+  for item in ('state', 'meta'):
+    (legacy / item).mkdir(parents=True)
+  (legacy / '_CHECKPOINT_METADATA').write_text('{"commit_timestamp_nsecs": 1}')
+  (ckpts / '8' / 'state').mkdir(parents=True)  # Killed mid-save.
+  (ckpts / '9.orbax-checkpoint-tmp').mkdir()
+  moved = train.set_aside_incomplete(str(ckpts))
+  assert len(moved) == 1 and moved[0].startswith('incomplete-8-')
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ['4', '6']
+
+
+def test_signal_handlers_are_restored():
+  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  before = signal.getsignal(signal.SIGTERM)
+  with train._catch_signals() as caught:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(100):
+      if caught:
+        break
+      time.sleep(0.01)
+    assert caught == [signal.SIGTERM]
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_numpy_pipeline_gives_each_process_its_own_rows():
+  """The global batch is the same for 1 or 2 processes; process p gets its rows."""
+  from nfnet_jax import data  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config().data
+  whole = data.build_train_iter(cfg, 16, 0, start_step=2, process_index=0, process_count=1)
+  parts = [data.build_train_iter(cfg, 16, 0, start_step=2, process_index=p,
+                                 process_count=2) for p in range(2)]
+  for _ in range(2):
+    w, a, b = next(whole), next(parts[0]), next(parts[1])
+    for key in w:
+      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
+    assert not np.array_equal(a['images'], b['images'])
