@@ -10,7 +10,7 @@ classes. Position, scale, rotation, stripe angle/period/phase and all colours ar
 random (colours carry no class information), so a linear classifier on raw pixels
 does poorly while a small convnet learns the classes. Generation is vectorised and
 deterministic in chunks of `_CHUNK` examples seeded by (seed, split, chunk): example i
-does not depend on how many examples are requested; 10k images take ~1 s.
+does not depend on how many examples are requested; 10k images take a few seconds.
 """
 from __future__ import annotations
 
