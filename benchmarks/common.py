@@ -60,7 +60,7 @@ def jax_device_info() -> dict[str, Any]:
   d = jax.devices()[0]
   kind = d.device_kind
   if d.platform == 'cpu':
-    kind = f'CPU {platform.processor() or platform.machine()} x{os.cpu_count()}'
+    kind = f'CPU {platform.machine()} ({os.cpu_count()} cores)'
   return dict(platform=d.platform, device_kind=kind, device_count=jax.device_count(),
               jax=jax.__version__, jaxlib=getattr(jaxlib, '__version__', '?'),
               host=platform.node(), python=platform.python_version())
@@ -145,8 +145,8 @@ def throughput_fields(batch: int, step_s: float, macs_per_image: Optional[int],
 _CATEGORIES = [
     ('conv wgrad', ('bw-filter', 'wgrad', 'dgrad_filter', 'backward_filter')),
     ('conv dgrad', ('bw-input', 'dgrad', 'backward_data', 'backward_input')),
-    ('conv fwd', ('cudnn-conv', 'conv', 'xmma_fprop', 'fprop', 'implicit_gemm',
-                  'cudnn$convforward')),
+    ('conv fwd', ('cudnn-conv', 'convolution', 'conv_general', 'conv2d', 'fprop',
+                  'implicit_gemm', 'cudnn$conv', 'conv-bias', 'conv_fusion')),
     ('gemm', ('gemm', 'cublas', 'dot', 'sm90_xmma', 'cutlass', 'triton_gemm')),
     ('reduction', ('reduce', 'reduction')),
     ('rng', ('rng', 'threefry', 'philox')),

@@ -38,8 +38,14 @@ log() { echo "[suite +$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl 2>&1 | tail -n 3
+  if ! $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl 2>&1 | tail -n 3; then :; fi
+  for w in .whl/*.whl; do  # any wheel that did not go in (all-or-nothing pip): one by one
+    n=$(basename "$w" | cut -d- -f1 | tr 'A-Z-' 'a-z_')
+    ls -d /tmp/site/"$n"* /tmp/site/"$(basename "$w" | cut -d- -f1)"* >/dev/null 2>&1 || \
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+          --target /tmp/site "$w" 2>&1 | tail -n 2
+  done
   export PYTHONPATH=/tmp/site:$PWD
   if ! $PY -c "import tensorboard.compat.proto.event_pb2" >/dev/null 2>&1; then
     for w in .whl/alt/tensorboard-2.21*.whl .whl/alt/tensorboard-2.20*.whl; do

@@ -359,7 +359,7 @@ def run_timm(args, info_jax: Optional[dict[str, Any]] = None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 # Micro-benchmarks: grouped convs, WS, RNG masks.
 # ---------------------------------------------------------------------------
-def run_micro(args, info: dict[str, Any]) -> list[dict[str, Any]]:
+def run_micro(args, info: dict[str, Any], save=None) -> list[dict[str, Any]]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from nfnet_jax import fast, layers, models  # pylint: disable=g-import-not-at-top
@@ -385,39 +385,32 @@ def run_micro(args, info: dict[str, Any]) -> list[dict[str, Any]]:
       rec.update(status='error', error=f'{type(e).__name__}: {e}'[:300])
     rec['notes'] = note
     recs.append(rec)
+    if save is not None:
+      save(recs)  # a timeout part-way keeps what was measured
     ms = rec.get('step_s_median')
     print(f'[micro] {name:<44} {("%.3f ms" % (1e3 * ms)) if ms else rec.get("error")}',
           flush=True)
 
   key = jax.random.PRNGKey(0)
-  # 1. Grouped 3x3 convs of F0 (group width 128), forward + both gradients.
-  scale = args.image / 192
-  shapes = [('stage2 24px 256ch G2', int(24 * scale), 256, 2),
-            ('stage3 12px 768ch G6', int(12 * scale), 768, 6),
-            ('stage4 6px 768ch G6', max(int(6 * scale), 1), 768, 6)]
-  if model_overrides(args):
-    shapes = [('small 8px 32ch G2', 8, 32, 2)]
-  for name, hw, ch, g in shapes:
-    x = jax.random.normal(key, (b, hw, hw, ch), cdt)
-    k = jax.random.normal(key, (3, 3, ch // g, ch), cdt) * 0.05
-    ct = jax.random.normal(key, (b, hw, hw, ch), cdt)
+  kw = make_config(args).model_kwargs.to_dict()
 
-    def lax_conv(x, k, g=g):
-      return jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=(
-          'NHWC', 'HWIO', 'NHWC'), feature_group_count=g)
+  # 1. Dropout / stochastic-depth masks: per-example threefry (ours) vs rbg keys.
+  width = 2 * int(1536 * (kw.get('width') or 1.0))
+  nblocks = sum(kw.get('depths') or models.info(args.model)['depth'])
 
-    def split_conv(x, k, g=g):
-      return fast.split_grouped_conv(x, k, 1, 'SAME', g)
+  def masks(key):
+    out = []
+    for i in range(nblocks):
+      out.append(layers.per_example_uniform(jax.random.fold_in(key, i), b))
+    out.append(layers.per_example_uniform(jax.random.fold_in(key, 999), b, (width,)))
+    return out
 
-    for impl, conv in (('lax', lax_conv), ('split', split_conv)):
-      def fwd_bwd(x, k, ct, conv=conv):
-        out, vjp = jax.vjp(conv, x, k)
-        return vjp(ct * jnp.ones_like(out))
-      bench(f'gconv {name} fwd+bwd [{impl}]', fwd_bwd, x, k, ct)
-      bench(f'gconv {name} fwd [{impl}]', conv, x, k)
+  bench(f'RNG masks threefry per-example ({nblocks}x[B] + [B,{width}])', masks,
+        jax.random.PRNGKey(0))
+  bench(f'RNG masks rbg per-example ({nblocks}x[B] + [B,{width}])', masks,
+        jax.random.key(0, impl='rbg'))
 
   # 2. Weight standardisation of all conv kernels of the model, fwd + bwd.
-  kw = make_config(args).model_kwargs.to_dict()
   net = models.create(args.model, args.num_classes, **kw)
   shapes_tree = jax.eval_shape(lambda r, x: net.init(r, x, True), key,
                                jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
@@ -448,21 +441,32 @@ def run_micro(args, info: dict[str, Any]) -> list[dict[str, Any]]:
       return vjp(jax.tree.map(jnp.ones_like, out))
     bench(f'WS all {len(ws)} kernels fwd+bwd [{impl}]', ws_fwd_bwd, ws_params)
 
-  # 3. Dropout / stochastic-depth masks: per-example threefry (ours) vs rbg keys.
-  width = 2 * int(1536 * (kw.get('width') or 1.0))
-  nblocks = sum(kw.get('depths') or models.info(args.model)['depth'])
+  # 3. Grouped 3x3 convs of F0 (group width 128): forward + both gradients.
+  scale = args.image / 192
+  shapes = [('stage3 12px 768ch G6', int(12 * scale), 768, 6, True),
+            ('stage2 24px 256ch G2', int(24 * scale), 256, 2, False),
+            ('stage4 6px 768ch G6', max(int(6 * scale), 1), 768, 6, False)]
+  if model_overrides(args):
+    shapes = [('small 8px 32ch G2', 8, 32, 2, True)]
+  for name, hw, ch, g, fwd_too in shapes:
+    x = jax.random.normal(key, (b, hw, hw, ch), cdt)
+    k = jax.random.normal(key, (3, 3, ch // g, ch), cdt) * 0.05
+    ct = jax.random.normal(key, (b, hw, hw, ch), cdt)
 
-  def masks(key):
-    out = []
-    for i in range(nblocks):
-      out.append(layers.per_example_uniform(jax.random.fold_in(key, i), b))
-    out.append(layers.per_example_uniform(jax.random.fold_in(key, 999), b, (width,)))
-    return out
+    def lax_conv(x, k, g=g):
+      return jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=(
+          'NHWC', 'HWIO', 'NHWC'), feature_group_count=g)
 
-  bench(f'RNG masks threefry per-example ({nblocks}x[B] + [B,{width}])', masks,
-        jax.random.PRNGKey(0))
-  bench(f'RNG masks rbg per-example ({nblocks}x[B] + [B,{width}])', masks,
-        jax.random.key(0, impl='rbg'))
+    def split_conv(x, k, g=g):
+      return fast.split_grouped_conv(x, k, 1, 'SAME', g)
+
+    for impl, conv in (('lax', lax_conv), ('split', split_conv)):
+      def fwd_bwd(x, k, ct, conv=conv):
+        out, vjp = jax.vjp(conv, x, k)
+        return vjp(ct * jnp.ones_like(out))
+      bench(f'gconv {name} fwd+bwd [{impl}]', fwd_bwd, x, k, ct)
+      if fwd_too:
+        bench(f'gconv {name} fwd [{impl}]', conv, x, k)
   return recs
 
 
@@ -483,7 +487,7 @@ def main(argv=None) -> int:
     info = dict(jax=jax.__version__)
   records = []
   if args.micro:
-    records = run_micro(args, info)
+    records = run_micro(args, info, save=lambda r: common.write_json(args.json, r))
   else:
     for i, v in enumerate(args.variants):
       print(f'--- {v} ---', flush=True)
@@ -513,7 +517,8 @@ def main(argv=None) -> int:
       common.write_json(args.json, records)  # after each variant: survives a crash
     common.append_results_md(args.results_md, records)
   common.write_json(args.json, records)
-  print(common.summary_table(records))
+  if not args.micro:
+    print(common.summary_table(records))
   return 0 if all(r.get('status') in ('ok', 'skipped') for r in records) else 1
 
 

@@ -7,13 +7,13 @@ logits and gradients against the reference.
 
 - :func:`naive_model`: the "plain" baseline of `benchmarks/train_step.py` -- what a
   straightforward mixed-precision port does (jmp/`hk.mixed_precision`-style): every
-  float32 parameter is cast to the compute dtype when it is read, and weight
+  float32 parameter is cast to the compute dtype each time it is read, and weight
   standardisation then runs in the compute dtype on the rounded weights (DeepMind's
-  reference does this), with an f32 round trip of each kernel for the statistics.
-  In float32 it is exactly the reference model.
+  reference does this). In float32 it is exactly the reference model.
 - :func:`model`: the real model with optional experimental implementations:
   `groups='split'` runs grouped convolutions as one dense convolution per group
-  (same arithmetic; for GPUs whose grouped-conv kernels are slow).
+  (same arithmetic; 2-3x faster train steps on XLA:CPU, whose kernel gradient of a
+  grouped conv is slow; the GPU benchmarks measure it there).
 - :func:`fold_params` + :func:`folded_model`: inference with weight
   standardisation done once, outside the step (kernels pre-standardised and stored
   in the compute dtype), instead of on every call.

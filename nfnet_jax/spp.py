@@ -24,10 +24,13 @@ What to expect with white N(0, 1) inputs (it is not "unit variance everywhere"):
 * Transition blocks replace the stream by their shortcut. In NFNets the shortcut
   2x2-average-pools ``act(x) * beta`` before its 1x1 conv, and averaging four
   spatially *independent* values divides their variance by 4, so with white inputs
-  the stream variance drops by about 4x at each strided stage (0.89 -> 0.21 ->
-  0.04 -> 0.006 for F0 at 64 px). NF-ResNets use a strided 1x1 conv (subsampling,
-  no averaging) and keep the stream variance near 1 across stages. Real images
-  are spatially smooth and lose much less in the pooling.
+  the stream variance drops by about 4x at each strided stage (0.91 -> 0.22 ->
+  0.044 -> 0.0065 for F0 at 64 px, batch 8). NF-ResNets use a strided 1x1 conv
+  (subsampling, no averaging) and keep it near 1 (nf_resnet50 at 64 px: 0.99, 0.88,
+  0.75, 0.56 in its four stages). Real images are spatially smooth and lose much
+  less in the pooling.
+* What is near 1 in NFNets is what sees a well-scaled input: the stem output (0.91
+  for F0) and the residual branches of the first blocks (0.81, 0.72).
 * Scaled WS makes every conv kernel zero-mean per output channel, so a mean in
   the activations (a ReLU/GELU output has a positive mean) is not passed on: the
   average channel squared mean stays small. ``scaled_ws=False`` (``--compare-ws``)
@@ -217,7 +220,8 @@ def stage_of_block(name: str, **overrides) -> np.ndarray:
 
 def signal_stats(name: str, image_size: int = 64, batch: int = 8, seed: int = 0,
                  skip_gain: Optional[float] = None, scaled_ws: bool = True,
-                 params: Optional[Mapping[str, Any]] = None, **overrides) -> Stats:
+                 params: Optional[Mapping[str, Any]] = None, num_classes: int = 1000,
+                 **overrides) -> Stats:
   """Signal-propagation statistics of `name` at initialisation on N(0, 1) inputs.
 
   Args:
@@ -228,6 +232,7 @@ def signal_stats(name: str, image_size: int = 64, batch: int = 8, seed: int = 0,
       sets all of them to it (1 shows what the residual branches add).
     scaled_ws: False replaces Scaled WS by plain convs (:func:`plain_conv_interceptor`).
     params: use these parameters instead of fresh ones (skip_gain still applies).
+    num_classes: classifier size of the model (that of `params` if given).
     **overrides: model constructor overrides (width, depths, activation, ...).
   Returns:
     numpy float64 arrays ``avg_sq_mean`` [L+1] and ``avg_var`` [L+1] (index 0: stem
@@ -235,12 +240,12 @@ def signal_stats(name: str, image_size: int = 64, batch: int = 8, seed: int = 0,
     before the skip gain), and ``stage`` [L] (int, stage of each block).
   """
   if params is None:
-    params = init_params(name, 1000, image_size, seed, **overrides)
+    params = init_params(name, num_classes, image_size, seed, **overrides)
   if skip_gain is not None:
     params = {m: {k: (np.full(np.shape(v), skip_gain, np.float32) if k == 'skip_gain'
                       else v) for k, v in leaves.items()}
               for m, leaves in params.items()}
-  apply = _metrics_apply(name, scaled_ws, _freeze(overrides))
+  apply = _metrics_apply(name, num_classes, scaled_ws, _freeze(overrides))
   x = np.random.default_rng([seed, 1]).standard_normal(
       (batch, image_size, image_size, 3), dtype=np.float32)
   out = jax.device_get(apply(params, None, x))
@@ -261,10 +266,10 @@ def signal_stats(name: str, image_size: int = 64, batch: int = 8, seed: int = 0,
 
 
 @functools.lru_cache(maxsize=8)
-def _metrics_apply(name: str, scaled_ws: bool, frozen_overrides: tuple):
+def _metrics_apply(name: str, num_classes: int, scaled_ws: bool, frozen_overrides: tuple):
   """Jitted `apply(params, rng, images)` -> outputs with metrics (cached, so curves
   with different skip gains or seeds share one compilation)."""
-  make = registry.module_fn(name, 1000, **dict(frozen_overrides))
+  make = registry.module_fn(name, num_classes, **dict(frozen_overrides))
 
   def forward(images):
     model = make()
@@ -282,7 +287,8 @@ def _metrics_apply(name: str, scaled_ws: bool, frozen_overrides: tuple):
 def plot(curves: Mapping[str, Stats], title: str = '', path: Optional[str] = None):
   """Three panels (avg channel squared mean, avg channel variance, residual-branch
   variance) against block depth, one line per entry of `curves`; dotted vertical lines
-  mark the first block of each stage of the first entry. Saves to `path` if given.
+  (in the colour of the curve they belong to) mark the output of the first block of
+  each new stage. Saves to `path` if given.
 
   Returns the matplotlib Figure.
   """
@@ -295,22 +301,29 @@ def plot(curves: Mapping[str, Stats], title: str = '', path: Optional[str] = Non
   panels = [('avg_sq_mean', 'average channel squared mean', 0),
             ('avg_var', 'average channel variance', 0),
             ('res_var', 'residual-branch variance', 1)]
+  colors = {}
   for ax, (key, label, first_block) in zip(axes, panels):
     for (name, s), marker in zip(curves.items(), 'osd^v<>'):
       y = np.asarray(s[key], np.float64)
       # x = depth in blocks: 0 is the stem output, k the output of block k-1; the
       # residual branch of block k sits at k + 1.
       x = np.arange(len(y)) + first_block
-      ax.plot(x, y, marker=marker, markersize=4, label=name)
+      (line,) = ax.plot(x, y, marker=marker, markersize=4, label=name)
+      colors[name] = line.get_color()
     ax.set_yscale('log')
     ax.set_title(label)
     ax.set_xlabel('residual block (0 = stem output)')
     ax.grid(True, which='both', alpha=0.3)
-  first = next(iter(curves.values()))
-  stage = np.asarray(first.get('stage', []))
-  for k in np.flatnonzero(np.diff(stage)) + 1:  # the first block of a new stage
-    for ax in axes:
-      ax.axvline(k + 1, color='grey', linestyle=':', linewidth=1)
+  # Dotted lines at the output of each stage's first (transition) block, per curve.
+  drawn = set()
+  for name, s in curves.items():
+    stage = np.asarray(s.get('stage', []))
+    for k in np.flatnonzero(np.diff(stage)) + 1:
+      if k in drawn:
+        continue
+      drawn.add(k)
+      for ax in axes:
+        ax.axvline(k + 1, color=colors[name], linestyle=':', linewidth=1, alpha=0.7)
   axes[0].legend(fontsize=8)
   if title:
     fig.suptitle(title)
@@ -386,7 +399,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Stats]:
            f'skip gain {sg}' + (f', overrides {overrides}' if overrides else ''))
   out_dir = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(out_dir, exist_ok=True)
-  plot(curves, title, args.out)
+  fig = plot(curves, title, args.out)
+  import matplotlib.pyplot as plt
+  plt.close(fig)
   json_path = os.path.splitext(args.out)[0] + '.json'
   config = dict(vars(args), skip_gain=skip_gain, overrides=overrides)
   config.pop('override')

@@ -284,9 +284,12 @@ def make_train_step(config, model, tx, schedule) -> Callable:
         (loss_sum, top1, jnp.sum(batch['mask'])), AXIS)
     loss = loss_sum / jnp.maximum(count, 1.0)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    # A non-finite loss, gradient or new state skips the update: the state (and so
+    # every checkpoint) stays finite. (The EMA mixes finite params, so it is too.)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & all_finite((params, opt_state)))
     ema = optim.ema_update(state['ema_params'], params, state['step'] - state['skipped'],
                            config.ema_decay)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -312,6 +315,13 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     return new_state, metrics, control
 
   return step_fn
+
+
+def all_finite(tree) -> jax.Array:
+  """Scalar bool: every float leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_eval_step(config, model) -> Callable:
@@ -363,9 +373,6 @@ class Trainer:
         jax.eval_shape(init))
     self._init = jax.jit(init, out_shardings=self.replicated,
                          compiler_options=_cpu_init_options())
-    self.all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-         if jnp.issubdtype(x.dtype, jnp.floating)])))
 
   def init_state(self, params=None) -> dict[str, Any]:
     """Fresh state (replicated); `params`: host arrays to start from (fine-tuning)."""
@@ -457,11 +464,10 @@ def checkpoint_manager(workdir: str, keep: int):
   return ocp.CheckpointManager(ckpt_dir, options=options)
 
 
-def save_checkpoint(mngr, trainer: Trainer, state, step: int, meta: dict) -> None:
+def save_checkpoint(mngr, state, step: int, meta: dict) -> None:
+  """Saves asynchronously (orbax copies the arrays to host before returning). The
+  train step never produces a non-finite state, so neither is any checkpoint."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  if not bool(trainer.all_finite((state['params'], state['ema_params'],
-                                  state['opt_state']))):
-    raise NonFiniteError(f'Refusing to write checkpoint {step}: it contains NaN/Inf')
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -550,6 +556,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state, meta = restore_checkpoint(mngr, trainer.abstract_state)
   if state is not None:
     logging.info('Resumed from checkpoint at step %d (%s)', int(state['step']), meta)
+    for key in ('seed', 'model', 'batch_size'):
+      if key in meta and meta[key] != config[key]:
+        logging.warning('The checkpoint was written with config.%s=%r, this run has %r; '
+                        'the run is no longer the one the first command started',
+                        key, meta[key], config[key])
   elif config.init_from:
     from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
     state = trainer.init_state(pretrained.load(config.init_from, model=config.model,
@@ -643,7 +654,7 @@ def _train_loop(config, trainer: Trainer, mngr, writer, state, start_step: int,
       every = config.checkpoint_every_steps
       if stop or save or step == total_steps or (every and step % every == 0):
         _check_nonfinite(jax.device_get(control), step, max_bad)
-        save_checkpoint(mngr, trainer, state, step, meta(step))
+        save_checkpoint(mngr, state, step, meta(step))
         last_save = time.time()
         if stop:
           mngr.wait_until_finished()

@@ -6,7 +6,6 @@ installed 'python3' kernelspec that might point at another Python. The notebook'
 cells assert its claims (e.g. the AGC run trains while plain SGD diverges).
 """
 import json
-import os
 import pathlib
 import sys
 import time
