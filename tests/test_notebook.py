@@ -38,7 +38,7 @@ def test_notebook_is_clean_and_offline():
       'commit the notebook with outputs cleared'
   source = '\n'.join(c.source for c in code)
   assert "'google.colab' in sys.modules" in source      # installs only on Colab
-  assert 'https://github.com/<org>/nfnet_jax' in source
+  assert 'https://github.com/nfnet-jax/nfnet_jax' in source
 
 
 @pytest.mark.slow
