@@ -19,7 +19,7 @@ def get_config(arg: str = ''):
   c.data.mix.enabled = False
   c.data.use_tf = arg != 'numpy'
   c.batch_size = 128
-  c.num_epochs = 8.0
+  c.num_epochs = 10.0
   c.warmup_epochs = 1.0
   c.optimizer.base_lr = 0.4         # peak lr 0.2 at batch 128
   c.optimizer.agc_clipping = 0.04   # smaller batch -> a looser clip (paper, sec. 4.1)

@@ -3,23 +3,25 @@ accumulation, preemption and resume, non-finite steps, evaluation and summaries.
 
 The runs are real `python -m nfnet_jax.train` processes on a tiny NFNet-F0 (width 1/8,
 ungrouped, two blocks, dropout 0.5, stochastic depth 0.5) on 16 px offline images with
-flips, pad-crops, MixUp and CutMix (RandAugment too on the TF path). They are started
-together, in parallel, by the module fixture `runs`, and share a persistent XLA
-compilation cache, so each distinct program is compiled once (at -O0: these tests
-are about the training loop, not about XLA's code quality):
+flips, pad-crops, MixUp and CutMix. They are started together, in parallel, by the
+module fixture `runs`, and share a persistent XLA compilation cache, so each distinct
+program is compiled once (at -O0: these tests are about the training loop, not about
+XLA's code quality):
 
-  one        1 device                        (the reference run)
+  one        1 device, numpy input pipeline  (the reference run)
   eight      8 devices                       same config
   accum      1 device, grad_accum_steps=4    same config
-  four       1 process x 4 devices, TF input pipeline
-  two_hosts  2 processes x 2 devices (jax.distributed on localhost), TF input pipeline
+  four       1 process x 4 devices
+  two_hosts  2 processes x 2 devices (jax.distributed on localhost)
   preempted  'one' with a real SIGTERM at a random step; then `resumed`, the same
              command again, with a half-written checkpoint and an orbax tmp dir added
   nan        'one' with a NaN in the batches of steps 2, 4 and 5, and
              max_consecutive_nonfinite=2: step 2 is skipped, 5 stops the run
   evaluate   --mode=eval on a copy of 'one's workdir
-Only 'one' (and 'evaluate') evaluate; the others have no eval split, which saves
-compiling the eval step.
+  tf         'one' through the TF input pipeline (RandAugment on too), in
+             --mode=train_and_eval with an eval every 2 steps
+Only 'one', 'evaluate' and 'tf' evaluate; the others have no eval split, which saves
+compiling the eval step for their device counts.
 """
 from __future__ import annotations
 
@@ -242,12 +244,11 @@ class Runs:
     no_eval = '--config.data.offline.num_eval=0'
     self._run('eight', 8, no_eval)
     self._run('accum', 1, no_eval, '--config.grad_accum_steps=4')
-    self._run('four', 4, no_eval, arg='tf')
+    self._run('four', 4, no_eval)
     port = _free_port()
     for i in range(2):
       self._run(f'two_hosts_{i}', 2, no_eval, f'--coordinator_address=localhost:{port}',
-                '--num_processes=2', f'--process_id={i}', arg='tf',
-                workdir=self.root / 'two_hosts')
+                '--num_processes=2', f'--process_id={i}', workdir=self.root / 'two_hosts')
 
     def warm():
       try:
@@ -259,6 +260,7 @@ class Runs:
         if one.rc == 0:
           shutil.copytree(one.workdir, self.root / 'evaluate')
           self._run('evaluate', 1, '--mode=eval', workdir=self.root / 'evaluate')
+        self._run('tf', 1, '--mode=train_and_eval', '--config.eval_every=2', arg='tf')
         preempted.wait()
         if preempted.rc == 128 + signal.SIGTERM:
           self.half_written = self.simulate_half_written(preempted.workdir)
@@ -287,7 +289,7 @@ class Runs:
     return dict(partial=partial, tmp=tmp, last=last)
 
   def get(self, name: str) -> Run:
-    if name in ('preempted', 'nan', 'evaluate', 'resumed'):
+    if name in ('preempted', 'nan', 'evaluate', 'resumed', 'tf'):
       self.done.wait(TIMEOUT)
       if self.error:
         raise self.error
@@ -364,8 +366,19 @@ def test_two_processes_match_one_process(runs):
   assert_trees_close(two.state()['params'], four.state()['params'])
   # One writer for the job: process 0.
   assert len(list((two.workdir).glob('events.out.tfevents.*'))) == 1
-  # TF pipeline vs numpy pipeline: different augmentation, different curve.
-  assert not np.allclose(four.losses(), runs.get('one').losses())
+  np.testing.assert_allclose(four.losses(), runs.get('one').losses(), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_tf_input_pipeline_and_periodic_eval(runs):
+  tf = runs.get('tf').ok()
+  m, ev = tf.metrics(), tf.metrics('eval')
+  assert sorted(m) == list(range(1, STEPS + 1))
+  assert all(np.isfinite(v['loss']) and v['finite'] == 1 for v in m.values())
+  assert sorted(ev) == [2, 4, STEPS] and ev[STEPS]['count'] == 40
+  assert 'Final top-1' in tf.output
+  # RandAugment and the TF crops/flips: another augmentation, another curve.
+  assert not np.allclose(tf.losses(), runs.get('one').losses(), rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -385,7 +398,8 @@ def test_sigterm_then_rerun_equals_uninterrupted_run_bitwise(runs):
   half = runs.half_written
   assert half['last'] == stopped
   assert f'Resumed from checkpoint at step {stopped} ' in res.output
-  assert 'is incomplete' in res.output and not half['partial'].exists()
+  assert f'{half["partial"]} is incomplete' in res.output
+  assert list(half['partial'].parent.glob(f'incomplete-{half["partial"].name}-*'))
   assert res.steps()[-1] == STEPS
   assert_trees_equal(res.state(), one.state())  # params, opt_state, EMA, counters
   # metrics.jsonl holds the interrupted run's steps, then the resumed ones.
