@@ -383,6 +383,17 @@ def main(argv: list[str]) -> int:
   if len(argv) >= 2 and argv[1] == 'summarize':
     records = load_records(argv[2:])
     print(summary_table([r for r in records if r.get('kind') in ('train', 'eval')]))
+    for r in records:  # ratios measured in one run
+      if r.get('variant') == 'ours plain' and r.get('status') == 'ok':
+        for o in records:
+          if (o.get('status') == 'ok' and o.get('variant', '').startswith('ours optimised')
+              and (o.get('model'), o.get('batch'), o.get('image')) ==
+              (r.get('model'), r.get('batch'), r.get('image'))):
+            print(f'{o["variant"]} vs ours plain: x{o["images_per_s"] / r["images_per_s"]:.3f}'
+                  f' img/s; first-step loss {o.get("loss_first")} vs {r.get("loss_first")}')
+    for r in records:
+      if isinstance(r.get('profile'), dict):
+        print_profile(r['profile'], f'{r["variant"]} {r.get("model")} b{r.get("batch")}')
     micro = [r for r in records if r.get('kind') == 'micro']
     if micro:
       print('micro-benchmarks (ms, median):')

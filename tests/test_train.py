@@ -125,7 +125,8 @@ class Run:
     self.workdir = workdir or root / name
     self.log = root / f'{name}.log'
     entry = (['-c', HOOK, *hook] if hook else ['-m', 'nfnet_jax.train'])
-    self.cmd = [sys.executable, *entry, f'--config={root / "tiny.py"}:{arg}',
+    timer = ['/usr/bin/time', '-f', f'CPU {name} %U user %S sys %e wall'] if os.environ.get('TT') else []
+    self.cmd = [*timer, sys.executable, *entry, f'--config={root / "tiny.py"}:{arg}',
                 f'--workdir={self.workdir}', *flags]
     self.env = dict(
         os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
@@ -227,7 +228,8 @@ class Runs:
     (root / 'tiny.py').write_text(TINY_CONFIG)
     self.cache = root / 'xla_cache'
     self.runs: dict[str, Run] = {}
-    self.sigterm_step = random.Random().randint(2, STEPS - 2)
+    # k + 2 < STEPS: the save lands at k..k+2 and must come before the last step.
+    self.sigterm_step = random.Random().randint(1, STEPS - 3)
     self.nan_steps = (2, 4, 5)
     self.done = threading.Event()
     self.error: BaseException | None = None
@@ -262,6 +264,7 @@ class Runs:
           self._run('evaluate', 1, '--mode=eval', workdir=self.root / 'evaluate')
         self._run('tf', 1, '--mode=train_and_eval', '--config.eval_every=2', arg='tf')
         preempted.wait()
+        self.preempted_steps = preempted.steps()  # Before the rerun adds its own.
         if preempted.rc == 128 + signal.SIGTERM:
           self.half_written = self.simulate_half_written(preempted.workdir)
         self._run('resumed', 1, workdir=preempted.workdir)
@@ -393,7 +396,7 @@ def test_sigterm_then_rerun_equals_uninterrupted_run_bitwise(runs):
   # The flag set by the signal while step k's batch is fetched rides in step k; the
   # hosts read it one step later.
   assert k <= stopped <= k + 2 and stopped < STEPS
-  assert pre.steps() == [stopped]
+  assert runs.preempted_steps == [stopped]
   res = runs.get('resumed').ok()
   half = runs.half_written
   assert half['last'] == stopped
