@@ -551,6 +551,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info('%s: %d classes, %d train / %d eval examples, %d devices on %d hosts, '
                '%d steps (%d warmup)', config.model, num_classes, info['num_train'],
                info['num_eval'], jax.device_count(), nproc, total_steps, warmup_steps)
+  if config.grad_accum_steps > 1:
+    local = config.batch_size // jax.device_count()
+    logging.info('Gradient accumulation: %d micro-batches of %d per device',
+                 config.grad_accum_steps, local // config.grad_accum_steps)
 
   mngr = checkpoint_manager(workdir, config.keep_checkpoints)
   state, meta = restore_checkpoint(mngr, trainer.abstract_state)
@@ -592,11 +596,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if mode == 'eval':
       return eval_now(start_step, state)
     with _catch_signals() as caught:
-      step, state = _train_loop(config, trainer, mngr, writer, state, start_step, total_steps,
-                         data.build_train_iter(config.data, config.batch_size,
-                                               config.seed, start_step=start_step,
-                                               process_index=pidx, process_count=nproc),
-                         caught, eval_now if mode == 'train_and_eval' else None)
+      train_iter = data.build_train_iter(config.data, config.batch_size, config.seed,
+                                         start_step=start_step, process_index=pidx,
+                                         process_count=nproc)
+      step, state = _train_loop(config, trainer, mngr, writer, state, start_step,
+                                total_steps, train_iter, caught,
+                                eval_now if mode == 'train_and_eval' else None)
     if info['num_eval']:
       return eval_now(step, state)
     return {}
@@ -681,7 +686,7 @@ def _log(step, total_steps, metrics, control, writer, ips: float, batch_size: in
   last = {k: float(v) for k, v in metrics.items()}
   last['images_per_sec'] = ips
   last['skipped'] = float(control['skipped'])
-  eta = (total_steps - step) * batch_size / ips if ips > 0 else 0.0
+  eta = (total_steps - step) * batch_size / ips if ips > 0 else float('nan')
   logging.info('step %d/%d loss %.4f top-1 %.2f%% lr %.4g %.0f img/s ETA %s%s', step,
                total_steps, last['loss'], 100 * last['top1'], last['lr'], ips,
                time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '?',

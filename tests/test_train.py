@@ -10,9 +10,11 @@ XLA's code quality):
 
   one        1 device, numpy input pipeline  (the reference run)
   eight      8 devices                       same config
-  accum      1 device, grad_accum_steps=4    same config
-  four       1 process x 4 devices
-  two_hosts  2 processes x 2 devices (jax.distributed on localhost)
+  four       1 process x 4 devices, grad_accum_steps=2 (2 micro-batches of 2 per
+             device): the gradient-accumulation run too
+  two_hosts  2 processes x 2 devices (jax.distributed on localhost), with a SIGTERM
+             to the second process only while step 3's batch is read: both stop
+             after step 4 (compared with 'four' up to there)
   preempted  'one' with a real SIGTERM at a random step; then `resumed`, the same
              command again, with a half-written checkpoint and an orbax tmp dir added
   nan        'one' with a NaN in the batches of steps 2, 4 and 5, and
@@ -105,7 +107,7 @@ HOOK = textwrap.dedent('''
 
     data.build_train_iter = hooked
     from absl import app
-    app.run(train.main)
+    app.run(train.main, flags_parser=train._parse_flags)
 ''')
 
 
@@ -125,7 +127,9 @@ class Run:
     self.workdir = workdir or root / name
     self.log = root / f'{name}.log'
     entry = (['-c', HOOK, *hook] if hook else ['-m', 'nfnet_jax.train'])
-    timer = ['/usr/bin/time', '-f', f'CPU {name} %U user %S sys %e wall'] if os.environ.get('TT') else []
+    timer = []  # NFNET_TEST_TIMES=1: log each run's CPU time (needs /usr/bin/time).
+    if os.environ.get('NFNET_TEST_TIMES'):
+      timer = ['/usr/bin/time', '-f', f'CPU {name} %U user %S sys %e wall']
     self.cmd = [*timer, sys.executable, *entry, f'--config={root / "tiny.py"}:{arg}',
                 f'--workdir={self.workdir}', *flags]
     self.env = dict(
@@ -245,12 +249,13 @@ class Runs:
     one = self._run('one', 1)
     no_eval = '--config.data.offline.num_eval=0'
     self._run('eight', 8, no_eval)
-    self._run('accum', 1, no_eval, '--config.grad_accum_steps=4')
-    self._run('four', 4, no_eval)
+    self._run('four', 4, no_eval, '--config.grad_accum_steps=2',
+              '--config.checkpoint_every_steps=1')
     port = _free_port()
     for i in range(2):
       self._run(f'two_hosts_{i}', 2, no_eval, f'--coordinator_address=localhost:{port}',
-                '--num_processes=2', f'--process_id={i}', workdir=self.root / 'two_hosts')
+                '--num_processes=2', f'--process_id={i}', workdir=self.root / 'two_hosts',
+                hook=('sigterm', '3') if i else None)
 
     def warm():
       try:
@@ -346,29 +351,44 @@ def test_one_device_and_eight_devices_agree(runs):
 
 @pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(runs):
-  one, accum = runs.get('one').ok(), runs.get('accum').ok()
-  m1, m4 = one.metrics(), accum.metrics()
-  # Step 1: the accumulated gradient is the big batch's (norm and AGC clip fraction
-  # are computed on it), and so is every later step.
+  one, accum = runs.get('one').ok(), runs.get('four').ok()
+  assert 'micro-batches' in accum.output
+  m1, m2 = one.metrics(), accum.metrics()
+  # Step 1 and every later one: the accumulated gradient is the big batch's (its norm
+  # and the AGC clip fraction are computed on it).
   for k in ('loss', 'grad_norm', 'agc_clip_fraction'):
-    np.testing.assert_allclose([m4[s][k] for s in m4], [m1[s][k] for s in m1],
+    np.testing.assert_allclose([m2[s][k] for s in m2], [m1[s][k] for s in m1],
                                rtol=1e-5, err_msg=k)
-  assert_trees_close(accum.state()['params'], one.state()['params'])
-  assert_trees_close(accum.state()['opt_state'], one.state()['opt_state'])
+  assert m1[1]['agc_clip_fraction'] > 0  # AGC clips in these runs.
+  for key in ('params', 'opt_state', 'ema_params'):
+    assert_trees_close(accum.state()[key], one.state()[key])
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_host_stops_all_hosts_at_the_same_step(runs):
+  p0, p1 = runs.get('two_hosts_0'), runs.get('two_hosts_1')
+  for p in (p0, p1):
+    assert p.rc == 128 + signal.SIGTERM, p.output[-4000:]
+    assert '4 devices on 2 hosts' in p.output
+  saved = [re.findall(r'checkpoint saved at step (\d+)', p.output) for p in (p0, p1)]
+  assert saved[0] == saved[1] == ['4'], saved
+  assert 'Signal (another host): checkpoint saved' in p0.output
+  assert 'Signal 15: checkpoint saved' in p1.output
+  assert p0.steps() == [4]
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(runs):
   four = runs.get('four').ok()
-  p0, p1 = runs.get('two_hosts_0').ok(), runs.get('two_hosts_1').ok()
-  for p in (p0, p1):
-    assert '4 devices on 2 hosts' in p.output, p.output[-3000:]
   assert '4 devices on 1 hosts' in four.output
-  two = p0  # Process 0 writes metrics for the job.
-  np.testing.assert_allclose(two.losses(), four.losses(), rtol=1e-5)
-  assert_trees_close(two.state()['params'], four.state()['params'])
-  # One writer for the job: process 0.
-  assert len(list((two.workdir).glob('events.out.tfevents.*'))) == 1
+  two = runs.get('two_hosts_0')
+  runs.get('two_hosts_1')
+  # Process 0 alone writes the job's metrics: each step once.
+  steps = [json.loads(l)['step'] for l in (two.workdir / 'metrics.jsonl').open()]
+  assert steps == [1, 2, 3, 4]
+  np.testing.assert_allclose(two.losses(), four.losses()[:4], rtol=1e-5)
+  for key in ('params', 'ema_params', 'opt_state'):
+    assert_trees_close(two.state(4)[key], four.state(4)[key])
   np.testing.assert_allclose(four.losses(), runs.get('one').losses(), rtol=1e-5)
 
 
