@@ -15,8 +15,12 @@
 #   5 quickstart    50 steps of `python -m nfnet_jax.train` (quickstart:numpy, no lr
 #                   warmup so that 50 steps move the loss), loss falls?
 #   6 micro         grouped-conv / WS / RNG-mask microbenchmarks      (if time remains)
-#   7 conv_fusion   optimised + XLA cuDNN conv fusions               (if time remains)
-#   8 f1            F1 b128 224px: ours optimised, timm eager          (if time remains)
+#   7 remat         optimised + remat saving conv outputs only (memory) (if time remains)
+#   8 conv_fusion   optimised + XLA cuDNN conv fusions               (if time remains)
+#   9 split         optimised + grouped convs as dense per-group convs (if time remains)
+#  10 f1            F1 b128 224px: ours optimised, timm eager          (if time remains)
+# PARTS=a,b,... runs only those parts, in the order above (e.g. the experiments
+# after a first run: PARTS=remat,micro,conv_fusion,split).
 # Every part writes JSON into $OUT; the summary table is printed last.
 set -u
 cd "$(dirname "$0")/.."
@@ -74,10 +78,14 @@ fi
 cat "$OUT/env.txt"
 log "setup done"
 
+PARTS=${PARTS:-all}
 # part NAME NEED_S LIMIT_S CMD...: run CMD under timeout if at least NEED_S remain.
 part() {
   local name=$1 need=$(( $2 * SCALE )) limit=$(( $3 * SCALE ))
   shift 3
+  if [ "$PARTS" != all ] && [[ ",$PARTS," != *",$name,"* ]]; then
+    return 0
+  fi
   local l
   l=$(left)
   if [ "$l" -lt "$need" ]; then
@@ -126,13 +134,19 @@ QS_T=$(date +%s)
 part quickstart 35 110 $PY -m nfnet_jax.train --config=experiments/quickstart.py:numpy \
     --workdir=/tmp/qs --config.total_steps=$QS_STEPS --config.log_every=$QS_LOG \
     --config.warmup_epochs=0
-cp /tmp/qs/metrics.jsonl "$OUT/quickstart_metrics.jsonl" 2>/dev/null
-$PY benchmarks/common.py quickstart-check /tmp/qs "$OUT/quickstart.json" \
-    $(( $(date +%s) - QS_T ))
+if [ -f /tmp/qs/metrics.jsonl ]; then
+  cp /tmp/qs/metrics.jsonl "$OUT/quickstart_metrics.jsonl"
+  $PY benchmarks/common.py quickstart-check /tmp/qs "$OUT/quickstart.json" \
+      $(( $(date +%s) - QS_T ))
+fi
 
-part micro 60 60 $PY benchmarks/train_step.py $MICRO --micro --json "$OUT/micro.json"
-part conv_fusion 110 130 $PY benchmarks/train_step.py $TRAIN --variant optimised \
+part micro 45 60 $PY benchmarks/train_step.py $MICRO --micro --json "$OUT/micro.json"
+part remat 80 120 $PY benchmarks/train_step.py $TRAIN --variant remat \
+    --json "$OUT/train_f0_remat.json" $RES
+part conv_fusion 80 120 $PY benchmarks/train_step.py $TRAIN --variant optimised \
     --xla-preset conv_fusion --json "$OUT/train_f0_conv_fusion.json" $RES
+part split 80 120 $PY benchmarks/train_step.py $TRAIN --variant split \
+    --json "$OUT/train_f0_split.json" $RES
 part f1 100 120 $PY benchmarks/train_step.py $F1 --variant optimised \
     --json "$OUT/train_f1.json" $RES
 part timm_f1 40 60 $PY benchmarks/train_step.py $F1 --variant timm \
@@ -140,6 +154,6 @@ part timm_f1 40 60 $PY benchmarks/train_step.py $F1 --variant timm \
 
 log "all parts done"
 echo "=== parts ==="
-cat "$OUT/parts.txt"
+cat "$OUT/parts.txt" 2>/dev/null
 echo "=== summary ($(date -u)) ==="
 $PY benchmarks/common.py summarize "$OUT"/*.json

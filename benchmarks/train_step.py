@@ -17,6 +17,9 @@ Variants (comma-separated, or 'both' = optimised,plain; 'all' = both,timm):
              (nfnet_jax.fast.naive_model: params cast to bf16 when read, WS in bf16
              via an f32 round trip per kernel) and no buffer donation.
   split      optimised with grouped convs run as one dense conv per group.
+  remat      optimised with the network under remat saving only conv outputs
+             (fast.model(remat='convs')): elementwise work recomputed in the
+             backward pass, no conv recomputed; for the peak-memory target.
   timm       timm dm_nfnet_f<k>, PyTorch eager (or --torch-compile), bf16 autocast,
              channels_last, SGD+Nesterov, timm.utils.adaptive_clip_grad(0.01).
 
@@ -79,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   v = {'both': 'optimised,plain', 'all': 'optimised,plain,timm'}.get(v, v)
   args.variants = [s.strip() for s in v.split(',') if s.strip()]
   for s in args.variants:
-    if s not in ('optimised', 'plain', 'split', 'timm'):
+    if s not in ('optimised', 'plain', 'split', 'remat', 'timm'):
       p.error(f'unknown variant {s!r}')
   return args
 
@@ -189,7 +192,8 @@ def run_jax_variant(args, variant: str, first: bool, info: dict[str, Any],
   cdt = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
   xla_opts = parse_xla_opts(args) if variant != 'plain' else {}
   label = {'optimised': 'ours optimised', 'plain': 'ours plain',
-           'split': 'ours optimised+split-groups'}[variant]
+           'split': 'ours optimised+split-groups',
+           'remat': 'ours optimised+remat-convs'}[variant]
   if xla_opts and variant != 'plain':
     label += f'+{args.xla_preset}' if args.xla_preset != 'none' else '+xla-opts'
   rec = base_record(args, 'train', label)
@@ -199,6 +203,8 @@ def run_jax_variant(args, variant: str, first: bool, info: dict[str, Any],
     model = fast.naive_model(config.model, args.num_classes, cdt, **kw)
   elif variant == 'split':
     model = fast.model(config.model, args.num_classes, groups='split', **kw)
+  elif variant == 'remat':
+    model = fast.model(config.model, args.num_classes, remat='convs', **kw)
   else:
     model = real
   tx, schedule = optim.build_optimizer(config.optimizer, 10_000, 0, args.batch)
