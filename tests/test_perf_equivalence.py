@@ -203,7 +203,8 @@ def test_compile_step_drops_unknown_xla_options():
 
 @pytest.mark.slow
 def test_optimised_train_step_equals_plain_step():
-  """Trainer's donated jit(shard_map) step == a plain non-donated step, float32."""
+  """Trainer's donated jit(shard_map) step == a plain non-donated step, float32; and
+  so does the step of a config with remat='convs' (train.create_model -> fast.model)."""
   import train_step  # benchmarks/train_step.py: wires steps as nfnet_jax.train does
   from nfnet_jax import configs, optim, train
   c = configs.base_config()
@@ -219,14 +220,21 @@ def test_optimised_train_step_equals_plain_step():
   labels = jax.nn.one_hot(jnp.arange(4) % NUM_CLASSES, NUM_CLASSES)
   batch = opt['trainer'].global_batch(dict(images=np.asarray(x), labels=np.asarray(labels),
                                            mask=np.ones(4, np.float32)))
+  c_remat = c.copy_and_resolve_references()
+  c_remat.remat = 'convs'
+  rematted = train.create_model(c_remat, NUM_CLASSES)
+  assert rematted is not net
+  remat = train_step.build_train_steps(c_remat, net, tx, sched, 32, model=rematted)
   state = opt['init']()
   out_plain = jax.device_get(plain['step'](state, batch, *plain['extra']))
+  out_remat = jax.device_get(remat['step'](opt['init'](), batch, *remat['extra']))
   out_opt = jax.device_get(opt['step'](state, batch, *opt['extra']))  # donates `state`
-  (s_plain, m_plain), (s_opt, m_opt) = out_plain[:2], out_opt[:2]
-  for k in ('loss', 'top1', 'grad_norm'):
-    np.testing.assert_allclose(m_opt[k], m_plain[k], rtol=1e-5)
-  _assert_trees_close(s_opt['params'], s_plain['params'], rtol=1e-5)
-  _assert_trees_close(s_opt['opt_state'], s_plain['opt_state'], rtol=1e-4)
+  (s_plain, m_plain) = out_plain[:2]
+  for s_opt, m_opt in (out_opt[:2], out_remat[:2]):
+    for k in ('loss', 'top1', 'grad_norm'):
+      np.testing.assert_allclose(m_opt[k], m_plain[k], rtol=1e-5)
+    _assert_trees_close(s_opt['params'], s_plain['params'], rtol=1e-5)
+    _assert_trees_close(s_opt['opt_state'], s_plain['opt_state'], rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------

@@ -589,6 +589,11 @@ def test_valid_choices_are_listed():
     train.validate_config(config, 8, 2)
   with pytest.raises(ValueError, match="mode='test'; valid: train, eval, train_and_eval"):
     train.validate_config(tiny_config(), 1, 1, mode='test')
+  config = tiny_config()
+  config.remat = 'conv'
+  with pytest.raises(ValueError, match=r"config.remat must be one of \('none', 'convs', "
+                     r"'block_convs', 'blocks'\), got 'conv'"):
+    train.validate_config(config, 1, 1)
 
 
 def test_unknown_command_line_key_is_refused(tmp_path):
