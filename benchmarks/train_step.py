@@ -473,6 +473,33 @@ def run_micro(args, info: dict[str, Any], save=None) -> list[dict[str, Any]]:
       bench(f'gconv {name} fwd+bwd [{impl}]', fwd_bwd, x, k, ct)
       if fwd_too:
         bench(f'gconv {name} fwd [{impl}]', conv, x, k)
+
+  # 4. Host cost of a call by argument count: a donated elementwise update of a
+  # params-momentum-EMA-shaped state, as 3 x (leaves) buffers vs 3 flat buffers.
+  # The same bytes move; the difference is per-buffer dispatch/allocation work,
+  # which a synchronised step cannot hide.
+  leaves = [jnp.full(v.shape, 0.01, jnp.float32) for v in jax.tree.leaves(shapes_tree)]
+  tree_state = [leaves, [x + 0 for x in leaves], [x + 0 for x in leaves]]
+  flat_state = [jnp.concatenate([x.ravel() for x in t]) for t in tree_state]
+  for impl, state in (('pytree', tree_state), ('flat', flat_state)):
+    n = len(jax.tree.leaves(state))
+    upd = jax.jit(lambda s: jax.tree.map(lambda x: x * 0.999 + 1e-4, s), donate_argnums=0)
+    holder = {'s': upd(state)}
+    del state
+
+    def call():
+      holder['s'] = upd(holder['s'])
+      return holder['s']
+
+    rec = base_record(args, 'micro', f'state update, {n} buffers [{impl}]')
+    rec.update(info)
+    timing = common.time_calls(call, jax.block_until_ready, max(steps, 20), 3)
+    rec.update(timing, status='ok')
+    recs.append(rec)
+    if save is not None:
+      save(recs)
+    print(f'[micro] {rec["variant"]:<44} {1e3 * timing["step_s_median"]:.3f} ms '
+          f'(pipelined {1e3 * timing.get("step_s_pipelined", float("nan")):.3f})', flush=True)
   return recs
 
 
