@@ -5,7 +5,8 @@ r"""A small NFNet on the built-in offline dataset: ~7 min on 2 CPU cores, ~99% t
 The same blocks as NFNet-F0 (scaled WS, gamma-scaled GELU, SE, skip gains, stochastic
 depth, AGC, Nesterov SGD, EMA) at width 1/8 with ungrouped 3x3 convs (XLA's grouped
 convs are slow on CPU), on 32x32 images of 10 procedurally generated classes
-(2026-11-27, 2 quiet cores: 98.90% top-1, EMA 98.60%, in 399 s). arg 'numpy' uses the TF-free input path.
+(2026-11-27, 2 quiet cores: 98.90% top-1, EMA 98.60%, in 399 s). arg 'numpy' uses
+the TF-free input path.
 """
 from nfnet_jax import configs
 
