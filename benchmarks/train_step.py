@@ -16,7 +16,8 @@ Variants (comma-separated, or 'both' = optimised,plain; 'all' = both,timm):
   plain      the same make_train_step + shard_map with a naive mixed-precision model
              (nfnet_jax.fast.naive_model: params cast to bf16 when read, WS in bf16
              via an f32 round trip per kernel) and no buffer donation.
-  split      optimised with grouped convs run as one dense conv per group.
+  split      optimised with grouped convs forced to one dense conv per group (what
+             "optimised" does on CPU already; on GPU/TPU it runs XLA grouped convs).
   remat      optimised with the network under remat saving only conv outputs
              (fast.model(remat='convs')): elementwise work recomputed in the
              backward pass, no conv recomputed; for the peak-memory target.

@@ -13,9 +13,9 @@ logits and gradients against the reference.
 - :func:`model`: the real model with optional experimental implementations:
   `remat='convs'` recomputes each block's elementwise work in the backward pass from
   saved conv outputs (less activation memory, no conv recomputed);
-  `groups='split'` runs grouped convolutions as one dense convolution per group
-  (same arithmetic; 2-3x faster train steps on XLA:CPU, whose kernel gradient of a
-  grouped conv is slow; the GPU benchmarks measure it there).
+  `groups='split'` / `'lax'` force how grouped convolutions run (default 'auto':
+  split into dense per-group convs on CPU, where XLA's grouped convs are slow, one
+  XLA grouped conv on GPU/TPU; the GPU benchmarks measure 'split' there).
 - :func:`fold_params` + :func:`folded_model`: inference with weight
   standardisation done once, outside the step (kernels pre-standardised and stored
   in the compute dtype), instead of on every call.
@@ -76,6 +76,7 @@ def _naive_ws_conv(module: layers.WSConv2D, x: jax.Array) -> jax.Array:
         fan_in ** -0.5, dt)
   scale = scale * gain.astype(dt)
   kernel = w * scale - mean * scale  # the reference's formula, in the compute dtype
+  # One XLA grouped conv on every backend (the unoptimised port; no CPU split).
   out = jax.lax.conv_general_dilated(
       x, kernel.astype(dt), window_strides=(module.stride, module.stride),
       padding=module.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
@@ -120,46 +121,23 @@ def split_grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: st
   """A grouped NHWC/HWIO convolution as `groups` dense convolutions, concatenated.
 
   Same arithmetic as `feature_group_count=groups`; its backward pass is the dense
-  filter/input gradients per group instead of XLA's batch-grouped form.
+  filter/input gradients per group instead of XLA's batch-grouped form. (What
+  `layers.conv2d` does on CPU by default.)
   """
-  cin = x.shape[-1] // groups
-  cout = kernel.shape[-1] // groups
-  outs = []
-  for g in range(groups):
-    outs.append(jax.lax.conv_general_dilated(
-        x[..., g * cin:(g + 1) * cin], kernel[..., g * cout:(g + 1) * cout],
-        window_strides=(stride, stride), padding=padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
-  return jnp.concatenate(outs, axis=-1)
-
-
-def _ws_kernel(module: layers.WSConv2D, in_ch: int, dtype) -> tuple[jax.Array, jax.Array]:
-  w_shape = (*module.kernel_shape, in_ch // module.feature_group_count,
-             module.output_channels)
-  w_init = hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal')
-  w = hk.get_parameter('w', w_shape, jnp.float32, init=w_init)
-  gain = hk.get_parameter('gain', (module.output_channels,), jnp.float32, init=jnp.ones)
-  bias = hk.get_parameter('bias', (module.output_channels,), jnp.float32, init=jnp.zeros)
-  kernel = layers.standardize_weight(w, gain, module.eps, module.eps_mode).astype(dtype)
-  return kernel, bias.astype(dtype)
-
-
-def _split_ws_conv(module: layers.WSConv2D, x: jax.Array) -> jax.Array:
-  kernel, bias = _ws_kernel(module, x.shape[-1], x.dtype)
-  out = split_grouped_conv(x, kernel, module.stride, module.padding,
-                           module.feature_group_count)
-  return out + bias
+  with layers.grouped_conv_impl('split'):
+    return layers.conv2d(x, kernel, stride, padding, groups)
 
 
 REMAT_POLICIES = ('none', 'convs', 'block_convs', 'blocks')
 CONV_NAME = 'nfnet_conv'  # checkpoint_name of every WSConv2D output under remat
 
 
-def model(name: str, num_classes: int = 1000, groups: str = 'lax', remat: str = 'none',
+def model(name: str, num_classes: int = 1000, groups: str = 'auto', remat: str = 'none',
           **overrides) -> hk.Transformed:
   """`models.create` with implementation knobs (same params, same function).
 
-  groups: 'lax' (XLA grouped convolution, as models.create) or 'split'.
+  groups: how grouped convs run (`layers.GROUPED_CONV_IMPLS`): 'auto' (as
+    models.create: split on CPU, one XLA grouped conv elsewhere), 'lax' or 'split'.
   remat: 'none'; 'convs' = the whole network (any registry model) under hk.remat
     saving only the conv outputs (named CONV_NAME): the backward pass recomputes the
     elementwise work (activations and their intermediates, gamma/beta/alpha
@@ -170,8 +148,8 @@ def model(name: str, num_classes: int = 1000, groups: str = 'lax', remat: str = 
     hands them to XLA: 28.27 GiB with 'none', 4.89 GiB with 'convs', 8.28 GiB with
     'block_convs' (`benchmarks/step_memory.py`; on a GPU it adds XLA's peak).
   """
-  if groups not in ('lax', 'split'):
-    raise ValueError(f"groups must be 'lax' or 'split', got {groups!r}")
+  if groups not in layers.GROUPED_CONV_IMPLS:
+    raise ValueError(f'groups must be one of {layers.GROUPED_CONV_IMPLS}, got {groups!r}')
   if remat not in REMAT_POLICIES:
     raise ValueError(f'remat must be one of {REMAT_POLICIES}, got {remat!r}')
   from nfnet_jax.models import nfnet  # pylint: disable=g-import-not-at-top
@@ -185,10 +163,7 @@ def model(name: str, num_classes: int = 1000, groups: str = 'lax', remat: str = 
     if context.method_name != '__call__':
       return next_f(*args, **kwargs)
     if isinstance(m, layers.WSConv2D):
-      if groups == 'split' and m.feature_group_count > 1:
-        out = _split_ws_conv(m, *args, **kwargs)
-      else:
-        out = next_f(*args, **kwargs)
+      out = next_f(*args, **kwargs)
       return checkpoint_name(out, CONV_NAME) if save_convs else out
     if remat in ('block_convs', 'blocks') and isinstance(m, nfnet.NFBlock):
       x, *rest = args
@@ -199,9 +174,10 @@ def model(name: str, num_classes: int = 1000, groups: str = 'lax', remat: str = 
     def net(x):
       with hk.intercept_methods(interceptor):
         return make()(x, is_training=is_training, return_metrics=return_metrics)
-    if remat == 'convs':
-      return hk.remat(net, policy=policy)(images)
-    return net(images)
+    with layers.grouped_conv_impl(groups):
+      if remat == 'convs':
+        return hk.remat(net, policy=policy)(images)
+      return net(images)
 
   return hk.transform(forward)
 
@@ -248,10 +224,8 @@ def folded_model(name: str, num_classes: int = 1000, **overrides) -> hk.Transfor
       k_shape = (*m.kernel_shape, x.shape[-1] // m.feature_group_count, m.output_channels)
       kernel = hk.get_parameter('kernel', k_shape, x.dtype, init=jnp.zeros)
       bias = hk.get_parameter('bias', (m.output_channels,), x.dtype, init=jnp.zeros)
-      out = jax.lax.conv_general_dilated(
-          x, kernel.astype(x.dtype), window_strides=(m.stride, m.stride),
-          padding=m.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-          feature_group_count=m.feature_group_count)
+      out = layers.conv2d(x, kernel.astype(x.dtype), m.stride, m.padding,
+                          m.feature_group_count)
       return out + bias.astype(x.dtype)
     return next_f(*args, **kwargs)
 

@@ -104,6 +104,45 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
   return w * scale - mean * scale
 
 
+# How grouped convolutions run: 'lax' (one feature-grouped XLA convolution), 'split'
+# (one dense convolution per group, concatenated: the same arithmetic) or 'auto':
+# split on CPU, lax elsewhere. XLA:CPU runs grouped convolutions far slower than
+# dense ones (F0's stage-3 3x3 conv, 6 groups of 128, batch 16 at 12 px, f32:
+# forward 154 vs 30 ms, forward + both gradients 1,529 vs 85 ms; benchmarks/RESULTS.md),
+# while cuDNN and the TPU run grouped convolutions natively.
+GROUPED_CONV_IMPLS = ('auto', 'lax', 'split')
+_GROUPED_CONV_IMPL: list[str] = ['auto']
+
+
+@contextlib.contextmanager
+def grouped_conv_impl(impl: str) -> Iterator[None]:
+  """Within this context (at trace time), grouped convs run as `impl`."""
+  if impl not in GROUPED_CONV_IMPLS:
+    raise ValueError(f'grouped conv impl must be one of {GROUPED_CONV_IMPLS}, got {impl!r}')
+  _GROUPED_CONV_IMPL.append(impl)
+  try:
+    yield
+  finally:
+    _GROUPED_CONV_IMPL.pop()
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: str,
+           groups: int = 1) -> jax.Array:
+  """NHWC x [N, H, W, C] * HWIO kernel [kh, kw, C/groups, O] -> [N, H', W', O]."""
+  conv = lambda x, k, g: jax.lax.conv_general_dilated(
+      x, k, window_strides=(stride, stride), padding=padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=g)
+  impl = _GROUPED_CONV_IMPL[-1]
+  if impl == 'auto':
+    impl = 'split' if jax.default_backend() == 'cpu' else 'lax'
+  if groups == 1 or impl == 'lax':
+    return conv(x, kernel, groups)
+  cin, cout = x.shape[-1] // groups, kernel.shape[-1] // groups
+  return jnp.concatenate([conv(x[..., g * cin:(g + 1) * cin],
+                               kernel[..., g * cout:(g + 1) * cout], 1)
+                          for g in range(groups)], axis=-1)
+
+
 class WSConv2D(hk.Module):
   """2D convolution with Scaled Weight Standardisation, a per-channel gain and bias.
 
@@ -137,10 +176,7 @@ class WSConv2D(hk.Module):
     gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32, init=jnp.ones)
     bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32, init=jnp.zeros)
     kernel = standardize_weight(w, gain, self.eps, self.eps_mode).astype(x.dtype)
-    out = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(self.stride, self.stride), padding=self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=self.feature_group_count)
+    out = conv2d(x, kernel, self.stride, self.padding, self.feature_group_count)
     return out + bias.astype(x.dtype)
 
 

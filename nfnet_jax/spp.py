@@ -198,10 +198,7 @@ def plain_conv_interceptor(next_f, args, kwargs, context):
                        init=hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal'))
   gain = hk.get_parameter('gain', (mod.output_channels,), jnp.float32, init=jnp.ones)
   bias = hk.get_parameter('bias', (mod.output_channels,), jnp.float32, init=jnp.zeros)
-  out = jax.lax.conv_general_dilated(
-      x, (w * gain).astype(x.dtype), window_strides=(mod.stride, mod.stride),
-      padding=mod.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=groups)
+  out = layers.conv2d(x, (w * gain).astype(x.dtype), mod.stride, mod.padding, groups)
   return out + bias.astype(x.dtype)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnet_jax import fast, models
+from nfnet_jax import fast, layers, models
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
 
@@ -104,12 +104,27 @@ def test_plain_model_matches_reference_to_bf16_precision():
     assert leaf.dtype == jnp.float32 and np.all(np.isfinite(leaf))
 
 
-def test_split_grouped_convs_equal_reference():
-  logits, grads = _logits_and_grads(fast.model('F0', NUM_CLASSES, groups='split', **KW),
-                                    jnp.float32)
+def test_grouped_conv_implementations_agree():
+  """Split per-group convs (the default on CPU, so models.create here) == one XLA
+  grouped conv ('lax', the default on GPU/TPU): logits and every gradient."""
+  lax_logits, lax_grads = _logits_and_grads(
+      fast.model('F0', NUM_CLASSES, groups='lax', **KW), jnp.float32)
   ref_logits, ref_grads = _reference('float32')
-  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
-  _assert_trees_close(grads, ref_grads, rtol=1e-4)
+  split_logits, split_grads = _logits_and_grads(
+      fast.model('F0', NUM_CLASSES, groups='split', **KW), jnp.float32)
+  for logits, grads in ((ref_logits, ref_grads), (split_logits, split_grads)):
+    np.testing.assert_allclose(logits, lax_logits, rtol=1e-5, atol=1e-6)
+    _assert_trees_close(grads, lax_grads, rtol=1e-4)
+  # And the default here really is the split form: no grouped conv in the jaxpr.
+  x, _ = _inputs()
+  for groups, expect in (('auto', False), ('lax', True)):
+    net = fast.model('F0', NUM_CLASSES, groups=groups, **KW)
+    jaxpr = str(jax.make_jaxpr(lambda p: net.apply(p, None, x, False))(_params()))
+    assert (re.search(r'feature_group_count=[2-9]', jaxpr) is not None) == expect, groups
+  with pytest.raises(ValueError, match=r"grouped conv impl must be one of \('auto', "
+                     r"'lax', 'split'\), got 'dense'"):
+    with layers.grouped_conv_impl('dense'):
+      pass
 
 
 @pytest.mark.parametrize('remat', ['convs', 'block_convs'])
