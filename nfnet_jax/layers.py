@@ -109,8 +109,12 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
 # split on CPU, lax elsewhere. XLA:CPU runs grouped convolutions far slower than
 # dense ones (F0's stage-3 3x3 conv, 6 groups of 128, batch 16 at 12 px, f32:
 # forward 154 vs 30 ms, forward + both gradients 1,529 vs 85 ms; benchmarks/RESULTS.md),
-# while cuDNN and the TPU run grouped convolutions natively.
+# while cuDNN and the TPU run grouped convolutions natively. 'auto' leaves tiny convs
+# grouped (fewer than SPLIT_MIN_POSITIONS output positions N*H*W): there one conv per
+# group only adds compile time (F0 at batch 2, 4 px: same run time, 2x the forward's
+# compile time; at batch 16, 6 px = 576 positions the split form was 16x faster).
 GROUPED_CONV_IMPLS = ('auto', 'lax', 'split')
+SPLIT_MIN_POSITIONS = 256
 _GROUPED_CONV_IMPL: list[str] = ['auto']
 
 
@@ -134,7 +138,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: str,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=g)
   impl = _GROUPED_CONV_IMPL[-1]
   if impl == 'auto':
-    impl = 'split' if jax.default_backend() == 'cpu' else 'lax'
+    positions = x.shape[0] * x.shape[1] * x.shape[2] // (stride * stride)
+    impl = ('split' if jax.default_backend() == 'cpu' and positions >= SPLIT_MIN_POSITIONS
+            else 'lax')
   if groups == 1 or impl == 'lax':
     return conv(x, kernel, groups)
   cin, cout = x.shape[-1] // groups, kernel.shape[-1] // groups

@@ -115,12 +115,20 @@ def test_grouped_conv_implementations_agree():
   for logits, grads in ((ref_logits, ref_grads), (split_logits, split_grads)):
     np.testing.assert_allclose(logits, lax_logits, rtol=1e-5, atol=1e-6)
     _assert_trees_close(grads, lax_grads, rtol=1e-4)
-  # And the default here really is the split form: no grouped conv in the jaxpr.
-  x, _ = _inputs()
-  for groups, expect in (('auto', False), ('lax', True)):
+  # Which form the default picks on CPU: split once a conv has SPLIT_MIN_POSITIONS
+  # output positions (at batch 16, 64 px: stage 2 has 16*8*8 = 1024, stage 3 256,
+  # stage 4 64: left grouped), all grouped for tiny inputs (batch 4, 32 px).
+  def grouped_convs(groups, shape):
     net = fast.model('F0', NUM_CLASSES, groups=groups, **KW)
-    jaxpr = str(jax.make_jaxpr(lambda p: net.apply(p, None, x, False))(_params()))
-    assert (re.search(r'feature_group_count=[2-9]', jaxpr) is not None) == expect, groups
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda p, x: net.apply(p, None, x, False))(_params(), x))
+    return len(re.findall(r'feature_group_count=[2-9]', jaxpr))
+
+  n_lax = grouped_convs('lax', (16, 64, 64, 3))
+  assert n_lax == 6, n_lax  # two grouped 3x3 convs in each block with > 1 group (3)
+  assert grouped_convs('auto', (4, 32, 32, 3)) == n_lax
+  assert grouped_convs('auto', (16, 64, 64, 3)) == 2  # stage 4 only
+  assert grouped_convs('split', (16, 64, 64, 3)) == 0
   with pytest.raises(ValueError, match=r"grouped conv impl must be one of \('auto', "
                      r"'lax', 'split'\), got 'dense'"):
     with layers.grouped_conv_impl('dense'):
