@@ -32,7 +32,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  pylint: disable=g-import-not-at-top
-from train_step import TIMM_NAMES, model_overrides  # noqa: E402  pylint: disable=g-import-not-at-top
+from train_step import TIMM_NAMES, model_overrides, timm_skip_reason  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def parse_args(argv=None):
@@ -121,18 +121,12 @@ def run_jax(args, variant: str, first: bool, info: dict[str, Any]) -> dict[str, 
 
 def run_timm(args, info: dict[str, Any]) -> dict[str, Any]:
   rec = base_record(args, 'timm compile' if args.torch_compile else 'timm eager')
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    import timm  # pylint: disable=g-import-not-at-top
-  except Exception as e:  # pylint: disable=broad-except
-    rec.update(status='skipped', error=f'torch/timm not importable ({type(e).__name__}: {e})')
+  why = timm_skip_reason(args)
+  if why:
+    rec.update(status='skipped', error=why)
     return rec
-  if not torch.cuda.is_available():
-    rec.update(status='skipped', error='no CUDA device for torch')
-    return rec
-  if model_overrides(args) or args.model not in TIMM_NAMES:
-    rec.update(status='skipped', error='timm has only the paper models')
-    return rec
+  import torch  # pylint: disable=g-import-not-at-top
+  import timm  # pylint: disable=g-import-not-at-top
   from nfnet_jax.models import summary  # pylint: disable=g-import-not-at-top
   props = torch.cuda.get_device_properties(0)
   rec.update(platform='gpu', device_kind=props.name, device_count=1,

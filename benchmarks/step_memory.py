@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import re
 import sys
@@ -34,6 +35,7 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  pylint: disable=g-import-not-at-top
+import train_step  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _ITEMSIZE = {'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 'u32': 4, 'i32': 4, 'bool': 1}
 
@@ -49,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--num-classes', type=int, default=1000)
   p.add_argument('--width', type=float, default=None)
   p.add_argument('--depths', default=None, help='e.g. 1,1,2,1')
+  p.add_argument('--group-size', type=int, default=None)
   p.add_argument('--xla', action='store_true',
                  help='compile and report XLA memory on CPU too (not meaningful there)')
   p.add_argument('--json', default=None)
@@ -61,43 +64,36 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def residual_bytes(net, params, x) -> int:
-  """Bytes of the batch-sized residuals JAX keeps for the backward pass."""
+def saved_residuals(net, params, x) -> list[tuple[str, tuple[int, ...], str]]:
+  """[(dtype, shape, why)] of the batch-sized residuals JAX keeps for the backward
+  pass of sum(net(x)) in training mode (public print_saved_residuals, parsed)."""
   import jax  # pylint: disable=g-import-not-at-top
   f = lambda p, x: net.apply(p, jax.random.PRNGKey(0), x, True)['logits'].sum()
   buf = io.StringIO()
   with contextlib.redirect_stdout(buf):
     jax.ad_checkpoint.print_saved_residuals(f, params, x)
-  total = 0
+  out = []
   for line in buf.getvalue().splitlines():
-    m = re.match(r'(\w+)\[([\d,]*)\]', line.strip())
+    m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line.strip())
     if not m:
-      continue
-    shape = [int(d) for d in m.group(2).split(',') if d]
+      raise ValueError(f'unexpected print_saved_residuals line: {line!r}')
+    shape = tuple(int(d) for d in m.group(2).split(',') if d)
     if shape and shape[0] == x.shape[0]:
-      n = _ITEMSIZE.get(m.group(1), 4)
-      for d in shape:
-        n *= d
-      total += n
-  return total
+      out.append((m.group(1), shape, m.group(3)))
+  return out
+
+
+def residual_bytes(residuals: list[tuple[str, tuple[int, ...], str]]) -> int:
+  return sum(_ITEMSIZE.get(dt, 4) * math.prod(shape) for dt, shape, _ in residuals)
 
 
 def analyse(args, policy: str) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import configs, fast, optim, train  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import fast, optim, train  # pylint: disable=g-import-not-at-top
 
-  c = configs.base_config()
-  c.model = args.model
+  c = train_step.make_config(args)  # the benchmark's train config (AGC 0.01, ...)
   kw = c.model_kwargs.to_dict()
-  if args.width is not None:
-    kw['width'] = args.width
-  if args.depths:
-    kw['depths'] = tuple(int(d) for d in args.depths.split(','))
-  c.model_kwargs = kw
-  c.batch_size, c.compute_dtype = args.batch, args.dtype
-  c.optimizer.agc_clipping = 0.01
   net = fast.model(args.model, args.num_classes, remat=policy, **kw)
   tx, schedule = optim.build_optimizer(c.optimizer, 10_000, 0, args.batch)
   trainer = train.Trainer(c, net, tx, schedule, args.image)
@@ -109,9 +105,9 @@ def analyse(args, policy: str) -> dict[str, Any]:
       labels=jax.ShapeDtypeStruct((args.batch, args.num_classes), jnp.float32, sharding=sh),
       mask=jax.ShapeDtypeStruct((args.batch,), jnp.float32, sharding=sh))
   flags = jax.ShapeDtypeStruct((jax.device_count(), 2), jnp.int32, sharding=sh)
-  rec = dict(kind='memory', variant=f'remat={policy}', model=args.model, batch=args.batch,
-             image=args.image, dtype=args.dtype, model_kwargs=kw, date=common.now(),
-             compile_s=None, compiled_memory=None, status='ok')
+  rec = dict(kind='memory', variant=f'remat={policy}', remat=policy, model=args.model,
+             batch=args.batch, image=args.image, dtype=args.dtype, model_kwargs=kw,
+             date=common.now(), compile_s=None, compiled_memory=None, status='ok')
   rec.update(common.jax_device_info())
   if jax.default_backend() != 'cpu' or args.xla:
     t = time.perf_counter()
@@ -121,8 +117,7 @@ def analyse(args, policy: str) -> dict[str, Any]:
   params = trainer.abstract_state['params']
   local = args.batch // jax.device_count()
   x = jax.ShapeDtypeStruct((local, args.image, args.image, 3), dt)
-  rec['residual_bytes_per_device'] = residual_bytes(net, params, x)
-  del P
+  rec['residual_bytes_per_device'] = residual_bytes(saved_residuals(net, params, x))
   return rec
 
 
@@ -145,7 +140,7 @@ def main(argv=None) -> int:
     base = base or peak
     ratio = f'{peak / base:8.2f}' if peak and base else '       –'
     temp = m.get('temp_size_in_bytes')
-    print(f'{r["variant"][6:]:<13} {r["residual_bytes_per_device"] / gib:13.2f} '
+    print(f'{r["remat"]:<13} {r["residual_bytes_per_device"] / gib:13.2f} '
           f'{common._fmt(temp and temp / gib, "12.2f", "           –")} '
           f'{common._fmt(peak and peak / gib, "12.2f", "           –")} {ratio} '
           f'{common._fmt(r["compile_s"], "9.1f", "        –")}')

@@ -88,6 +88,20 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+def timm_skip_reason(args) -> Optional[str]:
+  """Why the timm baseline cannot run here (None: it can)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import timm  # pylint: disable=g-import-not-at-top,unused-import
+  except Exception as e:  # pylint: disable=broad-except
+    return f'torch/timm not importable ({type(e).__name__}: {e})'
+  if not torch.cuda.is_available():
+    return 'no CUDA device for torch'
+  if model_overrides(args) or args.model not in TIMM_NAMES:
+    return 'timm has only the paper models (no width/depth overrides)'
+  return None
+
+
 def model_overrides(args) -> dict[str, Any]:
   kw: dict[str, Any] = {}
   if args.width is not None:
@@ -293,20 +307,13 @@ def run_jax_variant(args, variant: str, first: bool, info: dict[str, Any],
 def run_timm(args, info_jax: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   label = 'timm compile' if args.torch_compile else 'timm eager'
   rec = base_record(args, 'train', label)
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    import timm  # pylint: disable=g-import-not-at-top
-    from timm.utils import adaptive_clip_grad  # pylint: disable=g-import-not-at-top
-  except Exception as e:  # pylint: disable=broad-except
-    rec.update(status='skipped', error=f'torch/timm not importable ({type(e).__name__}: {e})')
+  why = timm_skip_reason(args)
+  if why:
+    rec.update(status='skipped', error=why)
     return rec
-  if not torch.cuda.is_available():
-    rec.update(status='skipped', error='no CUDA device for torch')
-    return rec
-  if model_overrides(args) or args.model not in TIMM_NAMES:
-    rec.update(status='skipped', error='timm has only the paper models (no width/depth '
-               'overrides)')
-    return rec
+  import torch  # pylint: disable=g-import-not-at-top
+  import timm  # pylint: disable=g-import-not-at-top
+  from timm.utils import adaptive_clip_grad  # pylint: disable=g-import-not-at-top
   from nfnet_jax.models import registry, summary  # pylint: disable=g-import-not-at-top
   dev = torch.device('cuda')
   props = torch.cuda.get_device_properties(0)

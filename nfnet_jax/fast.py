@@ -33,7 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from nfnet_jax import layers
-from nfnet_jax.models import registry
+from nfnet_jax.models import nfnet, registry
 
 PyTree = Any
 
@@ -152,7 +152,6 @@ def model(name: str, num_classes: int = 1000, groups: str = 'auto', remat: str =
     raise ValueError(f'groups must be one of {layers.GROUPED_CONV_IMPLS}, got {groups!r}')
   if remat not in REMAT_POLICIES:
     raise ValueError(f'remat must be one of {REMAT_POLICIES}, got {remat!r}')
-  from nfnet_jax.models import nfnet  # pylint: disable=g-import-not-at-top
   make = registry.module_fn(name, num_classes, **overrides)
   save_convs = remat in ('convs', 'block_convs')
   policy = (jax.checkpoint_policies.save_only_these_names(CONV_NAME)

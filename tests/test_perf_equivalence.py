@@ -6,9 +6,7 @@ WS for inference) and the
 optimised train step (Trainer: jit(shard_map), donated state) against the reference
 model and a plain non-donated step: logits and gradients, on CPU, small model.
 """
-import contextlib
 import functools
-import io
 import json
 import os
 import re
@@ -144,22 +142,6 @@ def test_remat_equals_reference(remat):
   _assert_trees_close(grads, ref_grads, rtol=1e-5)
 
 
-def _saved_activations(net, x):
-  """[(shape, why)] of the batch-sized 4-D residuals the backward pass keeps."""
-  f = lambda p, x: net.apply(p, jax.random.PRNGKey(2), x, True)['logits'].sum()
-  buf = io.StringIO()
-  with contextlib.redirect_stdout(buf):  # public API: prints one line per residual
-    jax.ad_checkpoint.print_saved_residuals(f, _params(), x)
-  out = []
-  for line in buf.getvalue().splitlines():
-    m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line.strip())
-    assert m, line
-    shape = tuple(int(d) for d in m.group(2).split(',') if d)
-    if len(shape) == 4 and shape[0] == x.shape[0]:
-      out.append((m.group(1), shape, m.group(3)))
-  return out
-
-
 def test_remat_saves_only_conv_outputs():
   """What the backward pass keeps, as JAX hands it to XLA.
 
@@ -169,13 +151,12 @@ def test_remat_saves_only_conv_outputs():
   XLA's figure on a GPU.)
   """
   x = jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.bfloat16)
-  itemsize = {'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8}
-  nbytes = lambda dt, s: np.prod(s) * itemsize[dt]
+  import step_memory  # benchmarks/step_memory.py: parses print_saved_residuals
   sizes = {}
   for remat in ('none', 'convs'):
     net = fast.model('F0', NUM_CLASSES, remat=remat, **KW)
-    kept = _saved_activations(net, x)
-    sizes[remat] = sum(nbytes(dt, s) for dt, s, _ in kept)
+    kept = [r for r in step_memory.saved_residuals(net, _params(), x) if len(r[1]) == 4]
+    sizes[remat] = step_memory.residual_bytes(kept)
     if remat == 'convs':  # conv outputs (named) and the input images, nothing else
       assert kept and all(f"named '{fast.CONV_NAME}'" in why or 'argument' in why
                           for _, _, why in kept), kept
