@@ -25,8 +25,8 @@ workdir="" mode=train gpus="" python="" install=0 dry=0 mem_fraction=0.9
 jax_spec='jax[cuda12]'
 train_args=()
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
-die() { echo "gpu.sh: $*" >&2; exit 2; }
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"  # usage, die, run
 
 while (($#)); do
   case "$1" in
@@ -52,16 +52,6 @@ if [[ -z "$python" ]]; then
   if ((install)) || [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"
   else python=python3; fi
 fi
-
-run() {
-  if ((dry)); then
-    local out=() a
-    for a in "$@"; do out+=("$(printf '%q' "$a")"); done
-    echo "${out[*]}"
-  else
-    "$@"
-  fi
-}
 
 # XLA: overlap the gradient all-reduce with the backward pass. JAX preallocates
 # this share of each GPU's memory. The input pipeline's TensorFlow never sees a GPU

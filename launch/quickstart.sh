@@ -18,29 +18,20 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 workdir="workdir/quickstart" fresh=0 dry=0 python=python3
 train_args=()
 
-die() { echo "quickstart.sh: $*" >&2; exit 2; }
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"  # usage, die, run
 while (($#)); do
   case "$1" in
     --workdir=*) workdir="${1#*=}" ;;
     --fresh) fresh=1 ;;
     --python=*) python="${1#*=}" ;;
     --dry-run) dry=1 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage ;;
     --) shift; train_args=("$@"); break ;;
     *) die "unknown option $1" ;;
   esac
   shift
 done
-
-run() {
-  if ((dry)); then
-    local out=() a
-    for a in "$@"; do out+=("$(printf '%q' "$a")"); done
-    echo "${out[*]}"
-  else
-    "$@"
-  fi
-}
 
 cd "$repo"
 if [[ ! -x .venv/bin/python ]] || ((dry)); then

@@ -39,8 +39,8 @@ jax_spec='jax[tpu]'
 spot=0 keep=0 dry=0 retries=0
 train_args=()
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
-die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"  # usage, die, run
 
 while (($#)); do
   case "$1" in
@@ -74,17 +74,6 @@ done
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 where=(--zone="$zone")
 [[ -n "$project" ]] && where+=(--project="$project")
-
-# Prints the command (shell-quoted, one line) in dry-run mode, else runs it.
-run() {
-  if ((dry)); then
-    local out=() a
-    for a in "$@"; do out+=("$(printf '%q' "$a")"); done
-    echo "${out[*]}"
-  else
-    "$@"
-  fi
-}
 
 q() { printf '%q' "$1"; }  # Quote one word for the remote shell.
 
