@@ -1,7 +1,13 @@
-"""launch/*.sh: the commands they would run (--dry-run), parsed."""
+"""launch/*.sh: the commands they would run (--dry-run), parsed; the workers' install
+step run in a sandbox of fake interpreters; retries through a fake gcloud."""
+import importlib.metadata
 import os
 from pathlib import Path
+import re
 import shlex
+import shutil
+import socket
+import stat
 import subprocess
 
 import pytest
@@ -52,8 +58,12 @@ def test_tpu_vm_creates_installs_trains_on_all_workers_and_deletes():
   o = options(install)
   assert o['worker'] == 'all'
   remote = o['command']
-  assert 'tar -xzf ~/nfnet_jax.tar.gz' in remote and 'python3 -m venv' in remote
-  assert 'pip install -q jax\\[tpu\\] -e .' in remote
+  assert 'tar -xzf ~/nfnet_jax.tar.gz' in remote and 'python3 -m venv' not in remote
+  # The venv comes from lib.sh's ensure_venv (a Python that JAX supports), then JAX.
+  steps = [step.strip() for step in remote.split(';')]
+  venv = steps.index("ensure_venv ~/nfnet_venv ''")
+  assert steps.index('source launch/lib.sh') < venv
+  assert steps.index('~/nfnet_venv/bin/pip install -q jax\\[tpu\\] -e .') > venv
   # The same training command on every worker.
   o = options(train)
   assert o['worker'] == 'all'
@@ -125,3 +135,227 @@ def test_scripts_parse_and_have_help(script):
   out = subprocess.run(['bash', str(path), '--help'], capture_output=True, text=True)
   assert out.returncode == 0 and '--dry-run' in out.stdout
   assert os.access(path, os.X_OK)
+
+
+# ---------------------------------------------------------------------------------
+# A Python that JAX supports (launch/lib.sh's ensure_venv), in a sandbox of fakes
+# ---------------------------------------------------------------------------------
+
+def _version(text: str) -> tuple[int, int]:
+  major, minor = text.split('.')[:2]
+  return int(major), int(minor)
+
+
+def _lib_min_python() -> str:
+  out = subprocess.run(['bash', '-c', 'source launch/lib.sh; echo "$NFNET_MIN_PYTHON"'],
+                       cwd=REPO, capture_output=True, text=True, check=True)
+  return out.stdout.strip()
+
+
+def test_python_requires_is_what_the_minimum_jax_needs():
+  ours = re.search(r"python_requires='>=(\d+\.\d+)'", (REPO / 'setup.py').read_text())
+  assert ours, 'setup.py has no python_requires=">=X.Y"'
+  ours = ours.group(1)
+  jax_min = re.search(r'^jax>=([\d.]+)', (REPO / 'requirements.txt').read_text(), re.M).group(1)
+  installed = importlib.metadata.version('jax')
+  needs = re.fullmatch(r'>=\s*(\d+\.\d+)(\.\d+)?',
+                       importlib.metadata.metadata('jax')['Requires-Python'].strip())
+  assert needs, importlib.metadata.metadata('jax')['Requires-Python']
+  needs = needs.group(1)
+  if _version(installed) == _version(jax_min):  # the oldest allowed jax series
+    assert _version(ours) == _version(needs), (ours, installed, needs)
+  else:  # a newer jax can only need a newer Python, never an older one
+    assert _version(installed) > _version(jax_min) and _version(ours) <= _version(needs)
+  assert _lib_min_python() == ours  # the launchers refuse/provision against the same
+  readme = (REPO / 'README.md').read_text()
+  assert f'Python {ours}+' in readme
+  assert not re.search(r'Python 3\.(\d+)\+', readme.replace(f'Python {ours}+', ''))
+
+
+_TOOLS = ('bash', 'tar', 'gzip', 'rm', 'mkdir', 'cat', 'hostname', 'basename', 'dirname',
+          'sed', 'chmod', 'cp', 'ln', 'env', 'sleep', 'date', 'mktemp', 'grep')
+
+
+def _write(path: Path, text: str):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def _fake_python(path: Path, tag: str, version: str, log: Path, pip_installs_uv: bool):
+  """A bash stand-in for a CPython: answers the version probe, `-m site --user-base`,
+  `-m venv DIR` (a venv whose python/pip are fakes tagged '<tag>-venv') and `-m pip`
+  (which can install a fake uv into ~/.local/bin, or fails like a python3 without
+  pip). Every call is logged as '<tag> <args>'."""
+  uv = _fake_uv_text(log)
+  _write(path, f"""#!/bin/bash
+echo "{tag} $*" >> {log}
+case "$1" in
+  -c) echo {version} ;;
+  --version) echo "Python {version}.12" ;;
+  -m)
+    case "$2" in
+      site) echo "$HOME/.local" ;;
+      venv)
+        mkdir -p "$3/bin"
+        printf '#!/bin/bash\\necho "{tag}-venv $*" >> {log}\\necho {version}\\n' > "$3/bin/python"
+        printf '#!/bin/bash\\necho "{tag}-venv pip $*" >> {log}\\n' > "$3/bin/pip"
+        chmod +x "$3/bin/python" "$3/bin/pip" ;;
+      pip)
+        {'true' if pip_installs_uv else 'echo "No module named pip" >&2; exit 1'}
+        if [[ " $* " == *" uv "* ]]; then
+          mkdir -p "$HOME/.local/bin"
+          cat > "$HOME/.local/bin/uv" <<'UV'
+{uv}UV
+          chmod +x "$HOME/.local/bin/uv"
+        fi ;;
+    esac ;;
+esac
+""")
+
+
+def _fake_uv_text(log: Path) -> str:
+  """uv: `python install V` is logged; `venv ... --python V DIR` makes a venv of fakes
+  tagged 'uv-V-venv'."""
+  return f"""#!/bin/bash
+echo "uv $*" >> {log}
+if [[ "$1" == venv ]]; then
+  args=("$@"); dir="${{args[-1]}}"; v=""
+  for ((i = 0; i < $#; i++)); do [[ "${{args[i]}}" == --python ]] && v="${{args[i+1]}}"; done
+  mkdir -p "$dir/bin"
+  printf '#!/bin/bash\\necho "uv-%s-venv $*" >> {log}\\necho %s\\n' "$v" "$v" > "$dir/bin/python"
+  printf '#!/bin/bash\\necho "uv-%s-venv pip $*" >> {log}\\n' "$v" > "$dir/bin/pip"
+  chmod +x "$dir/bin/python" "$dir/bin/pip"
+fi
+"""
+
+
+class Sandbox:
+  """HOME, a PATH of fakes (no real python or uv) and the log of their calls."""
+
+  def __init__(self, root: Path):
+    self.home, self.bin, self.log = root / 'home', root / 'bin', root / 'calls.log'
+    self.home.mkdir()
+    self.bin.mkdir()
+    self.log.touch()
+    for tool in _TOOLS:
+      if shutil.which(tool, path='/usr/bin:/bin'):
+        (self.bin / tool).symlink_to(shutil.which(tool, path='/usr/bin:/bin'))
+
+  def python(self, name: str, version: str, pip_installs_uv: bool = True):
+    _fake_python(self.bin / name, name, version, self.log, pip_installs_uv)
+
+  def uv_on_path(self):
+    _write(self.bin / 'uv', _fake_uv_text(self.log))
+
+  def env(self, **extra):
+    return {'HOME': str(self.home), 'PATH': str(self.bin), 'TMPDIR': str(self.home), **extra}
+
+  def calls(self) -> list[str]:
+    return self.log.read_text().splitlines()
+
+
+def _jax_installs(calls):
+  """(tag, line) of every call that installs JAX."""
+  return [(c.split()[0], c) for c in calls if ' install' in c and 'jax' in c]
+
+
+def _worker_install_cmd(*args) -> str:
+  out = dry_run('tpu_vm.sh', '--name=t', '--workdir=gs://b/w', *args)
+  ssh = [c for c in commands(out) if c[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh']]
+  return options(ssh[0])['command']
+
+
+def _run_on_worker(sb: Sandbox, command: str):
+  """What a TPU worker runs for the install step, here: the tarball of this checkout's
+  launch/ (lib.sh) in HOME, the command through bash."""
+  subprocess.run(['tar', '-czf', str(sb.home / 'nfnet_jax.tar.gz'), '-C', str(REPO), 'launch'],
+                 check=True)
+  return subprocess.run(['/bin/bash', '-c', command], env=sb.env(), cwd=sb.home,
+                        capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+  return Sandbox(tmp_path)
+
+
+def test_worker_install_with_python_310_provisions_python_with_uv(sandbox):
+  """The TPU images' python3 is 3.10: uv (installed by its pip) makes the venv on 3.12
+  and JAX goes there; nothing JAX-related ever runs under 3.10."""
+  sandbox.python('python3', '3.10')
+  out = _run_on_worker(sandbox, _worker_install_cmd())
+  assert out.returncode == 0, out.stderr
+  calls = sandbox.calls()
+  home = str(sandbox.home)
+  assert 'python3 -m pip install --user -q uv' in calls
+  assert 'uv python install 3.12' in calls
+  assert f'uv venv --seed --python 3.12 {home}/nfnet_venv' in calls
+  assert _jax_installs(calls) == [('uv-3.12-venv', 'uv-3.12-venv pip install -q jax[tpu] -e .')]
+  assert not any(c.startswith('python3 -m venv') for c in calls)
+  said = [l for l in out.stderr.splitlines() if 'uv' in l]
+  assert len(said) == 1 and 'Python 3.10' in said[0] and '3.11' in said[0], out.stderr
+
+
+def test_worker_install_with_python_310_and_no_way_to_uv_stops_clearly(sandbox):
+  sandbox.python('python3', '3.10', pip_installs_uv=False)
+  out = _run_on_worker(sandbox, _worker_install_cmd())
+  assert out.returncode != 0
+  calls = sandbox.calls()
+  assert _jax_installs(calls) == [] and not any('-m venv' in c for c in calls)
+  # It said it would try uv, pip said why it could not, then one line says what to do.
+  lines = out.stderr.strip().splitlines()
+  assert 'installing uv' in lines[0] and 'No module named pip' in out.stderr
+  assert 'Traceback' not in out.stderr
+  assert lines[-1] == (f'tpu_vm.sh on {socket.gethostname()}: python3 is Python 3.10 and JAX '
+                       'needs Python >= 3.11; uv could not be installed to provide one: '
+                       'install Python >= 3.11 (or uv) and pass --python=PATH')
+
+
+def test_worker_install_prefers_a_new_enough_python_on_path(sandbox):
+  sandbox.python('python3', '3.10')
+  sandbox.python('python3.11', '3.11')
+  sandbox.uv_on_path()
+  out = _run_on_worker(sandbox, _worker_install_cmd())
+  assert out.returncode == 0, out.stderr
+  calls = sandbox.calls()
+  assert f'python3.11 -m venv {sandbox.home}/nfnet_venv' in calls
+  assert not any(c.startswith('uv ') for c in calls)
+  assert [t for t, _ in _jax_installs(calls)] == ['python3.11-venv']
+
+
+def test_worker_install_uses_uv_on_path_and_refuses_an_old_python_given(sandbox):
+  sandbox.python('python3', '3.10', pip_installs_uv=False)
+  sandbox.uv_on_path()
+  out = _run_on_worker(sandbox, _worker_install_cmd())
+  assert out.returncode == 0, out.stderr
+  assert [t for t, _ in _jax_installs(sandbox.calls())] == ['uv-3.12-venv']
+  # --python names the workers' interpreter: used if new enough, else refused.
+  sandbox.log.write_text('')
+  shutil.rmtree(sandbox.home / 'nfnet_venv')  # a fresh worker
+  sandbox.python('python3.10', '3.10')
+  out = _run_on_worker(sandbox, _worker_install_cmd('--python=python3.10'))
+  assert out.returncode != 0 and _jax_installs(sandbox.calls()) == []
+  assert 'python3.10 is Python 3.10; JAX needs Python >= 3.11' in out.stderr
+
+
+def test_gpu_and_quickstart_never_install_under_an_old_python(sandbox):
+  """Locally (dry run): the same function, so the same choice, printed."""
+  sandbox.python('python3', '3.10')
+  home = sandbox.home
+  for script, args in [('gpu.sh', ['--install', '--workdir=/w']), ('quickstart.sh', [])]:
+    out = dry_run(script, *args, env=sandbox.env())
+    cmds = commands(out)
+    assert ['python3', '-m', 'pip', 'install', '--user', '-q', 'uv'] in cmds
+    assert [f'{home}/.local/bin/uv', 'python', 'install', '3.12'] in cmds
+    assert [f'{home}/.local/bin/uv', 'venv', '--seed', '--python', '3.12', '.venv'] in cmds
+    assert not any(c[0] == 'python3' and 'jax' in ' '.join(c) for c in cmds)
+    assert not any(c[:3] == ['python3', '-m', 'venv'] for c in cmds)
+  # A given interpreter that is too old: one line, exit 1, nothing printed to run.
+  sandbox.python('python3.10', '3.10')
+  for script, args in [('gpu.sh', ['--install', '--workdir=/w']), ('gpu.sh', ['--workdir=/w']),
+                       ('quickstart.sh', [])]:
+    out = dry_run(script, *args, '--python=python3.10', env=sandbox.env(), ok=False)
+    assert out.returncode == 1 and 'nfnet_jax.train' not in out.stdout
+    assert out.stderr.strip() == (f'{script}: python3.10 is Python 3.10; JAX needs Python '
+                                  '>= 3.11: install one (or uv) and pass --python=PATH')
