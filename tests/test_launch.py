@@ -95,9 +95,11 @@ def test_tpu_vm_defaults_keep_and_errors():
   assert create[5] == 'from-env' and options(create)['accelerator-type'] == 'v5litepod-16'
 
 
-def test_gpu_script():
+def test_gpu_script(sandbox):
+  sandbox.python('python3', '3.12')  # new enough: used as is (a fake; see Sandbox)
+  env = sandbox.env()
   out = dry_run('gpu.sh', '--workdir=/tmp/w', '--gpus=0,1', '--', '--config=experiments/'
-                'quickstart.py', '--config.batch_size=256')
+                'quickstart.py', '--config.batch_size=256', env=env)
   lines = out.stdout.splitlines()
   env = dict(l[len('export '):].split('=', 1) for l in lines if l.startswith('export '))
   assert '--xla_gpu_enable_latency_hiding_scheduler=true' in shlex.split(env['XLA_FLAGS'])[0]
@@ -108,7 +110,7 @@ def test_gpu_script():
   o = options(cmd)
   assert o['workdir'] == '/tmp/w' and o['config.batch_size'] == '256'
   assert o['config'] == 'experiments/quickstart.py'
-  out = dry_run('gpu.sh', '--install', '--workdir=/w')
+  out = dry_run('gpu.sh', '--install', '--workdir=/w', env=env)
   cmds = commands(out)
   assert ['python3', '-m', 'venv', '.venv'] in cmds
   assert any(c[:3] == ['.venv/bin/pip', 'install', '-q'] and 'jax[cuda12]' in c
@@ -118,8 +120,10 @@ def test_gpu_script():
   assert out.returncode == 2 and '--workdir is required' in out.stderr
 
 
-def test_quickstart_script():
-  cmds = commands(dry_run('quickstart.sh', '--fresh', '--', '--config.num_epochs=1'))
+def test_quickstart_script(sandbox):
+  sandbox.python('python3', '3.12')
+  cmds = commands(dry_run('quickstart.sh', '--fresh', '--', '--config.num_epochs=1',
+                          env=sandbox.env()))
   assert cmds[0] == ['python3', '-m', 'venv', '.venv']
   assert ['.venv/bin/python', '-m', 'pip', 'install', '-q', '-e', '.[test]'] in cmds
   assert ['rm', '-rf', 'workdir/quickstart'] in cmds
@@ -359,3 +363,130 @@ def test_gpu_and_quickstart_never_install_under_an_old_python(sandbox):
     assert out.returncode == 1 and 'nfnet_jax.train' not in out.stdout
     assert out.stderr.strip() == (f'{script}: python3.10 is Python 3.10; JAX needs Python '
                                   '>= 3.11: install one (or uv) and pass --python=PATH')
+
+
+# ---------------------------------------------------------------------------------
+# tpu_vm.sh: software version and queued resources per TPU generation; retries
+# ---------------------------------------------------------------------------------
+
+_QR = ['gcloud', 'compute', 'tpus', 'queued-resources']
+_VM = ['gcloud', 'compute', 'tpus', 'tpu-vm']
+
+
+@pytest.mark.parametrize('accelerator,version,queued', [
+    ('v4-32', 'tpu-ubuntu2204-base', False),
+    ('v5litepod-16', 'v2-alpha-tpuv5-lite', True),
+    ('v5p-8', 'v2-alpha-tpuv5', True),
+    ('v6e-8', 'v2-alpha-tpuv6e', True),
+])
+def test_tpu_vm_software_version_and_queued_resources_per_family(accelerator, version, queued):
+  out = dry_run('tpu_vm.sh', '--name=nf', '--zone=us-east5-b', f'--accelerator-type={accelerator}',
+                '--spot', '--workdir=gs://b/w')
+  gcloud = [c for c in commands(out) if c[0] == 'gcloud']
+  create = gcloud[0]
+  o = options(create)
+  assert o['accelerator-type'] == accelerator and 'spot' in o and o['zone'] == 'us-east5-b'
+  if queued:
+    assert [c[:5] for c in gcloud] == [_QR + ['create'], _QR + ['describe'], _VM + ['scp'],
+                                       _VM + ['ssh'], _VM + ['ssh'], _QR + ['delete']]
+    assert create[5] == 'nf' and o['node-id'] == 'nf' and o['runtime-version'] == version
+    assert 'version' not in o
+    describe, delete = gcloud[1], gcloud[-1]
+    assert describe[5] == 'nf' and options(describe)['format'] == 'value(state.state)'
+    assert delete[5] == 'nf' and {'force', 'async', 'quiet'} <= set(options(delete))
+  else:
+    assert [c[:5] for c in gcloud] == [_VM + ['create'], _VM + ['scp'], _VM + ['ssh'],
+                                       _VM + ['ssh'], _VM + ['delete']]
+    assert o['version'] == version and 'runtime-version' not in o
+  assert all(c[5] == 'nf' or c[6] == 'nf:nfnet_jax.tar.gz' for c in gcloud)
+
+
+def test_tpu_vm_version_and_queued_overrides():
+  def create(*args):
+    out = dry_run('tpu_vm.sh', '--name=nf', '--workdir=gs://b/w', *args)
+    return [c for c in commands(out) if c[0] == 'gcloud'][0]
+  c = create('--accelerator-type=v4-32', '--queued')
+  assert c[:5] == _QR + ['create'] and options(c)['runtime-version'] == 'tpu-ubuntu2204-base'
+  c = create('--accelerator-type=v6e-8', '--no-queued')
+  assert c[:5] == _VM + ['create'] and options(c)['version'] == 'v2-alpha-tpuv6e'
+  c = create('--accelerator-type=v5litepod-8', '--version=v2-alpha-tpuv5-lite-custom')
+  assert options(c)['runtime-version'] == 'v2-alpha-tpuv5-lite-custom'
+  out = dry_run('tpu_vm.sh', '--workdir=gs://b/w', env={'TPU_VERSION': 'tpu-vm-base'})
+  assert options(commands(out)[1])['version'] == 'tpu-vm-base'
+  out = dry_run('tpu_vm.sh', '--workdir=gs://b/w', '--accelerator-type=v9-8', ok=False)
+  assert out.returncode == 2 and 'unknown accelerator type v9-8' in out.stderr
+  assert '--version=' in out.stderr and out.stdout == ''
+
+
+
+def _fake_gcloud(sb: Sandbox, train_fails: int, qr_states: str):
+  """gcloud that logs every call (one shell-quoted line) and plays a preemption: the
+  first `train_fails` training ssh calls fail and the TPU then describes as PREEMPTED;
+  a queued resource describes as the next word of `qr_states` on each call (the last
+  one repeats)."""
+  _write(sb.bin / 'gcloud', f"""#!/bin/bash
+printf '%q ' gcloud "$@" >> {sb.log}; echo >> {sb.log}
+state={sb.home}/state; mkdir -p "$state"
+case "$3 $4" in
+  "tpu-vm ssh")
+    if [[ "$*" == *nfnet_jax.train* ]]; then
+      n=$(cat "$state/train" 2> /dev/null || echo 0); echo $((n + 1)) > "$state/train"
+      ((n < {train_fails})) && exit 255
+    fi ;;
+  "tpu-vm describe") echo PREEMPTED ;;
+  "queued-resources describe")
+    states=({qr_states}); n=$(cat "$state/qr" 2> /dev/null || echo 0)
+    echo $((n + 1)) > "$state/qr"; ((n < ${{#states[@]}})) || n=$((${{#states[@]}} - 1))
+    echo "${{states[n]}}" ;;
+esac
+exit 0
+""")
+
+
+def _tpu_vm(sb: Sandbox, *args):
+  return subprocess.run(['bash', str(REPO / 'launch' / 'tpu_vm.sh'), '--name=nf', '--zone=z',
+                         '--workdir=gs://b/w', *args], capture_output=True, text=True,
+                        timeout=60, env=sb.env(TPU_POLL_SECONDS='0'))
+
+
+def _verbs(sb: Sandbox) -> list[str]:
+  return [' '.join(shlex.split(l)[3:5]) for l in sb.calls()]
+
+
+def test_tpu_vm_retries_recreate_a_queued_resource_the_same_way(sandbox):
+  _fake_gcloud(sandbox, train_fails=1, qr_states='WAITING_FOR_RESOURCES PROVISIONING ACTIVE')
+  out = _tpu_vm(sandbox, '--accelerator-type=v5litepod-16', '--spot', '--retries=2')
+  assert out.returncode == 0, out.stderr
+  qr, vm = 'queued-resources', 'tpu-vm'
+  assert _verbs(sandbox) == (
+      [f'{qr} create'] + [f'{qr} describe'] * 3 + [f'{vm} scp', f'{vm} ssh', f'{vm} ssh',
+                                                    f'{vm} describe', f'{qr} delete'] +
+      [f'{qr} create', f'{qr} describe', f'{vm} scp', f'{vm} ssh', f'{vm} ssh', f'{qr} delete'])
+  calls = [shlex.split(l) for l in sandbox.calls()]
+  creates = [c for c in calls if c[3:5] == ['queued-resources', 'create']]
+  assert creates[0] == creates[1] and '--spot' in creates[0]
+  assert options(creates[0])['runtime-version'] == 'v2-alpha-tpuv5-lite'
+  deletes = [c for c in calls if c[3:5] == ['queued-resources', 'delete']]
+  # Before recreating under the same name it waits for the deletion; at the end not.
+  assert '--async' not in deletes[0] and '--async' in deletes[1]
+  assert 'preempted; recreating it and resuming (retry 1/2)' in out.stderr
+  assert 'queued resource nf: WAITING_FOR_RESOURCES' in out.stderr
+
+
+def test_tpu_vm_retries_recreate_a_tpu_vm_and_give_up_after_n(sandbox):
+  _fake_gcloud(sandbox, train_fails=5, qr_states='ACTIVE')
+  out = _tpu_vm(sandbox, '--accelerator-type=v4-8', '--spot', '--retries=1')
+  assert out.returncode == 255
+  vm = ['tpu-vm create', 'tpu-vm scp', 'tpu-vm ssh', 'tpu-vm ssh']
+  # Preempted (describe) -> delete, recreate; the second failure is final: delete on exit.
+  assert _verbs(sandbox) == vm + ['tpu-vm describe', 'tpu-vm delete'] + vm + ['tpu-vm delete']
+  assert 'retry 1/1' in out.stderr and 'retry 2' not in out.stderr
+
+
+def test_tpu_vm_queued_resource_that_fails_is_deleted(sandbox):
+  _fake_gcloud(sandbox, train_fails=0, qr_states='WAITING_FOR_RESOURCES FAILED')
+  out = _tpu_vm(sandbox, '--accelerator-type=v6e-8')
+  assert out.returncode != 0
+  assert _verbs(sandbox) == ['queued-resources create', 'queued-resources describe',
+                             'queued-resources describe', 'queued-resources delete']
+  assert 'queued resource nf is FAILED' in out.stderr
