@@ -34,6 +34,9 @@
 #   --mode=MODE               train | eval | train_and_eval (default: train)
 #   --python=PATH             interpreter on the workers for the venv (default: see above)
 #   --jax=SPEC                pip requirement for JAX on TPU (default: jax[tpu])
+#   --setup=CMD               shell command run on every worker after the install, in the
+#                             checkout (e.g. mount the dataset: launch/gcsfuse.sh, see
+#                             docs/launch.md); again after every recreation
 #   --retries=N               recreate and resume after a preemption, N times (default 0)
 #   --keep                    do not delete the TPU at the end
 #   --dry-run                 print the commands (one per line) instead of running them
@@ -47,7 +50,7 @@ version="${TPU_VERSION:-}"
 workdir="${WORKDIR:-}"
 mode=train
 jax_spec='jax[tpu]'
-python=""
+python="" setup=""
 queued="" spot=0 keep=0 dry=0 retries=0
 poll_s="${TPU_POLL_SECONDS:-30}"  # seconds between state checks of a queued resource
 train_args=()
@@ -68,6 +71,7 @@ while (($#)); do
     --mode=*) mode="${1#*=}" ;;
     --python=*) python="${1#*=}" ;;
     --jax=*) jax_spec="${1#*=}" ;;
+    --setup=*) setup="${1#*=}" ;;
     --retries=*) retries="${1#*=}" ;;
     --spot) spot=1 ;;
     --keep) keep=1 ;;
@@ -205,6 +209,9 @@ while :; do
   create
   run gcloud compute tpus tpu-vm scp "$tarball" "$name":nfnet_jax.tar.gz "${where[@]}" --worker=all
   run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all --command="$install_cmd"
+  if [[ -n "$setup" ]]; then
+    run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all --command="cd $remote_dir && $setup"
+  fi
   rc=0
   run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all --command="$train_cmd" || rc=$?
   ((rc == 0)) && break

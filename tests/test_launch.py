@@ -132,7 +132,7 @@ def test_quickstart_script(sandbox):
                       '--config.num_epochs=1']
 
 
-@pytest.mark.parametrize('script', ['tpu_vm.sh', 'gpu.sh', 'quickstart.sh'])
+@pytest.mark.parametrize('script', ['tpu_vm.sh', 'gpu.sh', 'quickstart.sh', 'gcsfuse.sh'])
 def test_scripts_parse_and_have_help(script):
   path = REPO / 'launch' / script
   assert subprocess.run(['bash', '-n', str(path)]).returncode == 0
@@ -490,3 +490,58 @@ def test_tpu_vm_queued_resource_that_fails_is_deleted(sandbox):
   assert _verbs(sandbox) == ['queued-resources create', 'queued-resources describe',
                              'queued-resources describe', 'queued-resources delete']
   assert 'queued resource nf is FAILED' in out.stderr
+
+
+def test_tpu_vm_setup_runs_on_every_worker_after_the_install_each_attempt(sandbox):
+  setup = 'bash launch/gcsfuse.sh my-bucket/tensorflow_datasets /mnt/tfds'
+  out = dry_run('tpu_vm.sh', '--name=nf', '--workdir=gs://b/w', f'--setup={setup}')
+  ssh = [c for c in commands(out) if c[:5] == _VM + ['ssh']]
+  assert len(ssh) == 3 and all(options(c)['worker'] == 'all' for c in ssh)
+  assert 'ensure_venv' in options(ssh[0])['command']
+  assert options(ssh[1])['command'] == f'cd ~/nfnet_jax && {setup}'
+  assert 'nfnet_jax.train' in options(ssh[2])['command']
+  _fake_gcloud(sandbox, train_fails=1, qr_states='ACTIVE')
+  out = _tpu_vm(sandbox, '--accelerator-type=v5litepod-8', '--retries=1', f'--setup={setup}')
+  assert out.returncode == 0, out.stderr
+  ssh = [shlex.split(l) for l in sandbox.calls() if shlex.split(l)[3:5] == ['tpu-vm', 'ssh']]
+  assert [options(c)['command'].startswith('cd ~/nfnet_jax && bash launch/gcsfuse') for c in ssh] \
+      == [False, True, False] * 2
+
+
+def test_gcsfuse_installs_gcsfuse_once_and_mounts_read_only(sandbox):
+  """Fakes for sudo/apt (logged, nothing installed on this machine), lsb_release,
+  curl, mountpoint and gcsfuse."""
+  log = sandbox.log
+  _write(sandbox.bin / 'sudo', f"""#!/bin/bash
+echo "sudo $*" >> {log}
+[[ "$1" == tee ]] && cat > /dev/null
+if [[ "$*" == "apt-get install"*gcsfuse* ]]; then
+  printf '#!/bin/bash\\necho "gcsfuse $*" >> {log}\\n' > {sandbox.bin}/gcsfuse
+  chmod +x {sandbox.bin}/gcsfuse
+fi
+""")
+  _write(sandbox.bin / 'lsb_release', '#!/bin/bash\necho jammy\n')
+  _write(sandbox.bin / 'curl', f'#!/bin/bash\necho "curl $*" >> {log}\n')
+  _write(sandbox.bin / 'mountpoint', '#!/bin/bash\nexit 1\n')
+  for tool in ('tee', 'id'):
+    (sandbox.bin / tool).symlink_to(shutil.which(tool, path='/usr/bin:/bin'))
+  mnt = sandbox.home / 'tfds'
+  script = str(REPO / 'launch' / 'gcsfuse.sh')
+  def mount(*args):
+    return subprocess.run(['bash', script, *args], env=sandbox.env(), capture_output=True,
+                          text=True, timeout=30)
+  out = mount('gs://my-bucket/tensorflow_datasets/', str(mnt))
+  assert out.returncode == 0, out.stderr
+  calls = sandbox.calls()
+  assert calls[0].startswith('sudo tee /etc/apt/sources.list.d/gcsfuse.list')
+  assert 'curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg' in calls
+  assert calls[-3:] == ['sudo apt-get update -q', 'sudo apt-get install -y -q gcsfuse',
+                        f'gcsfuse -o ro --implicit-dirs --only-dir tensorflow_datasets '
+                        f'my-bucket {mnt}']
+  assert mnt.is_dir()
+  sandbox.log.write_text('')  # gcsfuse now there: no apt; a whole bucket: no --only-dir
+  out = mount('my-bucket', str(mnt))
+  assert out.returncode == 0
+  assert sandbox.calls() == [f'gcsfuse -o ro --implicit-dirs my-bucket {mnt}']
+  out = mount('my-bucket')
+  assert out.returncode == 2 and 'usage: gcsfuse.sh BUCKET[/FOLDER] DIR' in out.stderr
