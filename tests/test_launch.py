@@ -545,3 +545,28 @@ fi
   assert sandbox.calls() == [f'gcsfuse -o ro --implicit-dirs my-bucket {mnt}']
   out = mount('my-bucket')
   assert out.returncode == 2 and 'usage: gcsfuse.sh BUCKET[/FOLDER] DIR' in out.stderr
+
+
+def test_docs_first_run_commands_parse_and_do_what_the_doc_says():
+  """docs/launch.md's pod commands, through the real flag parser (--dry-run)."""
+  doc = (REPO / 'docs' / 'launch.md').read_text()
+  blocks = re.findall(r'```bash\n(.*?)```', doc, re.S)
+  runs = {}
+  for block in blocks:
+    for line in block.replace('\\\n', ' ').splitlines():
+      words = shlex.split(line, comments=True)
+      if words[:1] == ['launch/tpu_vm.sh']:
+        words = words[:words.index('2>&1')] if '2>&1' in words else words
+        runs[options(words)['accelerator-type']] = words[1:]
+  assert {'v4-32', 'v5litepod-16'} <= set(runs)
+  for accelerator, version, first in [('v4-32', 'tpu-ubuntu2204-base', _VM + ['create']),
+                                      ('v5litepod-16', 'v2-alpha-tpuv5-lite', _QR + ['create'])]:
+    args = runs[accelerator]
+    gcloud = [c for c in commands(dry_run('tpu_vm.sh', *args)) if c[0] == 'gcloud']
+    o = options(gcloud[0])
+    assert gcloud[0][:5] == first and 'spot' in o
+    assert o.get('version', o.get('runtime-version')) == version
+    ssh = [options(c)['command'] for c in gcloud if c[:5] == _VM + ['ssh']]
+    assert ssh[1] == 'cd ~/nfnet_jax && bash launch/gcsfuse.sh BUCKET/tensorflow_datasets /mnt/tfds'
+    train = ssh[2]
+    assert '--config.data.data_dir=/mnt/tfds' in train and '--distributed' in train
