@@ -94,6 +94,7 @@ ensure_venv() {
     base="$(python3 -m site --user-base 2> /dev/null)" || base=""
     if [[ -n "$base" && -x "$base/bin/uv" ]]; then
       uv="$base/bin/uv"
+      echo "$who: $found, JAX needs >= $min: creating $dir on Python $NFNET_UV_PYTHON with uv ($uv)" >&2
     elif [[ -n "$base" ]]; then
       echo "$who: $found, JAX needs >= $min: installing uv (pip install --user uv) to create $dir on Python $NFNET_UV_PYTHON" >&2
       if run python3 -m pip install --user -q uv && { ((${dry:-0})) || [[ -x "$base/bin/uv" ]]; }; then
