@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nfnet_jax import pretrained
+from nfnet_jax import pretrained, safe_pickle
 from nfnet_jax.pretrained import UnsafePickleError
 
 FIXTURES = Path(__file__).parent / 'fixtures'
@@ -295,7 +295,7 @@ def test_current_numpy_pickles_load(protocol):
 
 
 def test_flatmapping_accepts_pairs_and_newobj():
-  fm = pretrained._FlatMappingAsDict
+  fm = safe_pickle._FlatMappingAsDict
   assert fm({'a': 1}) == {'a': 1} and type(fm({'a': 1})) is dict
   assert fm([('a', 1), ('b', 2)]) == {'a': 1, 'b': 2}
   # NEWOBJ: cls.__new__(cls, *args) as a protocol-2+ pickle of a class instance does.
