@@ -124,9 +124,9 @@ class Budget:
     if self.held + nbytes > self.max_bytes:
       raise CheckpointTooLargeError(
           f'{what} ({format_bytes(nbytes)}) would take this load to '
-          f'{format_bytes(self.held + nbytes)}, over its {format_bytes(self.max_bytes)} budget '
-          '(pretrained.MAX_CHECKPOINT_BYTES; pass max_bytes= to allow more); refused '
-          'before allocating')
+          f'{format_bytes(self.held + nbytes)}, over its {format_bytes(self.max_bytes)} '
+          'budget (pretrained.MAX_CHECKPOINT_BYTES; pass max_bytes= to allow more); '
+          'refused before allocating')
     self.held += nbytes
 
   def release(self, nbytes: int) -> None:
@@ -151,9 +151,9 @@ class Budget:
                                     'budget; refused before allocating')
     if self.model is not None:
       if dtype.newbyteorder('=') not in self.model_dtypes:
-        raise UnsafePickleError(
-            f'{desc}: model {self.model!r} has {"/".join(sorted(d.name for d in self.model_dtypes))} '
-            'parameters; refused before reading the data')
+        wanted = '/'.join(sorted(d.name for d in self.model_dtypes))
+        raise UnsafePickleError(f'{desc}: model {self.model!r} has {wanted} parameters; '
+                                'refused before reading the data')
       if nbytes > self.model_largest:
         raise CheckpointTooLargeError(
             f'{desc} is larger than any parameter of model {self.model!r} (largest '
@@ -481,8 +481,9 @@ def _allowed_globals(budget: Optional[Budget] = None) -> dict[tuple[str, str], A
       if len(args) == 1 and isinstance(args[0], _CONTAINERS):
         budget.charge(_container_bytes(args[0]), f'a {kind.__name__} copy')
         return kind(args[0])
-      raise UnsafePickleError(f'{kind.__name__}({", ".join(type(a).__name__ for a in args)}) '
-                              'refused: only a copy of a list/tuple/dict/set')
+      types = ', '.join(type(a).__name__ for a in args)
+      raise UnsafePickleError(f'{kind.__name__}({types}) refused: only a copy of a '
+                              'list/tuple/dict/set')
     return make
 
   flat_mapping = type('FlatMapping', (_FlatMappingAsDict,), {'_budget': budget})

@@ -76,7 +76,8 @@ def reconstruct(shape=(0,), code=b'b') -> bytes:
 
 def array_state(shape, code: str, data: bytes) -> bytes:
   """BUILD with numpy's state (1, shape, dtype, is_fortran, data)."""
-  return MARK + integer(1) + shape_tuple(shape) + dtype(code) + NEWFALSE + data + TUPLE + BUILD
+  return (MARK + integer(1) + shape_tuple(shape) + dtype(code) + NEWFALSE + data + TUPLE
+          + BUILD)
 
 
 def tree(leaves) -> bytes:
@@ -357,8 +358,8 @@ def test_model_bounds_an_honest_but_oversized_pickle(tmp_path):
                      "'nf_regnet_b0'"):
     pretrained.read_checkpoint(path, model='nf_regnet_b0')
   assert pretrained.read_checkpoint(path)['NFNet/~/m0']['w'].shape == (2**22,)
-  path.write_bytes(honest(1).replace(b'<f4', b'<f8').replace(
-      binbytes(np.zeros((2, 3), '<f4').tobytes()), binbytes(np.zeros((2, 3), '<f8').tobytes())))
+  f4, f8 = (binbytes(np.zeros((2, 3), code).tobytes()) for code in ('<f4', '<f8'))
+  path.write_bytes(honest(1).replace(b'<f4', b'<f8').replace(f4, f8))
   with pytest.raises(UnsafePickleError, match='float64.*float32 parameters'):
     pretrained.read_checkpoint(path, model='nf_regnet_b0')
 
@@ -393,4 +394,5 @@ def test_container_copies_are_charged():
   data = PROTO4 + big + copies + STOP
   with pytest.raises(CheckpointTooLargeError, match='a list copy'):
     pretrained.safe_loads(data, max_bytes=64 * 2**20)
-  assert pretrained.safe_loads(PROTO4 + big + copies[:len(copies) // 100] + STOP) is not None
+  two_copies = copies[:len(copies) // 100]
+  assert pretrained.safe_loads(PROTO4 + big + two_copies + STOP) is not None
