@@ -175,8 +175,11 @@ def _read_npz(path: str, budget: Budget) -> Params:
           raise ValueError(f'{what} appears twice in the archive')
         keys.add(key)
         module, leaf = _split_key(key, path)
-        with zf.open(info) as member:
-          shape, fortran, dtype, header = _read_npy_header(member, what)
+        try:
+          with zf.open(info) as member:
+            shape, fortran, dtype, header = _read_npy_header(member, what)
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+          raise ValueError(f'{what}: damaged: {e}') from None
         shape, dtype, nbytes = budget.check_array(shape, dtype, what)
         if header + nbytes != info.file_size:
           raise ValueError(f'{what}: its header declares {shape} {dtype.name} '

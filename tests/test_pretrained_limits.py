@@ -396,3 +396,41 @@ def test_container_copies_are_charged():
     pretrained.safe_loads(data, max_bytes=64 * 2**20)
   two_copies = copies[:len(copies) // 100]
   assert pretrained.safe_loads(PROTO4 + big + two_copies + STOP) is not None
+
+
+def _npz_bytes(**arrays) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def test_npz_damage_and_foreign_members_are_named(tmp_path):
+  path = tmp_path / 'x.npz'
+  w = np.arange(1000, dtype=np.float32)
+  good = _npz_bytes(**{'NFNet/~/linear/w': w})
+  path.write_bytes(good)
+  np.testing.assert_array_equal(pretrained.read_checkpoint(path)['NFNet/~/linear']['w'], w)
+  # One flipped data byte (same size): the member's CRC no longer matches.
+  at = good.index(w.tobytes()) + 2000
+  path.write_bytes(good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1:])
+  with pytest.raises(ValueError, match=r"x\.npz: member 'NFNet/~/linear/w\.npy': damaged"):
+    pretrained.read_checkpoint(path)
+  # A header that declares fewer elements than the entry holds.
+  path.write_bytes(good.replace(b"'shape': (1000,)", b"'shape': (999,) "))
+  with pytest.raises(ValueError, match=r'header declares \(999,\) float32'):
+    pretrained.read_checkpoint(path)
+  # Pickled (object) members and members that are not .npy arrays.
+  path.write_bytes(_npz_bytes(**{'NFNet/~/linear/w': np.array([{}], dtype=object)}))
+  with pytest.raises(UnsafePickleError, match='object dtype'):
+    pretrained.read_checkpoint(path)
+  import zipfile
+  with zipfile.ZipFile(path, 'w') as z:
+    z.writestr('NFNet/~/linear/w.txt', 'hello')
+  with pytest.raises(ValueError, match=r"member 'NFNet/~/linear/w\.txt' is not a \.npy"):
+    pretrained.read_checkpoint(path)
+  # The second member's local header overwritten: named, not zipfile's own exception.
+  two = _npz_bytes(**{'NFNet/~/linear/w': w, 'NFNet/~/linear/b': w[:10]})
+  at = two.index(b'PK\x03\x04', 4)
+  path.write_bytes(two[:at] + b'PK\x00\x00' + two[at + 4:])
+  with pytest.raises(ValueError, match=r"linear/b\.npy': damaged: Bad magic number"):
+    pretrained.read_checkpoint(path)
