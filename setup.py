@@ -1,4 +1,4 @@
-"""pip install -e .  (add [test] for the test/demo extras)."""
+"""pip install -e .  ([demo]: spp plots and the notebook; [test]: the test suite)."""
 import pathlib
 
 from setuptools import find_packages, setup
@@ -7,9 +7,18 @@ here = pathlib.Path(__file__).parent
 
 
 def _reqs(name: str) -> list[str]:
-  lines = (here / name).read_text().splitlines()
-  return [l.split('#')[0].strip() for l in lines
-          if l.split('#')[0].strip() and not l.startswith('-r')]
+  """Requirement lines of `name`; `-r other.txt` includes other.txt's (except the core
+  requirements.txt, which install_requires already has)."""
+  out = []
+  for line in (here / name).read_text().splitlines():
+    line = line.split('#')[0].strip()
+    if line.startswith('-r'):
+      included = line[2:].strip()
+      if included != 'requirements.txt':
+        out.extend(_reqs(included))
+    elif line:
+      out.append(line)
+  return out
 
 
 setup(
@@ -22,6 +31,7 @@ setup(
     package_data={'nfnet_jax': ['data/*.txt', 'data/*.json']},
     python_requires='>=3.11',
     install_requires=_reqs('requirements.txt'),
-    extras_require={'test': _reqs('requirements-test.txt')},
+    extras_require={'demo': _reqs('requirements-demo.txt'),
+                    'test': _reqs('requirements-test.txt')},
     license='Apache-2.0',
 )

@@ -8,7 +8,11 @@ the tree `nfnet_jax.models.create(name).init` gives, so `apply` takes it unchang
   pickles, and real `.npz` files written by `save`. The format is detected from the
   file's first bytes, never from its extension. Pickles are read by a restricted
   unpickler (`SafeUnpickler`) that rebuilds numpy arrays and Haiku 2021's `FlatMapping`
-  and refuses every other global, so a hostile file cannot run code.
+  and refuses every other global, so a hostile file cannot run code. Memory is bounded
+  too: every size a file declares (pickle length fields, array shapes, `.npy` headers,
+  zip sizes) is checked before anything is allocated, against `MAX_CHECKPOINT_BYTES`
+  and, when `load` is given the model, against that model's parameters; an array the
+  file does not fill completely, or one referenced twice, is refused.
 * `save(params, path)` writes a real `.npz` (flattened keys, see below), atomically.
 * `from_timm(state_dict, variant)` converts a timm `dm_nfnet_f*` PyTorch state_dict.
 
@@ -22,26 +26,38 @@ parent's constructor: `NFNet/~/nf_block_3/~/conv1b`. Module paths are matched on
 "canonical" form, the path with every `~` component dropped (`NFNet/nf_block_3/conv1b`),
 and renamed to whatever the model's own init produces, so a released file, a `save`d
 file or a timm conversion all come out in the model's naming.
+
+The restricted unpickler and its budget live in `nfnet_jax.safe_pickle`, the timm
+converter in `nfnet_jax.timm_convert`; their public names are importable from here.
+docs/pretrained.md describes the released files, the allowed globals and the budget.
 """
 from __future__ import annotations
 
-import collections
 import errno
 import functools
-import io
 import logging
 import os
 import pickle
 import re
+import struct
 import tempfile
+import zipfile
+import zlib
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
+from nfnet_jax.safe_pickle import (ALLOWED_GLOBALS, MAX_CHECKPOINT_BYTES, Budget,
+                                   CheckpointTooLargeError, SafeUnpickler,
+                                   UnsafePickleError, format_bytes, safe_loads,
+                                   scan_pickle)
+from nfnet_jax.timm_convert import TIMM_MODEL_OVERRIDES, TIMM_STD_CONV_EPS, from_timm
+
 __all__ = [
     'load', 'save', 'read_checkpoint', 'from_timm', 'infer_model', 'model_shapes',
     'canonical_name', 'released_name', 'to_released_names', 'SafeUnpickler',
-    'UnsafePickleError', 'safe_loads', 'ALLOWED_GLOBALS', 'TIMM_MODEL_OVERRIDES',
+    'UnsafePickleError', 'CheckpointTooLargeError', 'MAX_CHECKPOINT_BYTES',
+    'MAX_NPZ_EXPANSION', 'safe_loads', 'ALLOWED_GLOBALS', 'TIMM_MODEL_OVERRIDES',
     'TIMM_STD_CONV_EPS', 'RELEASED_URL', 'RELEASED_VARIANTS',
 ]
 
@@ -52,179 +68,16 @@ Params = dict[str, dict[str, np.ndarray]]
 RELEASED_URL = 'https://storage.googleapis.com/dm-nfnets/{variant}_haiku.npz'
 RELEASED_VARIANTS = ('F0', 'F1', 'F2', 'F3', 'F4', 'F5', 'F6')
 
-# timm's ScaledStdConv2dSame for the dm_nfnet_* models: NfCfg.std_conv_eps = 1e-5 (the
-# dm cfg does not override it), applied as rsqrt(var + eps) inside F.batch_norm, then
-# times gain * fan_in**-0.5 (gamma_in_act=True, so no activation gamma in the conv).
-TIMM_STD_CONV_EPS = 1e-5
-# Model options that make converted timm weights compute what timm computes:
-# `nfnet_jax.models.create('F0', **TIMM_MODEL_OVERRIDES)`.
-TIMM_MODEL_OVERRIDES = dict(activation='gelu_exact', ws_eps=TIMM_STD_CONV_EPS,
-                            ws_eps_mode='add')
-
 _PICKLE_MAGIC = b'\x80'
 _ZIP_MAGIC = b'PK\x03\x04'
 _EMPTY_ZIP_MAGIC = b'PK\x05\x06'
 
-
-# ---------------------------------------------------------------------------
-# Restricted unpickling.
-# ---------------------------------------------------------------------------
-class UnsafePickleError(pickle.UnpicklingError):
-  """A pickle asked for a global (or a value) outside the allow-list; nothing ran."""
-
-
-def _numpy_reconstruct():
-  try:
-    from numpy._core.multiarray import _reconstruct  # numpy >= 2 (and 1.26's alias)
-  except ImportError:  # pragma: no cover - numpy 1.x without numpy._core
-    from numpy.core.multiarray import _reconstruct
-  return _reconstruct
-
-
-def _check_dtype(dtype: np.dtype, what: str) -> np.dtype:
-  if dtype.hasobject:
-    raise UnsafePickleError(f'{what}: object dtype {dtype!r} refused (object arrays can '
-                            'carry arbitrary pickled objects; parameters are numeric)')
-  return dtype
-
-
-def _safe_reconstruct(subtype, shape, dtype_code):
-  """`numpy.core.multiarray._reconstruct` for plain ndarrays of non-object dtype."""
-  if subtype is not np.ndarray:
-    raise UnsafePickleError(f'_reconstruct of {subtype!r} refused; only numpy.ndarray')
-  _check_dtype(np.dtype(dtype_code), '_reconstruct')
-  return _numpy_reconstruct()(np.ndarray, shape, dtype_code)
-
-
-def _safe_dtype(*args, **kwargs):
-  """`numpy.dtype(...)`, refusing object dtypes."""
-  return _check_dtype(np.dtype(*args, **kwargs), 'numpy.dtype')
-
-
-def _safe_scalar(dtype, data=None):
-  """`numpy.core.multiarray.scalar(dtype, bytes)`: how np.float32(...) etc. pickle."""
-  if not isinstance(dtype, np.dtype):
-    raise UnsafePickleError(f'numpy scalar with dtype {dtype!r} refused')
-  _check_dtype(dtype, 'numpy scalar')
-  if isinstance(data, str):  # written by Python 2 / protocol < 3
-    data = data.encode('latin1')
-  if not isinstance(data, (bytes, bytearray)):
-    raise UnsafePickleError(f'numpy scalar payload of type {type(data).__name__} refused')
-  return np.frombuffer(bytes(data), dtype=dtype, count=1)[0]
-
-
-def _safe_frombuffer(buf, dtype, shape, order='C'):
-  """`numpy.core.numeric._frombuffer` (numpy's protocol-5 array reduction)."""
-  _check_dtype(np.dtype(dtype), '_frombuffer')
-  if isinstance(buf, pickle.PickleBuffer):
-    buf = buf.raw()
-  return np.frombuffer(bytes(buf), dtype=dtype).reshape(shape, order=order).copy()
-
-
-def _safe_codecs_encode(text, encoding='utf-8', errors='strict'):
-  """`_codecs.encode(str, 'latin1')`: how protocol 2 stores `bytes` (numpy's raw data)."""
-  if not isinstance(text, str) or encoding not in ('latin1', 'latin-1', 'latin_1',
-                                                    'iso-8859-1'):
-    raise UnsafePickleError(f'_codecs.encode({type(text).__name__}, {encoding!r}) refused; '
-                            'only latin1 text -> bytes')
-  return text.encode('latin1', errors)
-
-
-def _safe_dill_create_array(f, args, state, npdict=None):
-  """`dill._dill._create_array`: dill's wrapper around an ndarray's own reduction."""
-  if f is not _safe_reconstruct:
-    raise UnsafePickleError('dill _create_array with a constructor other than '
-                            'numpy _reconstruct refused')
-  array = f(*args)
-  array.__setstate__(state)
-  _check_dtype(array.dtype, 'dill _create_array')
-  if npdict:
-    raise UnsafePickleError('dill _create_array with instance attributes refused')
-  return array
-
-
-class _FlatMappingAsDict:
-  """Stands in for `haiku._src.data_structures.FlatMapping`: builds a plain dict.
-
-  Haiku's FlatMapping (2020-2021, and its `FlatMap` successor, which still pickles
-  under the old name "for backwards compatibility with old pickles") reduces to
-  `(FlatMapping, (self._to_mapping(),))`, i.e. the class applied to one plain dict
-  (nested FlatMappings inside are pickled the same way, each becoming a dict here).
-  Accepted argument forms: one mapping, or one sequence of (key, value) pairs. Works
-  both as a REDUCE callable and for NEWOBJ (`cls.__new__(cls, *args)`). A pickled
-  pytree-structure form would need jaxlib's PyTreeDef global, which is refused.
-  """
-
-  def __new__(cls, *args, **kwargs):
-    if kwargs or len(args) != 1:
-      raise pickle.UnpicklingError(
-          f'haiku FlatMapping with {len(args)} positional and {len(kwargs)} keyword '
-          'arguments; expected exactly one mapping')
-    data = args[0]
-    if isinstance(data, Mapping):
-      return dict(data)
-    if isinstance(data, (list, tuple)) and all(
-        isinstance(p, (list, tuple)) and len(p) == 2 for p in data):
-      return dict(data)
-    raise pickle.UnpicklingError(
-        f'haiku FlatMapping argument of type {type(data).__name__} not understood; '
-        'expected a mapping or (key, value) pairs')
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-  allowed = {
-      # numpy arrays / dtypes / scalars, numpy-1 and numpy-2 module names.
-      ('numpy.core.multiarray', '_reconstruct'): _safe_reconstruct,
-      ('numpy._core.multiarray', '_reconstruct'): _safe_reconstruct,
-      ('numpy.core.multiarray', 'scalar'): _safe_scalar,
-      ('numpy._core.multiarray', 'scalar'): _safe_scalar,
-      ('numpy.core.numeric', '_frombuffer'): _safe_frombuffer,
-      ('numpy._core.numeric', '_frombuffer'): _safe_frombuffer,
-      ('numpy', 'ndarray'): np.ndarray,
-      ('numpy', 'dtype'): _safe_dtype,
-      # dill (the released files are dill pickles) may wrap each array's reduction.
-      ('dill._dill', '_create_array'): _safe_dill_create_array,
-      # Haiku 2021's immutable params mapping.
-      ('haiku._src.data_structures', 'FlatMapping'): _FlatMappingAsDict,
-      # Plain containers; protocol 2 spells `bytes` as _codecs.encode(str, 'latin1').
-      ('collections', 'OrderedDict'): collections.OrderedDict,
-      ('_codecs', 'encode'): _safe_codecs_encode,
-  }
-  for name, obj in (('dict', dict), ('list', list), ('tuple', tuple), ('set', set),
-                    ('frozenset', frozenset), ('bytearray', bytearray)):
-    allowed[('builtins', name)] = obj
-    allowed[('__builtin__', name)] = obj  # Python-2 spelling
-  return allowed
-
-
-_ALLOWED_GLOBALS = _allowed_globals()
-ALLOWED_GLOBALS = tuple(sorted(f'{m}.{n}' for m, n in _ALLOWED_GLOBALS))
-
-
-class SafeUnpickler(pickle.Unpickler):
-  """Unpickler that resolves only the globals in `ALLOWED_GLOBALS`.
-
-  Each allowed global maps to a harmless equivalent defined here (numpy arrays, dtypes
-  and scalars of non-object dtype, Haiku's FlatMapping as a plain dict, plain
-  containers); any other global raises `UnsafePickleError` naming `module.name`
-  before anything is called. Persistent ids and out-of-band buffers are refused too.
-  """
-
-  def find_class(self, module: str, name: str):
-    try:
-      return _ALLOWED_GLOBALS[(module, name)]
-    except KeyError:
-      raise UnsafePickleError(
-          f'refusing to load global {module}.{name}: not an array, dtype, '
-          'FlatMapping or plain container (nothing was executed)') from None
-
-  def persistent_load(self, pid):
-    raise UnsafePickleError(f'refusing persistent id {pid!r}')
-
-
-def safe_loads(data: Union[bytes, bytearray, memoryview]) -> Any:
-  """Unpickles `data` with `SafeUnpickler`."""
-  return SafeUnpickler(io.BytesIO(data)).load()
+# An .npz whose arrays expand to more than this many times the archive's size on disk
+# is refused as a zip bomb once they exceed _NPZ_EXPANSION_FLOOR: trained parameters
+# barely compress (np.savez stores them uncompressed; savez_compressed saves a few %).
+MAX_NPZ_EXPANSION = 20
+_NPZ_EXPANSION_FLOOR = 64 * 2**20
+_MAX_NPZ_MEMBERS = 100_000
 
 
 # ---------------------------------------------------------------------------
@@ -263,13 +116,109 @@ def _split_key(key: str, path: str) -> tuple[str, str]:
   return module, leaf
 
 
-def _read_npz(path: str) -> Params:
-  params: Params = {}
-  with np.load(path, allow_pickle=False) as npz:
-    for key in npz.files:
-      module, leaf = _split_key(key, path)
-      params.setdefault(module, {})[leaf] = npz[key]
+def _npz_member_count(f) -> Optional[int]:
+  """Entries the zip's end record declares, read before zipfile parses the directory."""
+  end_record = getattr(zipfile, '_EndRecData', None)  # stable since Python 2; private
+  if end_record is None:  # pragma: no cover
+    return None
+  try:
+    rec = end_record(f)
+  except (OSError, ValueError, struct.error):
+    return None
+  return None if rec is None else int(rec[zipfile._ECD_ENTRIES_TOTAL])
+
+
+def _read_npy_header(member, what: str) -> tuple[tuple, bool, np.dtype, int]:
+  """(shape, fortran_order, dtype, header length) of one .npy stream, data unread."""
+  fmt = np.lib.format
+  try:
+    version = fmt.read_magic(member)
+    if version == (1, 0):
+      shape, fortran, dtype = fmt.read_array_header_1_0(member)
+    elif version == (2, 0):
+      shape, fortran, dtype = fmt.read_array_header_2_0(member)
+    else:
+      raise ValueError(f'.npy format version {version} (1.0 and 2.0 are read)')
+  except ValueError as e:
+    raise ValueError(f'{what}: not a readable .npy header: {e}') from None
+  return shape, bool(fortran), dtype, member.tell()
+
+
+def _read_npz(path: str, budget: Budget) -> Params:
+  """Reads an .npz: every member's .npy header first (sizes checked, nothing
+  allocated), then the arrays, each filled completely from its member or refused."""
+  file_size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    entries = _npz_member_count(f)
+    if entries is not None and entries > _MAX_NPZ_MEMBERS:
+      raise CheckpointTooLargeError(f'{path}: the zip declares {entries:,} members; at '
+                                    f'most {_MAX_NPZ_MEMBERS:,}')
+    try:
+      zf = zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
+      raise ValueError(f'{path}: not a readable .npz (zip) archive: {e}') from None
+    with zf:
+      plan = []
+      keys = set()
+      for info in zf.infolist():
+        name = info.filename
+        what = f'{path}: member {name!r}'
+        if not name.endswith('.npy') or info.is_dir():
+          raise ValueError(f'{what} is not a .npy array')
+        if info.flag_bits & 0x1:
+          raise ValueError(f'{what} is encrypted')
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+          raise ValueError(f'{what}: compression method {info.compress_type} (np.savez '
+                           'stores, np.savez_compressed deflates)')
+        key = name[:-len('.npy')]
+        if key in keys:
+          raise ValueError(f'{what} appears twice in the archive')
+        keys.add(key)
+        module, leaf = _split_key(key, path)
+        try:
+          with zf.open(info) as member:
+            shape, fortran, dtype, header = _read_npy_header(member, what)
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+          raise ValueError(f'{what}: damaged: {e}') from None
+        shape, dtype, nbytes = budget.check_array(shape, dtype, what)
+        if header + nbytes != info.file_size:
+          raise ValueError(f'{what}: its header declares {shape} {dtype.name} '
+                           f'({header + nbytes:,} bytes with the header), the zip entry '
+                           f'holds {info.file_size:,}')
+        budget.charge(nbytes, what)
+        plan.append((info, module, leaf, shape, fortran, dtype, header, nbytes))
+      declared = sum(p[-1] for p in plan)
+      if declared > _NPZ_EXPANSION_FLOOR and declared > MAX_NPZ_EXPANSION * file_size:
+        raise CheckpointTooLargeError(
+            f'{path}: its arrays expand to {format_bytes(declared)}, '
+            f'{declared / max(file_size, 1):.0f}x the {format_bytes(file_size)} file (at '
+            f'most {MAX_NPZ_EXPANSION}x: parameters barely compress); a zip bomb?')
+      params: Params = {}
+      for info, module, leaf, shape, fortran, dtype, header, nbytes in plan:
+        params.setdefault(module, {})[leaf] = _read_npz_member(
+            zf, info, f'{path}: member {info.filename!r}', shape, fortran, dtype, header,
+            nbytes)
   return params
+
+
+def _read_npz_member(zf, info, what, shape, fortran, dtype, header, nbytes) -> np.ndarray:
+  buf = np.empty(nbytes, np.uint8)
+  try:
+    with zf.open(info) as member:
+      member.read(header)
+      pos = 0
+      while pos < nbytes:
+        chunk = member.read(min(nbytes - pos, 1 << 22))
+        if not chunk:
+          raise ValueError(f'{what}: data ends after {pos:,} of {nbytes:,} bytes')
+        buf[pos:pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        pos += len(chunk)
+      member.read(1)  # at the end: makes zipfile check the CRC
+  except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+    raise ValueError(f'{what}: damaged: {e}') from None
+  array = buf.view(dtype).reshape(shape, order='F' if fortran else 'C')
+  native = dtype.newbyteorder('=')
+  return array.astype(native, order='C', copy=False)  # a copy only if F-order/swapped
 
 
 def _as_two_level(obj: Any, path: str) -> Params:
@@ -296,35 +245,76 @@ def _as_two_level(obj: Any, path: str) -> Params:
   return params
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Params:
+def _budget(path: str, max_bytes: Optional[int], model: Optional[str],
+            num_classes: Optional[int]) -> Budget:
+  """The read's budget; with `model`, its parameters bound the arrays too. The
+  classifier's size is the file's until read: it is counted at max(1000, num_classes)
+  classes (a file with more needs num_classes=its count)."""
+  if model is None:
+    return Budget(path, max_bytes)
+  classes = max(1000, int(num_classes or 0))
+  leaves = [(shape, dtype) for _, ls in _model_shapes_cached(model, classes)
+            for _, shape, dtype in ls]
+  return Budget(path, max_bytes, model, leaves)
+
+
+def _read_pickle(path: str, f, size: int, budget: Budget) -> Params:
+  try:
+    scan_pickle(f, size)
+    f.seek(0)
+    budget.charge(size, 'the file')
+    unpickler = SafeUnpickler(f, budget)
+    obj = unpickler.load()
+    del unpickler
+  except UnsafePickleError as e:
+    raise type(e)(f'{path}: {e}') from None
+  except MemoryError:
+    raise CheckpointTooLargeError(f'{path}: ran out of memory while unpickling') from None
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
+          AttributeError, IndexError, RecursionError) as e:
+    raise pickle.UnpicklingError(f'{path}: corrupt or unsupported pickle: '
+                                 f'{type(e).__name__}: {e}') from e
+  return _as_two_level(obj, path)
+
+
+def read_checkpoint(path: Union[str, os.PathLike], *, model: Optional[str] = None,
+                    num_classes: Optional[int] = None,
+                    max_bytes: Optional[int] = None) -> Params:
   """Reads a checkpoint as stored: {module path: {leaf: ndarray}}, names untouched.
 
   The format is detected from the first bytes: 0x80 -> pickle (read with
-  `SafeUnpickler`), `PK\\x03\\x04` -> `.npz` (read with allow_pickle=False). Raises
-  FileNotFoundError (with a download hint) for a missing file, ValueError for any
-  other format, `UnsafePickleError` for a pickle with a disallowed global.
+  `SafeUnpickler`), `PK\\x03\\x04` -> `.npz` (headers first, no pickled members).
+
+  Memory is bounded before it is allocated: every declared size (pickle lengths,
+  array shapes, .npy headers) is checked against `max_bytes` (default
+  `MAX_CHECKPOINT_BYTES`) and, with `model`, against that model's parameters (dtype,
+  largest parameter, total; the classifier at max(1000, `num_classes`) classes).
+  Names and exact shapes are checked afterwards by `load`.
+
+  Raises FileNotFoundError (with a download hint) for a missing file, ValueError for
+  any other format or a damaged .npz, `UnsafePickleError` for a pickle with a
+  disallowed global or arrays the file does not fill, `CheckpointTooLargeError` (a
+  subclass) for declared sizes over the budget; each names the file.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(errno.ENOENT, f'No such checkpoint: {path!r}. '
                             + _download_hint(path), path)
+  budget = _budget(path, max_bytes, model, num_classes)
+  size = os.path.getsize(path)
   with open(path, 'rb') as f:
     head = f.read(16)
     if head.startswith(_PICKLE_MAGIC):
       if len(head) < 2 or not 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
         raise ValueError(_describe_head(path, head))
-      f.seek(0)
-      try:
-        obj = SafeUnpickler(f).load()
-      except UnsafePickleError as e:
-        raise UnsafePickleError(f'{path}: {e}') from None
-      except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
-              AttributeError, IndexError) as e:
-        raise pickle.UnpicklingError(f'{path}: corrupt or unsupported pickle: '
-                                     f'{type(e).__name__}: {e}') from e
-      return _as_two_level(obj, path)
+      return _read_pickle(path, f, size, budget)
   if head.startswith(_ZIP_MAGIC) or head.startswith(_EMPTY_ZIP_MAGIC):
-    return _read_npz(path)
+    try:
+      return _read_npz(path, budget)
+    except UnsafePickleError as e:
+      if str(e).startswith(path):
+        raise
+      raise type(e)(f'{path}: {e}') from None
   raise ValueError(_describe_head(path, head))
 
 
@@ -465,15 +455,16 @@ def _match_to_model(params: Params, expected: dict[str, dict[str, tuple]], sourc
 
 
 def _to_float32(params: Params, source: str) -> Params:
-  out: Params = {}
+  """float32 C-contiguous copies (none for arrays that already are), in place: each
+  replaced array is freed as soon as it is converted."""
   for module, leaves in params.items():
     for leaf, array in leaves.items():
       array = np.asarray(array)
       if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == 'bfloat16'):
         raise ValueError(f'{source}: {module}/{leaf} has dtype {array.dtype}, expected '
                          'floating point')
-      out.setdefault(module, {})[leaf] = np.asarray(array, dtype=np.float32, order='C')
-  return out
+      leaves[leaf] = np.asarray(array, dtype=np.float32, order='C')
+  return params
 
 
 def _rng_key(rng):
@@ -489,7 +480,8 @@ def _rng_key(rng):
 # Public API.
 # ---------------------------------------------------------------------------
 def load(path: Union[str, os.PathLike], model: Optional[str] = None,
-         num_classes: Optional[int] = None, rng: Any = None) -> Params:
+         num_classes: Optional[int] = None, rng: Any = None,
+         max_bytes: Optional[int] = None) -> Params:
   """Loads a checkpoint into the params tree of `nfnet_jax.models.create(model)`.
 
   Args:
@@ -502,6 +494,9 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None,
       file's, the body is kept and the classifier (`linear`: w ~ N(0, 0.01^2), b = 0)
       is re-initialised with `rng`, and a log line says so.
     rng: jax PRNG key or int seed for that re-initialisation (None: seed 0).
+    max_bytes: memory budget of the read (default `MAX_CHECKPOINT_BYTES`, 4 GiB): every
+      size the file declares is checked against it, and with `model` against the
+      model's parameters (dtype, largest parameter, total), before allocating.
 
   Returns:
     {module: {leaf: float32 numpy array}} with exactly the model's module names,
@@ -510,10 +505,12 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None,
   Raises:
     FileNotFoundError (with a download hint), ValueError (unknown format; names or
     shapes that do not match the model, naming the first differing keys),
-    UnsafePickleError (a pickle that references any non-allowed global).
+    UnsafePickleError (a pickle that references any non-allowed global, an array the
+    file does not fill, one array referenced twice), CheckpointTooLargeError (declared
+    sizes over the budget or the model's; refused before allocating).
   """
   path = os.fspath(path)
-  raw = read_checkpoint(path)
+  raw = read_checkpoint(path, model=model, num_classes=num_classes, max_bytes=max_bytes)
   if not raw:
     raise ValueError(f'{path}: the checkpoint holds no parameters')
   if model is None:
@@ -587,152 +584,3 @@ def save(params: Mapping[str, Mapping[str, Any]], path: Union[str, os.PathLike])
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-
-
-# ---------------------------------------------------------------------------
-# timm conversion.
-# ---------------------------------------------------------------------------
-_TIMM_STEM = {'conv1': 'stem_conv0', 'conv2': 'stem_conv1', 'conv3': 'stem_conv2',
-              'conv4': 'stem_conv3'}
-_TIMM_BLOCK_CONVS = {'conv1': 'conv0', 'conv2': 'conv1', 'conv2b': 'conv1b',
-                     'conv3': 'conv2', 'downsample.conv': 'conv_shortcut'}
-_TIMM_SE = {'fc1': 'squeeze_excite/~/linear', 'fc2': 'squeeze_excite/~/linear_1'}
-_TIMM_KEY_RE = re.compile(
-    r'^(?:stem\.(?P<stem>conv[1-4])\.(?P<stem_leaf>weight|bias|gain)'
-    r'|stages\.(?P<s>\d+)\.(?P<b>\d+)\.(?:'
-    r'(?P<conv>conv1|conv2|conv2b|conv3|downsample\.conv)\.(?P<conv_leaf>weight|bias|gain)'
-    r'|attn_last\.(?P<se>fc1|fc2)\.(?P<se_leaf>weight|bias)'
-    r'|(?P<skip>skipinit_gain))'
-    r'|final_conv\.(?P<final_leaf>weight|bias|gain)'
-    r'|head\.fc\.(?P<fc_leaf>weight|bias))$')
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-  """numpy array from a numpy array, a torch tensor (.detach().cpu().numpy()) or similar."""
-  if isinstance(value, np.ndarray):
-    return value
-  for attr in ('detach', 'cpu'):
-    if hasattr(value, attr):
-      value = getattr(value, attr)()
-  if hasattr(value, 'numpy') and not isinstance(value, np.generic):
-    try:
-      value = value.numpy()
-    except TypeError:  # e.g. torch bfloat16 has no numpy dtype
-      value = value.float().numpy()
-  return np.asarray(value)
-
-
-def _conv_leaf(leaf: str, a: np.ndarray, key: str) -> tuple[str, np.ndarray]:
-  if leaf == 'weight':
-    if a.ndim != 4:
-      raise ValueError(f'timm {key}: expected an OIHW conv kernel, got shape {a.shape}')
-    return 'w', a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  if leaf == 'gain':
-    if a.ndim != 4 or a.shape[1:] != (1, 1, 1):
-      raise ValueError(f'timm {key}: expected a (O,1,1,1) gain, got shape {a.shape}')
-    return 'gain', a.reshape(-1)
-  return 'bias', a
-
-
-def from_timm(state_dict: Mapping[str, Any], variant: str = 'F0') -> Params:
-  """Converts a timm `dm_nfnet_f*` state_dict into this package's NFNet params.
-
-  `state_dict` maps timm names to numpy arrays (or torch tensors / anything with
-  `.numpy()`); a leading `module.` (DataParallel) is stripped. Every key must be
-  consumed and every parameter of `create(variant, num_classes=<head size>)` filled,
-  else ValueError names the offenders. Run the result with `TIMM_MODEL_OVERRIDES`
-  (exact erf GELU, WS epsilon 1e-5 added to the variance) to compute what timm
-  computes; DeepMind's defaults (tanh GELU, max(var * fan_in, 1e-4)) differ measurably
-  (about 3% of the logit scale on random weights, against 1e-6 with the overrides).
-
-  Name mapping (s = stage, b = block within the stage, i = sum(depths[:s]) + b, the
-  global block index; block 0 is `nf_block`, block i > 0 `nf_block_{i}`; names below
-  are DeepMind's, renamed to the model's on output):
-
-  | timm key                             | ours, under `NFNet/~/`             | transform |
-  |--------------------------------------|------------------------------------|-----------|
-  | stem.conv1.{weight,bias,gain}        | stem_conv0 {w,bias,gain}           | conv      |
-  | stem.conv2.*                         | stem_conv1                         | conv      |
-  | stem.conv3.*                         | stem_conv2                         | conv      |
-  | stem.conv4.*                         | stem_conv3                         | conv      |
-  | stages.s.b.downsample.conv.*         | nf_block_i/~/conv_shortcut         | conv      |
-  | stages.s.b.conv1.*                   | nf_block_i/~/conv0                 | conv      |
-  | stages.s.b.conv2.*                   | nf_block_i/~/conv1                 | conv      |
-  | stages.s.b.conv2b.*                  | nf_block_i/~/conv1b                | conv      |
-  | stages.s.b.conv3.*                   | nf_block_i/~/conv2                 | conv      |
-  | stages.s.b.attn_last.fc1.{weight,bias} | nf_block_i/~/squeeze_excite/~/linear {w,b}   | SE |
-  | stages.s.b.attn_last.fc2.{weight,bias} | nf_block_i/~/squeeze_excite/~/linear_1 {w,b} | SE |
-  | stages.s.b.skipinit_gain             | nf_block_i (skip_gain)             | () as is  |
-  | final_conv.{weight,bias,gain}        | final_conv {w,bias,gain}           | conv      |
-  | head.fc.{weight,bias}                | linear {w,b}                       | fc        |
-
-  conv: weight (O, I/groups, kh, kw) -> w (kh, kw, I/groups, O); gain (O,1,1,1) -> (O,);
-  bias (O,) as is. SE (1x1 nn.Conv2d in timm): weight (O, I, 1, 1) -> w (I, O); bias -> b.
-  fc: weight (out, in) -> w (in, out); bias -> b.
-  Parameter-free timm modules (activations, downsample.pool, attn_last.bn/act/gate,
-  head.global_pool, drop_path) have no keys.
-  """
-  from nfnet_jax.models import nfnet
-
-  if variant not in nfnet.VARIANTS:
-    raise ValueError(f'Unknown NFNet variant {variant!r}; valid: {list(nfnet.VARIANTS)}')
-  depths = list(nfnet.VARIANTS[variant]['depth'])
-  starts = np.cumsum([0] + depths)
-
-  def block(s: int, b: int, key: str) -> str:
-    if s >= len(depths) or b >= depths[s]:
-      raise ValueError(f'timm {key}: stage {s} block {b} does not exist in {variant} '
-                       f'(depths {depths})')
-    i = int(starts[s]) + b
-    return 'NFNet/~/' + ('nf_block' if i == 0 else f'nf_block_{i}')
-
-  params: Params = {}
-  unknown = []
-  for key, value in state_dict.items():
-    name = key[len('module.'):] if key.startswith('module.') else key
-    m = _TIMM_KEY_RE.match(name)
-    if m is None:
-      unknown.append(key)
-      continue
-    a = _to_numpy(value).astype(np.float32, copy=False)
-    g = m.groupdict()
-    if g['stem']:
-      module = 'NFNet/~/' + _TIMM_STEM[g['stem']]
-      leaf, a = _conv_leaf(g['stem_leaf'], a, key)
-    elif g['conv']:
-      module = block(int(g['s']), int(g['b']), key) + '/~/' + _TIMM_BLOCK_CONVS[g['conv']]
-      leaf, a = _conv_leaf(g['conv_leaf'], a, key)
-    elif g['se']:
-      module = block(int(g['s']), int(g['b']), key) + '/~/' + _TIMM_SE[g['se']]
-      if g['se_leaf'] == 'weight':
-        if a.ndim != 4 or a.shape[2:] != (1, 1):
-          raise ValueError(f'timm {key}: expected an (O,I,1,1) 1x1 conv, got {a.shape}')
-        leaf, a = 'w', a.reshape(a.shape[:2]).T
-      else:
-        leaf = 'b'
-    elif g['skip']:
-      module = block(int(g['s']), int(g['b']), key)
-      if a.size != 1:
-        raise ValueError(f'timm {key}: expected a scalar, got shape {a.shape}')
-      leaf, a = 'skip_gain', a.reshape(())
-    elif g['final_leaf']:
-      module = 'NFNet/~/final_conv'
-      leaf, a = _conv_leaf(g['final_leaf'], a, key)
-    else:
-      module = 'NFNet/~/linear'
-      if g['fc_leaf'] == 'weight':
-        if a.ndim != 2:
-          raise ValueError(f'timm {key}: expected (out, in), got {a.shape}')
-        leaf, a = 'w', a.T
-      else:
-        leaf = 'b'
-    if leaf in params.get(module, {}):
-      raise ValueError(f'timm {key}: {module}/{leaf} given twice')
-    params.setdefault(module, {})[leaf] = np.asarray(a, dtype=np.float32, order='C')
-  if unknown:
-    raise ValueError(f'{len(unknown)} timm keys not understood for dm_nfnet_{variant.lower()}'
-                     f': {_fmt_list(unknown)}')
-  fc = params.get('NFNet/~/linear', {}).get('w')
-  num_classes = int(fc.shape[1]) if fc is not None else 1000
-  return _match_to_model(params, model_shapes(variant, num_classes), 'timm state_dict',
-                         variant)

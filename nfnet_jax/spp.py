@@ -354,6 +354,15 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
   return out
 
 
+def _require_matplotlib(parser: argparse.ArgumentParser) -> None:
+  """Exits with one line if matplotlib is missing, before any model is built."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    parser.exit(1, f'{parser.prog}: error: plotting needs matplotlib, which is not '
+                   'installed: pip install -e .[demo]  (or pip install matplotlib)\n')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Stats]:
   """CLI entry point; returns the curves it plotted."""
   p = argparse.ArgumentParser(
@@ -376,6 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Stats]:
   args = p.parse_args(argv)
   if args.compare and args.compare_ws:
     p.error('use either --compare MODEL or --compare-ws, not both')
+  _require_matplotlib(p)
   overrides = _parse_overrides(args.override)
   common = dict(image_size=args.image_size, batch=args.batch, seed=args.seed, **overrides)
   skip_gain = args.skip_gain

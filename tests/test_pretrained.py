@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nfnet_jax import pretrained
+from nfnet_jax import pretrained, safe_pickle
 from nfnet_jax.pretrained import UnsafePickleError
 
 FIXTURES = Path(__file__).parent / 'fixtures'
@@ -179,12 +179,12 @@ def test_fixture_tables_match_their_derivation():
   assert released['rows'] == mk.released_table('F0')
   assert released['num_modules'] == 94
   assert timm['keys'] == mk.timm_dm_nfnet_keys('F0')
-  # F0's parameter count (DESIGN: 71.5M) from both independent tables.
+  # F0's parameter count (the paper's 71.5M) from both independent tables.
   assert sum(math.prod(r[2]) for r in released['rows']) == 71_489_284
   assert sum(math.prod(k[1]) for k in timm['keys']) == 71_489_284
 
 
-def test_design_module_counts_from_the_architecture():
+def test_module_counts_from_the_architecture():
   counts = {v: mk.released_module_count(v) for v in mk.DEPTHS}
   assert counts == {'F0': 94, 'F1': 178, 'F2': 262, 'F3': 346, 'F4': 430, 'F5': 514,
                     'F6': 598}
@@ -217,7 +217,7 @@ def test_f0_key_table_fixture_against_init(f0_shapes):
 
 
 def test_model_module_names_are_exactly_the_released_names(f0_shapes):
-  """DESIGN.md: the model's own module tree has the released names (`~` included)."""
+  """The model's own module tree has the released names (`~` included)."""
   rows = json.loads((FIXTURES / 'nfnet_f0_released_keys.json').read_text())['rows']
   assert set(f0_shapes) == {m for m, _, _ in rows}
 
@@ -295,7 +295,7 @@ def test_current_numpy_pickles_load(protocol):
 
 
 def test_flatmapping_accepts_pairs_and_newobj():
-  fm = pretrained._FlatMappingAsDict
+  fm = safe_pickle._FlatMappingAsDict
   assert fm({'a': 1}) == {'a': 1} and type(fm({'a': 1})) is dict
   assert fm([('a', 1), ('b', 2)]) == {'a': 1, 'b': 2}
   # NEWOBJ: cls.__new__(cls, *args) as a protocol-2+ pickle of a class instance does.

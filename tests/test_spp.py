@@ -164,3 +164,28 @@ def test_cli_f0_signal_propagation(tmp_path):
   assert sq[-1] > 1 and sq[-1] > 5 * sq[1] and sq[-1] > 100 * ws['avg_sq_mean'][-1], sq
   assert np.mean(np.diff(sq) > 0) >= 0.9, sq
   assert np.all(plain['res_var'] > 1), plain['res_var']
+
+
+def test_cli_without_matplotlib_stops_first_with_install_advice(tmp_path):
+  """matplotlib blocked (a None entry in sys.modules makes `import matplotlib` fail):
+  one line naming the demo extra, exit status 1, no model built and no file written."""
+  import subprocess
+  import sys
+  import time
+  code = ('import sys; sys.modules["matplotlib"] = None\n'
+          'from nfnet_jax import spp\n'
+          'def forbidden(*a, **k): raise AssertionError("computed before the check")\n'
+          'spp.signal_stats = forbidden\n'
+          'spp.main(sys.argv[1:])\n')
+  out = tmp_path / 'x.png'
+  start = time.monotonic()
+  r = subprocess.run([sys.executable, '-c', code, '--model', 'F0', '--out', str(out)],
+                     capture_output=True, text=True, timeout=120)
+  elapsed = time.monotonic() - start
+  assert r.returncode == 1, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1, r.stderr
+  assert 'matplotlib' in lines[0] and 'pip install -e .[demo]' in lines[0]
+  assert 'Traceback' not in r.stderr and not r.stdout
+  assert not out.exists() and not out.with_suffix('.json').exists()
+  assert elapsed < 60  # import time only (F0 itself takes minutes on CPU)

@@ -1,16 +1,39 @@
-"""Prints parameters, FLOPs (multiply-adds at test resolution) and resolutions."""
+"""Prints parameters, multiply-adds (GMACs at the test resolution) and resolutions.
+
+    python -m nfnet_jax.models            # every registered model
+    python -m nfnet_jax.models F0 F1      # the named ones
+"""
+import argparse
+import difflib
 import sys
+from typing import Optional, Sequence
 
 from nfnet_jax.models import registry, summary
 
 
-def main(argv: list[str]) -> None:
-  names = argv[1:] or registry.names()
-  print(f'{"model":<16}{"params (M)":>12}{"GMACs @test":>14}{"train px":>10}{"test px":>9}', flush=True)
-  for row in summary.table(names):
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  known = registry.names()
+  p = argparse.ArgumentParser(
+      prog='python -m nfnet_jax.models',
+      description='Parameters, multiply-adds (GMACs: convs and linears of one forward '
+                  'pass at the test resolution, the papers\' convention) and train/test '
+                  'resolutions of registered models.',
+      epilog=f'registered models: {", ".join(known)}')
+  p.add_argument('names', nargs='*', metavar='MODEL',
+                 help='registered model names (default: all of them)')
+  args = p.parse_args(argv)
+  unknown = [n for n in args.names if n not in known]
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], known, n=1)
+    hint = f' (did you mean {close[0]!r}?)' if close else ''
+    p.exit(2, f'{p.prog}: error: unknown model {unknown[0]!r}{hint}; valid: '
+              f'{", ".join(known)}\n')
+  print(f'{"model":<16}{"params (M)":>12}{"GMACs @test":>14}{"train px":>10}{"test px":>9}',
+        flush=True)
+  for row in summary.table(args.names or known):
     print(f'{row["name"]:<16}{row["params"] / 1e6:>12.1f}{row["flops"] / 1e9:>14.2f}'
           f'{row["train_px"]:>10}{row["test_px"]:>9}')
 
 
 if __name__ == '__main__':
-  main(sys.argv)
+  main()

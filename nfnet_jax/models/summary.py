@@ -1,4 +1,4 @@
-"""Parameter and FLOP counting (multiply-adds of convs and linears, as the papers count).
+"""Parameter and multiply-add (MAC) counting: convs and linears, as the papers count.
 
 `python -m nfnet_jax.models` prints the table for every registered model.
 """
@@ -21,8 +21,8 @@ def summarize(name: str, num_classes: int = 1000, image_size: Optional[int] = No
 
   Shape-only (nothing is allocated). MACs count every WSConv2D (H_out * W_out * kh * kw *
   C_in/groups * C_out) and Linear (in * out) at `image_size` (default: the test
-  resolution), the convention of the NFNet paper's FLOP column; element-wise ops,
-  pooling and biases are not counted.
+  resolution): the number the NFNet paper's table reports (labelled FLOPs there);
+  element-wise ops, pooling and biases are not counted.
   """
   size = image_size or registry.info(name)['test_imsize']
   total = [0]

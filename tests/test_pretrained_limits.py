@@ -1,0 +1,436 @@
+"""The checkpoint reader bounds memory: hostile files are refused before they allocate.
+
+Every file here is written byte by byte (pickle opcodes, zip records), as an attacker
+would, not by a pickler. Each refusal is checked in a fresh process whose peak RSS
+(`resource.getrusage(RUSAGE_SELF).ru_maxrss`) is read before and after the load: the
+growth must stay under RSS_BOUND_MB. `test_rss_probe_sees_an_allocation` shows the
+probe registers a real allocation, and `test_hand_written_pickle_loads` that the
+hand-written opcodes are a valid pickle when the sizes are honest.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nfnet_jax import pretrained
+from nfnet_jax.pretrained import CheckpointTooLargeError, UnsafePickleError
+
+RSS_BOUND_MB = 200
+
+# ---------------------------------------------------------------------------
+# Pickle opcodes (protocol 4), written by hand.
+# ---------------------------------------------------------------------------
+PROTO4 = b'\x80\x04'
+STOP, MARK, TUPLE, TUPLE1, TUPLE3 = b'.', b'(', b't', b'\x85', b'\x87'
+REDUCE, BUILD, EMPTY_DICT, SETITEM, MEMOIZE = b'R', b'b', b'}', b's', b'\x94'
+NEWTRUE, NEWFALSE = b'\x88', b'\x89'
+
+
+def text(s: str) -> bytes:  # SHORT_BINUNICODE
+  raw = s.encode()
+  return b'\x8c' + bytes([len(raw)]) + raw
+
+
+def glob(module: str, name: str) -> bytes:  # STACK_GLOBAL
+  return text(module) + text(name) + b'\x93'
+
+
+def integer(n: int) -> bytes:  # BININT (signed 32 bit) or LONG1
+  if -2**31 <= n < 2**31:
+    return b'J' + struct.pack('<i', n)
+  raw = n.to_bytes((n.bit_length() + 8) // 8, 'little', signed=True)
+  return b'\x8a' + bytes([len(raw)]) + raw
+
+
+def binbytes(data: bytes) -> bytes:  # BINBYTES8: 8-byte length, then the data
+  return b'\x8e' + struct.pack('<Q', len(data)) + data
+
+
+def get(index: int) -> bytes:  # BINGET
+  return b'h' + bytes([index])
+
+
+def shape_tuple(shape) -> bytes:
+  return MARK + b''.join(integer(d) for d in shape) + TUPLE
+
+
+def dtype(code: str) -> bytes:  # numpy.dtype(code, False, True), as numpy pickles it
+  return glob('numpy', 'dtype') + text(code) + NEWFALSE + NEWTRUE + TUPLE3 + REDUCE
+
+
+def reconstruct(shape=(0,), code=b'b') -> bytes:
+  """numpy.core.multiarray._reconstruct(numpy.ndarray, shape, code): numpy's reduction."""
+  return (glob('numpy.core.multiarray', '_reconstruct') + glob('numpy', 'ndarray')
+          + shape_tuple(shape) + b'C' + bytes([len(code)]) + code + TUPLE3 + REDUCE)
+
+
+def array_state(shape, code: str, data: bytes) -> bytes:
+  """BUILD with numpy's state (1, shape, dtype, is_fortran, data)."""
+  return (MARK + integer(1) + shape_tuple(shape) + dtype(code) + NEWFALSE + data + TUPLE
+          + BUILD)
+
+
+def tree(leaves) -> bytes:
+  """{'NFNet/~/m<i>': {'w': value_i}} for the opcode strings in `leaves`."""
+  out = EMPTY_DICT
+  for i, value in enumerate(leaves):
+    out += text(f'NFNet/~/m{i}') + EMPTY_DICT + text('w') + value + SETITEM + SETITEM
+  return PROTO4 + out + STOP
+
+
+# ---------------------------------------------------------------------------
+# The crafted files.
+# ---------------------------------------------------------------------------
+def bytearray_bomb() -> bytes:
+  """bytearray(2_000_000_000): the allowed builtins.bytearray asked for 2 GB of zeros."""
+  return tree([glob('builtins', 'bytearray') + integer(2_000_000_000) + TUPLE1 + REDUCE])
+
+
+def unfilled_reconstruct(references: int = 1) -> bytes:
+  """_reconstruct of 2.5e8 float64 (2 GB) with no state: nothing ever fills it."""
+  first = reconstruct((250_000_000,), b'f8') + MEMOIZE
+  return tree([first] + [get(0)] * (references - 1))
+
+
+def shared_array(references: int = 4) -> bytes:
+  """One honest 4 MB float64 array (memoised), then BINGET of it under other names."""
+  data = np.arange(500_000, dtype='<f8').tobytes()
+  first = (reconstruct() + array_state((500_000,), '<f8', binbytes(data)) + MEMOIZE)
+  return tree([first] + [get(0)] * (references - 1))
+
+
+def shared_data(references: int = 4) -> bytes:
+  """One 4 MB byte string (memoised) given as the data of four separate arrays."""
+  data = np.arange(500_000, dtype='<f8').tobytes()
+  leaves = [reconstruct() + array_state((500_000,), '<f8', binbytes(data) + MEMOIZE)]
+  leaves += [reconstruct() + array_state((500_000,), '<f8', get(0))
+             for _ in range(references - 1)]
+  return tree(leaves)
+
+
+def short_data() -> bytes:
+  """State declaring 2.5e8 float64 with 16 bytes of data."""
+  return tree([reconstruct() + array_state((250_000_000,), '<f8', binbytes(b'\0' * 16))])
+
+
+def huge_shape() -> bytes:
+  """State declaring 10^12 x 10^6 float64 (8 EB)."""
+  return tree([reconstruct() + array_state((10**12, 10**6), '<f8', binbytes(b'\0' * 8))])
+
+
+def huge_length_field() -> bytes:
+  """BINBYTES8 declaring 2^40 bytes in a 60-byte file."""
+  return tree([b'\x8e' + struct.pack('<Q', 2**40) + b'\0' * 8])
+
+
+def huge_memo_index() -> bytes:
+  """LONG_BINPUT 2^30: the unpickler would size its memo table (8 GB) by the index."""
+  return tree([integer(1) + b'r' + struct.pack('<I', 2**30)])
+
+
+def honest(n: int = 3) -> bytes:
+  """The same opcodes with honest sizes: n float32 arrays of their own data."""
+  return tree([reconstruct() + array_state((2, 3), '<f4',
+                                           binbytes(np.full((2, 3), i, '<f4').tobytes()))
+               for i in range(n)])
+
+
+def npy_header(shape, descr='<f4') -> bytes:
+  buf = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+      buf, {'descr': descr, 'fortran_order': False, 'shape': tuple(shape)})
+  return buf.getvalue()
+
+
+def zip_one_member(name: str, stream: bytes, crc: int, uncompressed: int) -> bytes:
+  """A zip archive with one deflated member, written record by record."""
+  raw = name.encode()
+  local = struct.pack('<IHHHHHIIIHH', 0x04034b50, 20, 0, 8, 0, 0, crc, len(stream),
+                      uncompressed, len(raw), 0) + raw
+  central = struct.pack('<IHHHHHHIIIHHHHHII', 0x02014b50, 20, 20, 0, 8, 0, 0, crc,
+                        len(stream), uncompressed, len(raw), 0, 0, 0, 0, 0, 0) + raw
+  end = struct.pack('<IHHHHIIH', 0x06054b50, 0, 0, 1, 1, len(central),
+                    len(local) + len(stream), 0)
+  return local + stream + central + end
+
+
+def zip_bomb(mib: int = 2048) -> tuple[bytes, bytes]:
+  """An .npz whose one member `NFNet/~/linear/w` declares float32 zeros of `mib` MiB.
+
+  The deflate stream is the header, then one full-flushed 1 MiB block of zeros
+  repeated (a full flush resets the compressor, so each repeat is the same bytes),
+  then an empty final block: ~1 KB per MiB. Returns (archive, stream). The CRC field
+  is that of the header only: readers check it after decompressing, too late.
+  """
+  header = npy_header((mib * 2**18,))
+  c = zlib.compressobj(9, zlib.DEFLATED, -15)
+  head = c.compress(header) + c.flush(zlib.Z_FULL_FLUSH)
+  z = zlib.compressobj(9, zlib.DEFLATED, -15)
+  block = z.compress(bytes(2**20)) + z.flush(zlib.Z_FULL_FLUSH)
+  stream = head + block * mib + zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+  archive = zip_one_member('NFNet/~/linear/w.npy', stream, zlib.crc32(header),
+                           len(header) + mib * 2**20)
+  return archive, stream
+
+
+def npz_huge_header() -> bytes:
+  """An .npz member whose .npy header declares 10^15 float32 in a 100-byte entry."""
+  header = npy_header((10**15,))
+  stream = zlib.compress(header)[2:-4]  # raw deflate
+  return zip_one_member('NFNet/~/linear/w.npy', stream, zlib.crc32(header), len(header))
+
+
+# ---------------------------------------------------------------------------
+# Loading in a fresh process, measuring peak RSS.
+# ---------------------------------------------------------------------------
+_CHILD = r'''
+import json, resource, sys
+import numpy as np
+from nfnet_jax import pretrained
+path, model, how = sys.argv[1], sys.argv[2] or None, sys.argv[3]
+if model:
+  pretrained.model_shapes(model)  # jax import and tracing before the baseline
+peak_kb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
+out = {}
+try:
+  if how == 'alloc':  # the probe's control: a real 300 MB allocation
+    keep = np.ones(300 * 2**20, np.uint8)
+    out['returned'] = {}
+  elif how == 'read':
+    got = (pretrained.read_checkpoint(path, model=model) if model
+           else pretrained.read_checkpoint(path))
+    out['returned'] = {m: {k: [list(a.shape), str(a.dtype)] for k, a in l.items()}
+                       for m, l in got.items()}
+  else:
+    got = pretrained.load(path, model=model)
+    out['returned'] = {m: {k: [list(a.shape), str(a.dtype)] for k, a in l.items()}
+                       for m, l in got.items()}
+except BaseException as e:
+  out['error'] = [c.__name__ for c in type(e).__mro__]
+  out['message'] = str(e)
+out['growth_mb'] = (peak_kb() - before) / 1024
+print(json.dumps(out))
+'''
+
+
+def load_in_child(path: Path, model: str = '', how: str = 'load') -> dict:
+  """Runs _CHILD in a grandchild forked by a small shell.
+
+  Linux carries a process's peak RSS across exec, so a child exec'd straight from
+  pytest (hundreds of MB after other tests) would start with pytest's peak and show
+  no growth below it; the shell's fork gives the grandchild a fresh, small peak.
+  """
+  r = subprocess.run(['/bin/sh', '-c', '"$@"; exit $?', 'sh', sys.executable, '-c',
+                      _CHILD, str(path), model, how],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def assert_refused(result: dict, path: Path, error=UnsafePickleError, match: str = ''):
+  assert 'returned' not in result, f'returned {result["returned"]}'
+  assert error.__name__ in result['error'], result
+  assert 'MemoryError' not in result['error'][:1], result
+  assert result['message'].startswith(str(path)), result['message']
+  assert '\n' not in result['message']
+  assert match in result['message'], result['message']
+  assert result['growth_mb'] < RSS_BOUND_MB, result
+
+
+# ---------------------------------------------------------------------------
+# Tests.
+# ---------------------------------------------------------------------------
+def test_rss_probe_sees_an_allocation(tmp_path):
+  """A 300 MiB allocation reads as well over RSS_BOUND_MB (a little under 300: the
+  baseline peak already includes memory the imports freed, which it reuses)."""
+  result = load_in_child(tmp_path / 'unused', how='alloc')
+  assert RSS_BOUND_MB + 50 < result['growth_mb'] < 400, result
+
+
+def test_hand_written_pickle_loads(tmp_path):
+  """Control: the crafting helpers make valid pickles; honest sizes load exactly."""
+  path = tmp_path / 'honest.pkl'
+  path.write_bytes(honest(3))
+  got = pretrained.read_checkpoint(path)
+  assert list(got) == ['NFNet/~/m0', 'NFNet/~/m1', 'NFNet/~/m2']
+  for i in range(3):
+    np.testing.assert_array_equal(got[f'NFNet/~/m{i}']['w'], np.full((2, 3), i, np.float32))
+    assert got[f'NFNet/~/m{i}']['w'].flags.writeable
+  assert pickle.loads(shared_array()) is not None  # the crafted opcodes are well formed
+  assert pickle.loads(shared_data()) is not None
+
+
+def test_bytearray_of_a_huge_size_is_refused(tmp_path):
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(bytearray_bomb())
+  assert len(path.read_bytes()) < 100
+  assert_refused(load_in_child(path), path, UnsafePickleError, 'bytearray(2000000000)')
+
+
+def test_unfilled_reconstruct_is_never_returned(tmp_path):
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(unfilled_reconstruct())
+  assert len(path.read_bytes()) < 150
+  assert_refused(load_in_child(path, how='read'), path, UnsafePickleError,
+                 'never given its data')
+  with pytest.raises(UnsafePickleError, match='never given its data'):
+    pretrained.read_checkpoint(path)
+
+
+@pytest.mark.parametrize('case', ['unfilled', 'filled'])
+def test_one_array_referenced_four_times_is_refused(tmp_path, case):
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(unfilled_reconstruct(4) if case == 'unfilled' else shared_array(4))
+  assert pickle.loads(path.read_bytes())['NFNet/~/m3']['w'] is not None  # 4 references
+  match = 'never given its data' if case == 'unfilled' else 'referenced more than once'
+  assert_refused(load_in_child(path), path, UnsafePickleError, match)
+  # One reference of the same honest array loads: it is the repetition that is refused.
+  path.write_bytes(shared_array(1))
+  got = pretrained.read_checkpoint(path)
+  np.testing.assert_array_equal(got['NFNet/~/m0']['w'], np.arange(500_000, dtype='<f8'))
+
+
+def test_one_byte_string_filling_four_arrays_is_refused(tmp_path):
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(shared_data(4))
+  assert_refused(load_in_child(path, how='read'), path, UnsafePickleError,
+                 'already filled another array')
+
+
+def test_data_shorter_than_declared_is_refused(tmp_path):
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(short_data())
+  assert_refused(load_in_child(path, how='read'), path, UnsafePickleError,
+                 'needs 2,000,000,000 bytes, its data has 16')
+
+
+@pytest.mark.parametrize('make,error,match', [
+    (huge_shape, CheckpointTooLargeError, 'exceeds the 4.00 GiB budget'),
+    (lambda: tree([reconstruct((10**12,), b'f8')]), CheckpointTooLargeError,
+     'exceeds the 4.00 GiB budget'),
+    (huge_length_field, pickle.UnpicklingError, 'declares 1,099,511,627,776 bytes'),
+    (huge_memo_index, CheckpointTooLargeError, 'memo index 1,073,741,824'),
+    (npz_huge_header, CheckpointTooLargeError, 'exceeds the 4.00 GiB budget'),
+], ids=['pickle-shape', 'reconstruct-shape', 'pickle-length', 'pickle-memo', 'npz-header'])
+def test_huge_declared_sizes_are_refused_not_memoryerror(tmp_path, make, error, match):
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(make())
+  result = load_in_child(path, how='read')
+  assert_refused(result, path, error, match)
+  assert 'MemoryError' not in result['error']
+
+
+def test_zip_bomb_is_refused_with_and_without_a_model(tmp_path):
+  archive, stream = zip_bomb(2048)  # 2 GiB of float32 zeros declared
+  assert len(archive) < 3 * 2**20
+  # The stream is a real deflate stream of what the header declares (checked small).
+  small, small_stream = zip_bomb(3)
+  d = zlib.decompressobj(-15)
+  body = d.decompress(small_stream) + d.flush()
+  header = npy_header((3 * 2**18,))
+  assert body == header + bytes(3 * 2**20) and d.eof
+  path = tmp_path / 'bomb.npz'
+  path.write_bytes(archive)
+  assert_refused(load_in_child(path, 'F0'), path, CheckpointTooLargeError,
+                 "larger than any parameter of model 'F0'")
+  assert_refused(load_in_child(path, how='read'), path, CheckpointTooLargeError,
+                 'a zip bomb?')
+
+
+def test_model_bounds_an_honest_but_oversized_pickle(tmp_path):
+  """With model=..., an array larger than any of the model's parameters is refused
+  before its copy; float64 is refused for a float32 model."""
+  data = np.zeros(2**22, '<f4').tobytes()  # 16 MiB: more than nf_regnet_b0's largest
+  path = tmp_path / 'big.pkl'
+  path.write_bytes(tree([reconstruct() + array_state((2**22,), '<f4', binbytes(data))]))
+  with pytest.raises(CheckpointTooLargeError, match="larger than any parameter of model "
+                     "'nf_regnet_b0'"):
+    pretrained.read_checkpoint(path, model='nf_regnet_b0')
+  assert pretrained.read_checkpoint(path)['NFNet/~/m0']['w'].shape == (2**22,)
+  f4, f8 = (binbytes(np.zeros((2, 3), code).tobytes()) for code in ('<f4', '<f8'))
+  path.write_bytes(honest(1).replace(b'<f4', b'<f8').replace(f4, f8))
+  with pytest.raises(UnsafePickleError, match='float64.*float32 parameters'):
+    pretrained.read_checkpoint(path, model='nf_regnet_b0')
+
+
+def test_budget_is_checked_against_what_the_file_holds(tmp_path):
+  """max_bytes bounds file + copies: an honest 4 MB array passes 16 MB, not 6 MB."""
+  path = tmp_path / 'one.pkl'
+  path.write_bytes(shared_array(1))
+  assert pretrained.read_checkpoint(path, max_bytes=16 * 2**20)
+  with pytest.raises(CheckpointTooLargeError, match='over its 6.00 MiB budget'):
+    pretrained.read_checkpoint(path, max_bytes=6 * 2**20)
+
+
+def test_build_on_an_allowed_global_is_refused():
+  """BUILD's slot state would setattr on the global (e.g. a function's __defaults__)."""
+  state = MARK + b'N' + EMPTY_DICT + text('__new__') + glob('builtins', 'dict') + SETITEM
+  for target in (glob('haiku._src.data_structures', 'FlatMapping'),
+                 glob('_codecs', 'encode'), glob('numpy', 'ndarray')):
+    data = PROTO4 + target + state + TUPLE + BUILD + STOP
+    with pytest.raises(UnsafePickleError, match='BUILD on'):
+      pretrained.safe_loads(data)
+  with pytest.raises(UnsafePickleError, match=r'numpy\.ndarray\(\.\.\.\) called directly'):
+    pretrained.safe_loads(PROTO4 + glob('numpy', 'ndarray') + shape_tuple((10**9,))
+                          + TUPLE1 + REDUCE + STOP)
+
+
+def test_container_copies_are_charged():
+  """list(x) of one memoised list, repeated: each copy counts against the budget."""
+  big = b'(' + b'N' * 100_000 + b'l' + MEMOIZE  # MARK, 100k Nones, LIST
+  copies = b''.join(glob('builtins', 'list') + get(0) + TUPLE1 + REDUCE + b'0'
+                    for _ in range(200))  # each copy popped (POP) once made
+  data = PROTO4 + big + copies + STOP
+  with pytest.raises(CheckpointTooLargeError, match='a list copy'):
+    pretrained.safe_loads(data, max_bytes=64 * 2**20)
+  two_copies = copies[:len(copies) // 100]
+  assert pretrained.safe_loads(PROTO4 + big + two_copies + STOP) is not None
+
+
+def _npz_bytes(**arrays) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def test_npz_damage_and_foreign_members_are_named(tmp_path):
+  path = tmp_path / 'x.npz'
+  w = np.arange(1000, dtype=np.float32)
+  good = _npz_bytes(**{'NFNet/~/linear/w': w})
+  path.write_bytes(good)
+  np.testing.assert_array_equal(pretrained.read_checkpoint(path)['NFNet/~/linear']['w'], w)
+  # One flipped data byte (same size): the member's CRC no longer matches.
+  at = good.index(w.tobytes()) + 2000
+  path.write_bytes(good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1:])
+  with pytest.raises(ValueError, match=r"x\.npz: member 'NFNet/~/linear/w\.npy': damaged"):
+    pretrained.read_checkpoint(path)
+  # A header that declares fewer elements than the entry holds.
+  path.write_bytes(good.replace(b"'shape': (1000,)", b"'shape': (999,) "))
+  with pytest.raises(ValueError, match=r'header declares \(999,\) float32'):
+    pretrained.read_checkpoint(path)
+  # Pickled (object) members and members that are not .npy arrays.
+  path.write_bytes(_npz_bytes(**{'NFNet/~/linear/w': np.array([{}], dtype=object)}))
+  with pytest.raises(UnsafePickleError, match='object dtype'):
+    pretrained.read_checkpoint(path)
+  import zipfile
+  with zipfile.ZipFile(path, 'w') as z:
+    z.writestr('NFNet/~/linear/w.txt', 'hello')
+  with pytest.raises(ValueError, match=r"member 'NFNet/~/linear/w\.txt' is not a \.npy"):
+    pretrained.read_checkpoint(path)
+  # The second member's local header overwritten: named, not zipfile's own exception.
+  two = _npz_bytes(**{'NFNet/~/linear/w': w, 'NFNet/~/linear/b': w[:10]})
+  at = two.index(b'PK\x03\x04', 4)
+  path.write_bytes(two[:at] + b'PK\x00\x00' + two[at + 4:])
+  with pytest.raises(ValueError, match=r"linear/b\.npy': damaged: Bad magic number"):
+    pretrained.read_checkpoint(path)
