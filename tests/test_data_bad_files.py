@@ -211,6 +211,18 @@ def test_undecodable_tfds_records_are_dropped_and_counted(monkeypatch, caplog):
   assert 'skipped 1 of 4 record(s)' in caplog.text and 'skipped 1 of 3' in caplog.text
 
 
+
+def test_eval_where_nothing_decodes_still_gives_the_planned_batches(monkeypatch, caplog):
+  fake = _fake_tfds_source([b'', b'\x89PNG broken', b'x'], [0, 1, 2])
+  monkeypatch.setattr(sources, 'get_source', lambda cfg, split: fake)
+  cfg = data.default_config()
+  cfg.image_size, cfg.eval_size = 16, 12
+  with caplog.at_level(logging.WARNING):
+    out = list(data.build_eval_iter(cfg, 2, process_index=0, process_count=1))
+  assert len(out) == 2 and all(b['images'].shape == (2, 12, 12, 3) for b in out)
+  assert all(b['labels'].shape == (2, 3) and b['mask'].sum() == 0 for b in out)
+  assert 'skipped 3 of 3 record(s)' in caplog.text
+
 TINY = '''
 from nfnet_jax import configs
 
