@@ -18,7 +18,7 @@ depend on the number of processes.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator
 
 import numpy as np
 
