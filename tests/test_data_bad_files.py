@@ -150,10 +150,12 @@ def test_damaged_cache_is_ignored(bad_folder, tmp_path):
   sources.scan_folder.cache_clear()
   first = sources.scan_folder(bad_folder, cache_dir=str(cache))
   (path,) = [os.path.join(cache, f) for f in os.listdir(cache)]
-  with open(path, 'w') as f:
-    f.write('{"files": [1, 2')
-  sources.scan_folder.cache_clear()
-  assert sources.scan_folder(bad_folder, cache_dir=str(cache)).train == first.train
+  for damaged in ('{"files": [1, 2', '{"files": {"train/dark/0.jpg": 5, "x": [1]}}', '[]'):
+    with open(path, 'w') as f:
+      f.write(damaged)
+    sources.scan_folder.cache_clear()
+    again = sources.scan_folder(bad_folder, cache_dir=str(cache))
+    assert again.train == first.train and again.skipped == first.skipped
 
 
 def test_empty_class_folder_is_refused_by_name(bad_folder, tmp_path):
