@@ -65,7 +65,7 @@ TINY_CONFIG = textwrap.dedent('''
       c.data.randaugment.num_layers = 2
       c.data.offline.num_train = 64
       c.data.offline.num_eval = 40
-      c.data.offline.image_size = 16
+      c.data.image_size = c.data.eval_size = 16
       c.data.prefetch = 1
       c.data.num_parallel_calls = 2
       c.batch_size = 16
