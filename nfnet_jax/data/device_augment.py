@@ -13,7 +13,8 @@ else 1; S the train size, K classes):
   images      uint8   [B, m, S, S, 3]   decoded inputs of each output row
   labels      float32 [B, m, K]         their one-hot labels
   mix_mode    int32   [B]               0 MixUp, 1 CutMix, -1 no mixing
-  mix_ratio   float32 [B]               MixUp weight of the first image
+  mix_ratio   float32 [B]               MixUp: weight of the first image;
+                                        CutMix: the box's share of the image
   mix_box     int32   [B, 4]            CutMix box (y0, y1, x0, x1), rows/cols
                                         [y0, y1) x [x0, x1) from the second image
   ra_ops      int32   [B, N]            RandAugment op per layer (policy.OP_NAMES)
@@ -145,11 +146,14 @@ def contrast(image, factor: float, mode: str = 'tf') -> jax.Array:
   """Blend toward a flat grey: min(H*W/256, 255) ('tf') or the mean grey ('mean')."""
   if mode == 'tf':
     level = np.float32(image.shape[0] * image.shape[1] / 256.0)
+    level = to_uint8(level)
   elif mode == 'mean':
-    level = jnp.mean(grayscale(image).astype(_F32))
+    # The truncated mean as an integer quotient (TF's float mean truncates to the
+    # same level while the sum is exact, H W 255 < 2^24).
+    total = jnp.sum(grayscale(image).astype(jnp.int32))
+    level = jnp.minimum(total // (image.shape[0] * image.shape[1]), 255).astype(jnp.uint8)
   else:
     raise ValueError(f"contrast mode must be 'tf' or 'mean', got {mode!r}")
-  level = to_uint8(level)
   return blend(jnp.broadcast_to(level, image.shape), image, factor)
 
 
@@ -163,18 +167,24 @@ def sharpness(image, factor: float) -> jax.Array:
   x = image.astype(_F32)
   h, w = image.shape[:2]
   box = sum(x[dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3))
-  smooth = to_uint8((box + 4.0 * x[1:-1, 1:-1]) / 13.0)   # integers: exact in float32
+  # Integer division: the truncated float quotient of these integers is the
+  # same, and XLA:CPU's float division (a reciprocal multiply) is not.
+  smooth = ((box + 4.0 * x[1:-1, 1:-1]).astype(jnp.int32) // 13).astype(jnp.uint8)
   degenerate = image.at[1:-1, 1:-1].set(smooth)
   return blend(degenerate, image, factor)
 
 
 def autocontrast(image) -> jax.Array:
   """Per channel, stretch [min, max] to [0, 255] (unchanged where max == min)."""
-  x = image.astype(_F32)
+  x = image.astype(jnp.int32)
   lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
-  scale = jnp.where(hi > lo, 255.0 / jnp.maximum(hi - lo, 1.0), 1.0)
-  offset = jnp.where(hi > lo, -mul_int(scale, lo.astype(jnp.int32)), 0.0)
-  return to_uint8(mul_int(scale, image.astype(jnp.int32)) + offset)
+  scale = jnp.asarray(_SCALES)[hi - lo]                  # 255 / (hi - lo); 1 if equal
+  offset = jnp.where(hi > lo, -mul_int(scale, lo), 0.0)
+  return to_uint8(mul_int(scale, x) + offset)
+
+
+# float32(255 / d) for d = 1..255 (index 0: 1.0), as TF divides.
+_SCALES = np.concatenate([[np.float32(1)], np.float32(255) / np.arange(1, 256, dtype=np.float32)])
 
 
 def equalize(image) -> jax.Array:
@@ -309,12 +319,14 @@ def apply_op(image, name: str, magnitude: float, sign=1.0, centre=(0, 0), *,
 
 def randaugment(image, ops, signs, centres, magnitude: float, **kw) -> jax.Array:
   """Layers in order: uint8 [H, W, 3], ops [N] int32, signs [N], centres [N, 2]."""
-  def layer(i, image):
+  def layer(image, params):
+    op, sign, centre = params
     branches = [functools.partial(lambda name, x: apply_op(
-        x, name, magnitude, signs[i], (centres[i, 0], centres[i, 1]), **kw), name)
+        x, name, magnitude, sign, (centre[0], centre[1]), **kw), name)
                 for name in OP_NAMES]
-    return jax.lax.switch(ops[i], branches, image)
-  return jax.lax.fori_loop(0, ops.shape[0], layer, image)
+    return jax.lax.switch(op, branches, image), None
+  # A scan traces the 16 branches once, not once per layer.
+  return jax.lax.scan(layer, image, (ops, signs, centres))[0]
 
 
 # --------------------------------------------------------------------------------
@@ -325,8 +337,10 @@ def mix(a, b, la, lb, mode, ratio, box) -> Tuple[jax.Array, jax.Array]:
   """One output row: a, b uint8 [H, W, 3], la, lb [K] one-hot; mode MIXUP|CUTMIX|-1.
   Returns (float32 [H, W, 3], [K]).
 
-  MixUp: ratio a + (1 - ratio) b. CutMix: b inside `box`, label weight of b =
-  box area / (H W). -1: a unchanged.
+  MixUp: ratio a + (1 - ratio) b. CutMix: b inside `box`; `ratio` is then the
+  box's share of the image (drawn by the host, where it is a correctly rounded
+  mean: XLA:CPU divides by multiplying with the reciprocal), the label weight of b.
+  -1: a unchanged.
   """
   h, w = a.shape[:2]
   up = mul_int(ratio, a) + mul_int(1.0 - ratio, b)
@@ -335,15 +349,26 @@ def mix(a, b, la, lb, mode, ratio, box) -> Tuple[jax.Array, jax.Array]:
   xs = jnp.arange(w)[None, :]
   inside = (ys >= box[0]) & (ys < box[1]) & (xs >= box[2]) & (xs < box[3])
   cut = jnp.where(inside[..., None], b, a).astype(_F32)
-  weight_b = ((box[1] - box[0]) * (box[3] - box[2])).astype(_F32) / np.float32(h * w)
-  cut_label = (1.0 - weight_b) * la + weight_b * lb
+  cut_label = (1.0 - ratio) * la + ratio * lb
   image = jnp.where(mode == MIXUP, up, jnp.where(mode == CUTMIX, cut, a.astype(_F32)))
   label = jnp.where(mode == MIXUP, up_label, jnp.where(mode == CUTMIX, cut_label, la))
   return image, label
 
 
+@functools.lru_cache(maxsize=1)
+def _normalize_table() -> np.ndarray:
+  levels = np.arange(256, dtype=np.float32)[None, :]
+  return ((levels - np.array(MEAN_RGB, np.float32)[:, None])
+          / np.array(STDDEV_RGB, np.float32)[:, None])
+
+
 def normalize(images) -> jax.Array:
-  """0-255 [..., 3] -> (x - mean) / std, float32."""
+  """0-255 [..., 3] -> (x - mean) / std, float32. uint8 input goes through a
+  table computed on the host (bit for bit TF's float32 division); float input is
+  divided on the device (XLA:CPU's division can be one ulp off)."""
+  if images.dtype == jnp.uint8:
+    table = jnp.asarray(_normalize_table())
+    return jnp.stack([table[c][images[..., c]] for c in range(3)], -1)
   return (images.astype(_F32) - np.array(MEAN_RGB, np.float32)) / np.array(STDDEV_RGB,
                                                                              np.float32)
 

@@ -75,9 +75,10 @@ def cutmix_box(height, width, ratio, cy, cx) -> tf.Tensor:
 def mix_params(mode, seed, alpha: float, height, width) -> Tuple[tf.Tensor, tf.Tensor]:
   """(ratio float32, box [4] int32) of one output row; mode MIXUP|CUTMIX.
 
-  MixUp: ratio ~ Beta(alpha, alpha) (1.0 when alpha is 0), box all zeros.
-  CutMix: box of `cutmix_box` for a kept-area ratio ~ U(0, 1) at a uniform random
-  centre, and ratio = 1 - box area / (H W), the weight of the first image.
+  MixUp: ratio ~ Beta(alpha, alpha) (1.0 when alpha is 0), the weight of the
+  first image; box all zeros. CutMix: box of `cutmix_box` for a kept-area ratio
+  ~ U(0, 1) at a uniform random centre, and ratio = the box's share of the image
+  (the mean of the mask: the label weight of the second image).
   """
   s_beta, s_ratio, s_centre = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
 
@@ -86,16 +87,22 @@ def mix_params(mode, seed, alpha: float, height, width) -> Tuple[tf.Tensor, tf.T
     return ratio, tf.zeros([4], tf.int32)
 
   def cutmix_params():
-    ratio = tf.random.stateless_uniform([], s_ratio)
+    kept = tf.random.stateless_uniform([], s_ratio)
     centre = tf.random.stateless_uniform([2], s_centre)
     cy = centre[0] * tf.cast(height, tf.float32)
     cx = centre[1] * tf.cast(width, tf.float32)
-    box = cutmix_box(height, width, ratio, cy, cx)
-    area = tf.cast((box[1] - box[0]) * (box[3] - box[2]), tf.float32)
-    # reduce_mean of the 0/1 mask, as `cutmix` computes it.
-    return 1.0 - area / tf.cast(height * width, tf.float32), box
+    box = cutmix_box(height, width, kept, cy, cx)
+    return tf.reduce_mean(_box_mask(height, width, box)), box
 
   return tf.cond(tf.equal(mode, MIXUP), mixup_params, cutmix_params)
+
+
+def _box_mask(height, width, box) -> tf.Tensor:
+  """[H, W] float32, 1 on rows [y0, y1) x cols [x0, x1)."""
+  ys = tf.range(height)[:, None]
+  xs = tf.range(width)[None, :]
+  inside = (ys >= box[0]) & (ys < box[1]) & (xs >= box[2]) & (xs < box[3])
+  return tf.cast(inside, tf.float32)
 
 
 def mix_with_params(a, b, la, lb, mode, ratio, box) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -105,10 +112,7 @@ def mix_with_params(a, b, la, lb, mode, ratio, box) -> Tuple[tf.Tensor, tf.Tenso
 
   def do_cutmix():
     shape = tf.shape(a)
-    ys = tf.range(shape[0])[:, None]
-    xs = tf.range(shape[1])[None, :]
-    inside = (ys >= box[0]) & (ys < box[1]) & (xs >= box[2]) & (xs < box[3])
-    return cutmix(a, b, la, lb, tf.cast(inside, tf.float32))
+    return cutmix(a, b, la, lb, _box_mask(shape[0], shape[1], box))
 
   return tf.cond(tf.equal(mode, MIXUP), do_mixup, do_cutmix)
 
