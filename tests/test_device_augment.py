@@ -256,3 +256,46 @@ def test_eight_devices_give_the_batch_of_one(tmp_path, pairing):
                        env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'SAME (16, 32, 32, 3)' in out.stdout
+
+
+_NUMPY_PATH = textwrap.dedent('''
+    import sys
+    sys.modules['tensorflow'] = None          # any TF import fails
+    import numpy as np
+    from nfnet_jax import data
+    out = {}
+    for ra_on in (False, True):
+      cfg = data.default_config()
+      cfg.source, cfg.use_tf, cfg.normalize, cfg.prefetch = 'offline', False, False, 0
+      cfg.offline.num_train = 64
+      cfg.randaugment.enabled = ra_on
+      cfg.randaugment.num_layers, cfg.randaugment.magnitude = 2, 10.0
+      it = data.build_train_iter(cfg, 8, seed=4, start_step=3, process_index=0,
+                                 process_count=1)
+      out['on' if ra_on else 'off'] = next(it)['images']
+      halves = [next(data.build_train_iter(cfg, 8, seed=4, start_step=3, process_index=p,
+                                           process_count=2))['images'] for p in range(2)]
+      out['halves_' + ('on' if ra_on else 'off')] = np.concatenate(halves)
+    np.savez(sys.argv[1], **out)
+    print('OK')
+''')
+
+
+@pytest.mark.slow
+def test_numpy_path_gains_randaugment_without_tensorflow(tmp_path):
+  """use_tf=False with RandAugment on: runs with TensorFlow blocked, each row is the
+  TF policy applied to the RandAugment-off row (parameters from the path's own numpy
+  stream), and the batch does not depend on the process count."""
+  path = str(tmp_path / 'numpy_path.npz')
+  out = subprocess.run([sys.executable, '-c', _NUMPY_PATH, path], env=dict(os.environ),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = np.load(path)
+  np.testing.assert_array_equal(got['halves_on'], got['on'])
+  assert not np.array_equal(got['on'], got['off'])
+  params = da.draw_randaugment_params(np.random.default_rng([4, 3, 0xA06]), 8, 2, 32, 32)
+  for i in range(8):
+    ref = ra.randaugment_with_params(
+        ra.tf.cast(ra.tf.clip_by_value(got['off'][i], 0, 255), ra.tf.uint8),
+        {k: v[i] for k, v in params.items()}, magnitude=10.0).numpy()
+    np.testing.assert_array_equal(got['on'][i], ref, err_msg=f'row {i}')

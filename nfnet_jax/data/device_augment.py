@@ -423,3 +423,39 @@ def apply_device_augment(batch: Dict[str, jax.Array], cfg) -> Dict[str, jax.Arra
   if cfg.bfloat16:
     images = images.astype(jnp.bfloat16)
   return dict(images=images, labels=labels, mask=batch['mask'])
+
+
+# --------------------------------------------------------------------------------
+# The numpy (TF-free) pipeline
+# --------------------------------------------------------------------------------
+
+def draw_randaugment_params(rng: np.random.Generator, rows: int, num_layers: int,
+                            height: int, width: int) -> Dict[str, np.ndarray]:
+  """{ops [rows, N] int32, signs [rows, N] float32, centres [rows, N, 2] int32}
+  drawn with numpy (uniform op, sign and Cutout centre), for the numpy path."""
+  return dict(ops=rng.integers(0, len(OP_NAMES), (rows, num_layers)).astype(np.int32),
+              signs=np.where(rng.random((rows, num_layers)) < 0.5, -1.0, 1.0).astype(np.float32),
+              centres=np.stack([rng.integers(0, height, (rows, num_layers)),
+                                rng.integers(0, width, (rows, num_layers))], -1).astype(np.int32))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_policy(magnitude, contrast_mode, posterize_mode, solarize_mode, fill,
+                   translate_const, cutout_const):
+  kw = dict(contrast_mode=contrast_mode, posterize_mode=posterize_mode,
+            solarize_mode=solarize_mode, fill=fill, translate_const=translate_const,
+            cutout_const=cutout_const)
+  return jax.jit(jax.vmap(lambda x, o, s, c: randaugment(to_uint8(x), o, s, c, magnitude,
+                                                         **kw)))
+
+
+def randaugment_numpy(images: np.ndarray, params: Dict[str, np.ndarray], cfg) -> np.ndarray:
+  """RandAugment of float [B, H, W, 3] 0-255 images (clipped and truncated to uint8
+  first) with `params` of `draw_randaugment_params`, through the jitted JAX policy;
+  returns float32 [B, H, W, 3] holding uint8 levels."""
+  rac = _data_cfg(cfg).randaugment
+  fn = _jitted_policy(float(rac.magnitude), rac.contrast_mode, rac.posterize_mode,
+                      rac.get('solarize', 'wrap'), int(rac.fill), float(rac.translate_const),
+                      float(rac.cutout_const))
+  out = fn(np.asarray(images, np.float32), params['ops'], params['signs'], params['centres'])
+  return np.asarray(out).astype(np.float32)

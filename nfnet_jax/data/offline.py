@@ -15,7 +15,6 @@ does not depend on how many examples are requested; 10k images take a few second
 from __future__ import annotations
 
 import functools
-import logging
 import queue
 import threading
 from typing import Dict, Iterator, Optional, Tuple
@@ -183,9 +182,6 @@ def _check_numpy_cfg(cfg) -> None:
                      'install tensorflow for tfds/folder sources.')
   if cfg.crop not in ('auto', 'pad_crop', 'none'):
     raise ValueError(f"use_tf=False supports crop 'auto'|'pad_crop'|'none', got {cfg.crop!r}")
-  if cfg.randaugment.enabled:
-    logging.warning('use_tf=False: RandAugment is not available in the numpy path; '
-                    'skipped (set randaugment.enabled=False to silence).')
 
 
 def _prefetch(it: Iterator, size: int) -> Iterator:
@@ -291,6 +287,12 @@ def numpy_train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
     y = one_hot(labels[ids], k)
     if mixing:
       x, y = _mix_numpy(x, y, modes[rout], lam[rout], ratio[rout], centres[rout])
+    if cfg.randaugment.enabled:   # JAX ops of device_augment; own stream, global rows.
+      from nfnet_jax.data import device_augment
+      params = device_augment.draw_randaugment_params(
+          np.random.default_rng([seed, step, 0xA06]), global_batch_size,
+          int(cfg.randaugment.num_layers), size, size)
+      x = device_augment.randaugment_numpy(x, {k: v[rout] for k, v in params.items()}, cfg)
     return dict(images=_finish(x, cfg), labels=y, mask=np.ones([local], np.float32))
 
   def gen():
