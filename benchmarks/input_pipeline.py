@@ -9,12 +9,19 @@ temporary folder dataset and runs, through the real `nfnet_jax.data` pipeline
   train_lite Inception crop + flip + resize + normalise (no mixing, no RandAugment)
   eval       resize to (S+32)^2, centre crop S, normalise
 
-at 192 and 256 px. "img/s per core" = output images / process CPU-seconds
+at 192 and 256 px, and the recipes of F0 (192 px, RandAugment M=5), F1 (224 px,
+M=10) and F3 (320 px, M=15) four ways: augment_on 'host' or 'device' (the host
+stops after decode/crop/flip/resize and emits uint8 + parameters), each with the
+paper's pairing (2B decoded -> B) and 'within_batch' (B decoded). With 'device'
+the per-image cost of `apply_device_augment` (jitted, on this machine's JAX
+backend) is measured beside an F0 forward+backward pass of the same batch
+(--step-batch, 0 to skip). "img/s per core" = output images / process CPU-seconds
 (user + sys): robust on a shared machine. Also printed: wall-clock img/s with all
 cores, and the host cores one accelerator needs to sustain a given training rate
 (F0 on one H200: 5,567 img/s, DESIGN.md; pass --rate for another).
 
   python benchmarks/input_pipeline.py [--images 256] [--batch 64] [--batches 6]
+      [--recipe-batches 3] [--step-batch 8] [--no-basic]
 """
 from __future__ import annotations
 
@@ -86,18 +93,25 @@ def main() -> None:
   ap.add_argument('--batches', type=int, default=6)
   ap.add_argument('--rate', type=float, default=None,
                   help='accelerator training rate (img/s) to size host cores for')
+  ap.add_argument('--recipe-batches', type=int, default=3,
+                  help='timed batches per recipe row (F0/F1/F3 x host/device x pairing)')
+  ap.add_argument('--step-batch', type=int, default=8,
+                  help='batch of the device-augment / F0 forward+backward timing (0: skip)')
+  ap.add_argument('--no-basic', action='store_true',
+                  help='skip the train/train_lite/eval rows at 192/256 px')
   ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'input_pipeline.json'))
   args = ap.parse_args()
 
   from nfnet_jax import data
   from nfnet_jax.data._tf import tf
+  load_start = list(os.getloadavg())
   root = tempfile.mkdtemp(prefix='nfnet_pipeline_bench_')
   t = time.time()
   make_jpegs(root, args.images)
   print(f'{args.images} JPEGs 500x375 in {time.time() - t:.1f} s at {root}')
 
   results = []
-  for size in (192, 256):
+  for size in (() if args.no_basic else (192, 256)):
     for kind in ('train', 'train_lite', 'eval'):
       cfg = data.default_config()
       cfg.source, cfg.folder = 'folder', root
@@ -113,17 +127,54 @@ def main() -> None:
       print(f"{kind:10s} {size:3d}px  {r['img_per_core_s']:7.1f} img/s/core  "
             f"{r['img_per_s']:7.1f} img/s wall", flush=True)
 
+  recipes = []
+  for variant, size, magnitude in RECIPES:
+    for augment_on in ('host', 'device'):
+      for pairing in ('paper', 'within_batch'):
+        cfg = recipe_config(root, size, magnitude, augment_on, pairing)
+        r = measure(cfg, 'train', args.batch, args.recipe_batches)
+        r.update(recipe=variant, size=size, magnitude=magnitude, augment_on=augment_on,
+                 pairing=pairing, decodes_per_image=2 if pairing == 'paper' else 1)
+        recipes.append(r)
+        print(f"{variant} {size}px M={magnitude:g} {augment_on:6s} {pairing:12s} "
+              f"{r['img_per_core_s']:7.1f} img/s/core", flush=True)
+  for r in recipes:
+    base = next(b for b in recipes if b['recipe'] == r['recipe'] and b['augment_on'] == 'host'
+                and b['pairing'] == 'paper')
+    r['vs_host_paper'] = round(r['img_per_core_s'] / base['img_per_core_s'], 2)
+
+  device_cost = []
+  if args.step_batch:
+    for variant, size, magnitude in RECIPES:
+      device_cost.append(time_device_augment(root, size, magnitude, args.step_batch))
+      print(f"device augment {variant} {size}px: {device_cost[-1]['ms_per_image']:.2f} "
+            'ms/image', flush=True)
+    step = time_f0_step(args.step_batch)
+    f0 = next(d for d in device_cost if d['size'] == 192)
+    step['device_augment_vs_step'] = round(f0['ms_per_image'] / step['ms_per_image'], 4)
+    print(f"F0 forward+backward 192px: {step['ms_per_image']:.1f} ms/image; device "
+          f"augmentation = {100 * step['device_augment_vs_step']:.2f}% of it", flush=True)
+  else:
+    step = None
+
   rates = {'F0_H200_5567': F0_RATE}
   if args.rate:
     rates['given'] = args.rate
-  train192 = next(r for r in results if r['transform'] == 'train' and r['size'] == 192)
+  train192 = next((r for r in results if r['transform'] == 'train' and r['size'] == 192),
+                  next(r for r in recipes if r['recipe'] == 'F0' and r['augment_on'] == 'host'
+                       and r['pairing'] == 'paper'))
   cores = {k: round(v / train192['img_per_core_s'], 1) for k, v in rates.items()}
+  cores_f0 = {f"{r['augment_on']}_{r['pairing']}": round(F0_RATE / r['img_per_core_s'], 1)
+              for r in recipes if r['recipe'] == 'F0'}
   env = dict(
       date=datetime.date.today().isoformat(), cpu=platform.processor() or platform.machine(),
       cpu_model=_cpu_model(), cores_visible=os.cpu_count(), python=platform.python_version(),
       tensorflow=tf.__version__, numpy=np.__version__, images=args.images,
-      batch=args.batch, batches=args.batches)
-  out = dict(env=env, results=results, cores_needed_train192=cores)
+      batch=args.batch, batches=args.batches, recipe_batches=args.recipe_batches,
+      jax=_jax_version(), jax_backend=_jax_backend(),
+      loadavg_start=load_start, loadavg_end=list(os.getloadavg()))
+  out = dict(env=env, results=results, cores_needed_train192=cores, recipes=recipes,
+             cores_needed_F0_H200=cores_f0, device_augment=device_cost, f0_step=step)
   with open(args.out, 'w') as f:
     json.dump(out, f, indent=2)
 
@@ -135,7 +186,97 @@ def main() -> None:
   for k, v in cores.items():
     print(f'\nHost cores for one accelerator at {rates[k]:,.0f} img/s (train, 192 px): {v}')
   print(f'(general: cores = rate / {train192["img_per_core_s"]})')
+  print('\n| recipe | px | M | augment_on | pairing | host img/s per core | vs host+paper '
+        '| host cores for F0 on an H200 |')
+  print('|---|---|---|---|---|---|---|---|')
+  for r in recipes:
+    print(f"| {r['recipe']} | {r['size']} | {r['magnitude']:g} | {r['augment_on']} | "
+          f"{r['pairing']} | {r['img_per_core_s']} | {r['vs_host_paper']}x | "
+          f"{round(F0_RATE / r['img_per_core_s'], 1)} |")
   print(f'wrote {args.out}')
+
+
+RECIPES = (('F0', 192, 5.0), ('F1', 224, 10.0), ('F3', 320, 15.0))
+
+
+def recipe_config(root: str, size: int, magnitude: float, augment_on: str, pairing: str):
+  from nfnet_jax import data
+  cfg = data.default_config()
+  cfg.source, cfg.folder = 'folder', root
+  cfg.image_size = size
+  cfg.folder_verify = 'none'
+  cfg.randaugment.magnitude = magnitude
+  cfg.augment_on = augment_on
+  cfg.mix.pairing = pairing
+  return cfg
+
+
+def time_device_augment(root: str, size: int, magnitude: float, batch: int,
+                        repeats: int = 3) -> dict:
+  """ms per image of the jitted apply_device_augment on one pipeline batch."""
+  import jax
+  from nfnet_jax import data
+  from nfnet_jax.data import device_augment
+  cfg = recipe_config(root, size, magnitude, 'device', 'paper')
+  raw = next(data.build_train_iter(cfg, batch, seed=0, process_index=0, process_count=1))
+  raw = jax.device_put(raw)
+  fn = jax.jit(lambda b: device_augment.apply_device_augment(b, cfg))
+  t = time.perf_counter()
+  jax.block_until_ready(fn(raw))
+  compile_s = time.perf_counter() - t
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(raw))
+    times.append(time.perf_counter() - t)
+  ms = 1000 * float(np.median(times)) / batch
+  return dict(size=size, magnitude=magnitude, batch=batch, compile_s=round(compile_s, 1),
+              ms_per_image=round(ms, 3), backend=jax.default_backend())
+
+
+def time_f0_step(batch: int, repeats: int = 2) -> dict:
+  """ms per image of NFNet-F0's forward + backward (float32, 192 px, 1000 classes)."""
+  import haiku as hk
+  import jax
+  import jax.numpy as jnp
+  from nfnet_jax import models
+
+  def loss(x, y):
+    logits = models.NFNet(1000, 'F0')(x, is_training=True)['logits']
+    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * y, -1))
+  f = hk.transform(loss)
+  x = jnp.zeros([batch, 192, 192, 3], jnp.float32)
+  y = jax.nn.one_hot(jnp.zeros([batch], jnp.int32), 1000)
+  params = f.init(jax.random.PRNGKey(0), x, y)
+  grad = jax.jit(jax.value_and_grad(lambda p, k: f.apply(p, k, x, y)))
+  key = jax.random.PRNGKey(1)
+  t = time.perf_counter()
+  jax.block_until_ready(grad(params, key))
+  compile_s = time.perf_counter() - t
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(grad(params, key))
+    times.append(time.perf_counter() - t)
+  return dict(batch=batch, size=192, compile_s=round(compile_s, 1),
+              ms_per_image=round(1000 * float(np.median(times)) / batch, 2),
+              backend=jax.default_backend())
+
+
+def _jax_version() -> str:
+  try:
+    import jax
+    return jax.__version__
+  except ImportError:
+    return 'not installed'
+
+
+def _jax_backend() -> str:
+  try:
+    import jax
+    return jax.default_backend()
+  except ImportError:
+    return 'none'
 
 
 def _cpu_model() -> str:

@@ -30,8 +30,9 @@ def natural_image(size=32, seed=0):
 def test_identities():
   img = natural_image()
   np.testing.assert_array_equal(ra.invert(ra.invert(img)).numpy(), img)
-  np.testing.assert_array_equal(ra.solarize(img, 256).numpy(), img)
-  np.testing.assert_array_equal(op(img, 'Solarize', 10), img)       # int(256*10/10) = 256
+  np.testing.assert_array_equal(ra.solarize(img, 256, 'saturate').numpy(), img)
+  np.testing.assert_array_equal(op(img, 'Solarize', 10, solarize_mode='saturate'), img)
+  np.testing.assert_array_equal(op(img, 'Solarize', 10), 255 - img)  # 256 wraps to 0
   np.testing.assert_array_equal(ra.posterize(img, 8).numpy(), img)
   np.testing.assert_array_equal(op(img, 'Posterize', 20), img)      # keeps int(8) bits
   np.testing.assert_array_equal(op(img, 'Posterize', 0, posterize_mode='remove_bits'), img)
@@ -207,7 +208,7 @@ def test_direction_with_magnitude(name):
   else:
     assert all(a <= b for a, b in zip(s, s[1:])) and s[0] < s[-1], s
   if name == 'Solarize':
-    assert _strength(name, img, 10) == 0.0
+    assert _strength(name, img, 10, solarize_mode='saturate') == 0.0
   if name == 'Posterize':                      # remove_bits: stronger as M grows
     r = [_strength(name, img, m, posterize_mode='remove_bits') for m in ms]
     assert all(a <= b for a, b in zip(r, r[1:])) and r[0] < r[-1], r
@@ -239,3 +240,62 @@ def test_randaugment_draws_all_ops():
   outs = {ra.randaugment(img, np.array([s, 0], np.int32), num_layers=1,
                          magnitude=7.0).numpy().tobytes() for s in range(60)}
   assert len(outs) >= 12
+
+
+# ------------------------------------------------- Solarize as the paper's runs
+
+def deepmind_solarize_graph(image: np.ndarray, magnitude: float) -> np.ndarray:
+  """The reference: DeepMind's expression `tf.where(image < threshold, image,
+  255 - image)` with the Python-int threshold int((M / 10) * 256), traced by
+  tf.function and run on a uint8 tensor (where TF converts the int to uint8)."""
+  import tensorflow as tf
+  threshold = int((magnitude / 10.0) * 256)
+
+  @tf.function
+  def solarize(image):
+    return tf.where(image < threshold, image, 255 - image)
+  return solarize(tf.constant(image)).numpy()
+
+
+def test_solarize_wraps_like_tf_graph_mode():
+  every_level = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+  for m in (0, 1, 5, 9.9, 10, 11.7, 15, 20, 25):
+    ref = deepmind_solarize_graph(every_level, m)
+    np.testing.assert_array_equal(op(every_level, 'Solarize', m), ref, err_msg=str(m))
+    # Same through the policy (one layer, op forced to Solarize).
+    params = dict(ops=np.array([ra.OP_NAMES.index('Solarize')], np.int32),
+                  signs=np.ones([1], np.float32), centres=np.zeros([1, 2], np.int32))
+    np.testing.assert_array_equal(
+        ra.randaugment_with_params(every_level, params, magnitude=float(m)).numpy(), ref)
+  # Spelled out: M=10 (F1, F2) inverts every pixel, M=15 (F3+) solarizes at 128.
+  np.testing.assert_array_equal(op(every_level, 'Solarize', 10), 255 - every_level)
+  at_128 = np.where(every_level < 128, every_level, 255 - every_level)
+  np.testing.assert_array_equal(op(every_level, 'Solarize', 15), at_128)
+  # 'saturate': an int32 comparison, identity from M=10.
+  np.testing.assert_array_equal(op(every_level, 'Solarize', 10, solarize_mode='saturate'),
+                                every_level)
+  np.testing.assert_array_equal(op(every_level, 'Solarize', 15, solarize_mode='saturate'),
+                                every_level)
+  np.testing.assert_array_equal(op(every_level, 'Solarize', 5, solarize_mode='saturate'),
+                                at_128)
+  with pytest.raises(ValueError, match='solarize'):
+    op(every_level, 'Solarize', 5, solarize_mode='clip')
+
+
+def test_randaugment_params_reproduce_the_policy():
+  """randaugment(seed) == randaugment_with_params(randaugment_params(seed)), and the
+  draws are uniform over the 16 ops with both signs."""
+  img = natural_image(24)
+  for s in range(6):
+    seed = np.array([s, 11], np.int32)
+    params = ra.randaugment_params(seed, 4, 24, 24)
+    np.testing.assert_array_equal(
+        ra.randaugment(img, seed, num_layers=4, magnitude=15.0).numpy(),
+        ra.randaugment_with_params(img, params, magnitude=15.0).numpy())
+  draws = [ra.randaugment_params(np.array([s, 1], np.int32), 4, 24, 24) for s in range(100)]
+  ops = np.concatenate([d['ops'].numpy() for d in draws])
+  assert set(ops) == set(range(16))
+  signs = np.concatenate([d['signs'].numpy() for d in draws])
+  assert set(signs) == {-1.0, 1.0} and 0.35 < (signs > 0).mean() < 0.65
+  centres = np.concatenate([d['centres'].numpy() for d in draws])
+  assert centres.min() >= 0 and centres.max() < 24

@@ -16,6 +16,8 @@ SOURCES = ('tfds', 'folder', 'offline')
 CROPS = ('auto', 'inception', 'pad_crop', 'resize', 'none')
 EVAL_CROPS = ('squash', 'center_crop')
 FOLDER_VERIFY = ('decode', 'open', 'none')
+AUGMENT_ON = ('host', 'device')
+PAIRINGS = ('paper', 'within_batch')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -57,11 +59,23 @@ def default_config() -> ml_collections.ConfigDict:
       enabled=True, num_layers=4, magnitude=5.0,
       contrast_mode='tf',          # 'tf': blend toward min(H*W/256, 255); 'mean': mean grey
       posterize_mode='keep_bits',  # 'keep_bits': keep int(4M/10) bits; 'remove_bits'
+      solarize='wrap',             # threshold int(256M/10) % 256 ('wrap', as the paper's
+                                   # runs) or capped at 256 ('saturate': identity at M>=10)
       fill=128, translate_const=100.0, cutout_const=40.0))
 
   # Mixing: 2B decoded images in, B out. With both MixUp and CutMix on, the first
   # half of the global batch is MixUp, the second half CutMix.
-  c.mix = ml_collections.ConfigDict(dict(enabled=True, mixup_alpha=0.2, cutmix=True))
+  # pairing 'paper': 2B decoded -> B; 'within_batch': B decoded -> B, output rows
+  # 2i and 2i+1 both mix decoded rows 2i and 2i+1 (in the two orders).
+  # quantize_inputs: clip+truncate the resized images to uint8 before mixing
+  # (always so with augment_on='device'; False mixes the unclamped bicubic output).
+  c.mix = ml_collections.ConfigDict(dict(enabled=True, mixup_alpha=0.2, cutmix=True,
+                                         pairing='paper', quantize_inputs=False))
+
+  # 'host': the tf.data/numpy pipeline mixes, augments and normalises. 'device': it
+  # emits uint8 images plus the random numbers of those stages and
+  # `device_augment.apply_device_augment` applies them in JAX (same numbers).
+  c.augment_on = 'host'
 
   c.normalize = True             # ImageNet mean/std on the 0-255 scale
   c.bfloat16 = False             # emit images as bfloat16
@@ -116,3 +130,22 @@ def image_sizes(cfg) -> Tuple[int, int]:
   from nfnet_jax.models import registry  # TF-free; lazy so the config stays light.
   info = registry.info(model)
   return train or int(info['train_imsize']), test or int(info['test_imsize'])
+
+
+def mix_on(cfg) -> bool:
+  """Whether the train transform mixes pairs of images (MixUp and/or CutMix)."""
+  return bool(cfg.mix.enabled) and (cfg.mix.mixup_alpha > 0 or bool(cfg.mix.cutmix))
+
+
+def check_augment_config(cfg) -> None:
+  """One-line ValueErrors for bad augment_on / mix.pairing / RandAugment modes."""
+  checks = ((cfg.get('augment_on', 'host'), AUGMENT_ON, 'data.augment_on'),
+            (cfg.mix.get('pairing', 'paper'), PAIRINGS, 'data.mix.pairing'),
+            (cfg.randaugment.get('solarize', 'wrap'), ('wrap', 'saturate'),
+             'data.randaugment.solarize'),
+            (cfg.randaugment.contrast_mode, ('tf', 'mean'), 'data.randaugment.contrast_mode'),
+            (cfg.randaugment.posterize_mode, ('keep_bits', 'remove_bits'),
+             'data.randaugment.posterize_mode'))
+  for value, allowed, name in checks:
+    if value not in allowed:
+      raise ValueError(f'{name} must be one of {allowed}, got {value!r}')

@@ -12,7 +12,6 @@ not the TF path's batches, but they are a function of (seed, step) only.
 """
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from typing import Dict, Iterator, Tuple
@@ -65,13 +64,6 @@ def mix_pairs(images: np.ndarray, labels: np.ndarray, modes: np.ndarray,
       out[j, y0:y1, x0:x1] = b[j, y0:y1, x0:x1]
       weight[j] = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
   return out, weight[:, None] * la + (1 - weight[:, None]) * lb
-
-
-def _check_cfg(cfg) -> None:
-  """The config itself is checked by `nfnet_jax.data` (`_validate`) before this runs."""
-  if cfg.randaugment.enabled:
-    logging.warning('use_tf=False: RandAugment is not available in the numpy path; '
-                    'skipped (set randaugment.enabled=False to silence).')
 
 
 def _prefetch(it: Iterator, size: int) -> Iterator:
@@ -131,7 +123,6 @@ def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
   its rows, so the batch does not depend on the process count.
   Yields {images [local, S, S, 3], labels [local, K], mask [local]}.
   """
-  _check_cfg(cfg)
   local = indexing.local_batch_size(global_batch_size, process_count)
   images, labels = shapes.load(cfg, 'train')
   n, size, k = images.shape[0], images.shape[1], int(cfg.offline.num_classes)
@@ -177,6 +168,12 @@ def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
     y = one_hot(labels[ids], k)
     if mixing:
       x, y = mix_pairs(x, y, modes[rout], lam[rout], ratio[rout], centres[rout])
+    if cfg.randaugment.enabled:   # JAX ops of device_augment; own stream, global rows.
+      from nfnet_jax.data import device_augment
+      params = device_augment.draw_randaugment_params(
+          np.random.default_rng([seed, step, 0xA06]), global_batch_size,
+          int(cfg.randaugment.num_layers), size, size)
+      x = device_augment.randaugment_numpy(x, {k: v[rout] for k, v in params.items()}, cfg)
     return dict(images=_finish(x, cfg), labels=y, mask=np.ones([local], np.float32))
 
   def gen():
@@ -191,7 +188,6 @@ def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
 def eval_iter(cfg, global_batch_size: int, process_index: int,
                     process_count: int) -> Iterator[Dict[str, np.ndarray]]:
   """Finite eval batches of the offline dataset; padded rows have mask 0."""
-  _check_cfg(cfg)
   images, labels = shapes.load(cfg, 'eval')
   k = int(cfg.offline.num_classes)
   for ids, mask in indexing.eval_batches(images.shape[0], global_batch_size,

@@ -11,6 +11,12 @@ Train graph, per process (see `indexing` for the layout):
      clip+uint8, RandAugment, normalise; seeded by (seed, step, global output row)
   -> batch(local) -> prefetch -> numpy
 
+With `mix.pairing='within_batch'` one image is decoded per output row and
+consecutive pairs (2i, 2i+1) give outputs 2i (2i mixed with 2i+1) and 2i+1 (the
+reverse). With `augment_on='device'` the per-output stage only draws the random
+numbers and the batch carries uint8 images for
+`device_augment.apply_device_augment`.
+
 Nothing depends on a tf.data RNG state, so `start_step` starts the stream at any
 step without decoding the earlier ones, and the global batch of a step does not
 depend on the number of processes.
@@ -23,7 +29,9 @@ from typing import Dict, Iterator
 import numpy as np
 
 from nfnet_jax.data import indexing
-from nfnet_jax.data.config import image_sizes, resolve_crop, resolve_eval_crop
+from nfnet_jax.data.config import check_augment_config, image_sizes, resolve_crop
+from nfnet_jax.data.config import resolve_eval_crop
+from nfnet_jax.data.config import mix_on as _mix_on
 from nfnet_jax.data import mixing
 from nfnet_jax.data import randaugment as ra
 from nfnet_jax.data import sources
@@ -69,13 +77,25 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
   n, k = src.num_examples, src.num_classes
   crop = resolve_crop(cfg)
   size, _ = image_sizes(cfg)
+  check_augment_config(cfg)
+  device = cfg.get('augment_on', 'host') == 'device'
+  mix_on = _mix_on(cfg)
+  within = mix_on and cfg.mix.get('pairing', 'paper') == 'within_batch'
   m = _inputs_per_row(cfg)
-  mix_on = m == 2
+  if within and local % 2:
+    raise ValueError(f"mix.pairing='within_batch' pairs rows (2i, 2i+1): the per-process "
+                     f'batch ({local}) must be even.')
+  quantize = device or bool(cfg.mix.get('quantize_inputs', False))
   rows_in, local_in = m * global_batch_size, m * local
   modes = tf.constant(indexing.mix_modes(global_batch_size, cfg.mix.mixup_alpha > 0,
                                          bool(cfg.mix.cutmix)))
   base = tf.constant([seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF], tf.int64)
   rac = cfg.randaugment
+  ra_kw = dict(magnitude=float(rac.magnitude), contrast_mode=rac.contrast_mode,
+               posterize_mode=rac.posterize_mode, solarize_mode=rac.get('solarize', 'wrap'),
+               fill=int(rac.fill), translate_const=float(rac.translate_const),
+               cutout_const=float(rac.cutout_const))
+  alpha = float(cfg.mix.mixup_alpha)
   par = _parallel(cfg)
 
   @_no_autograph
@@ -119,32 +139,82 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
     else:
       image = tf.cast(image, tf.float32)
       image.set_shape([size, size, 3])
+    if quantize:
+      image = T.to_uint8(image)
     return step, row, image, tf.one_hot(label, k, dtype=tf.float32)
+
+  def consumed(step, row):
+    """1 + the local element counter of input `row` of `step` (counts drops)."""
+    return step * local_in + row - process_index * local_in + 1
+
+  def out_seed(step, out_row):
+    return T.fold_in(base, step, out_row + (1 << 40))
+
+  def augment(step, out_row, a, b, la, lb):
+    """Host stages of one output row: mix (a, b), clip+uint8, RandAugment, normalise."""
+    s = out_seed(step, out_row)
+    a = tf.cast(a, tf.float32)
+    if mix_on:
+      mode = tf.gather(modes, out_row)
+      ratio, box = mixing.mix_params(mode, T.fold_in(s, _MIX), alpha, size, size)
+      image, label = mixing.mix_with_params(a, tf.cast(b, tf.float32), la, lb, mode,
+                                            ratio, box)
+    else:
+      image, label = a, la
+    if rac.enabled:
+      image = T.to_uint8(image)
+      params = ra.randaugment_params(T.fold_in(s, _RA), int(rac.num_layers), size, size)
+      image = ra.randaugment_with_params(image, params, **ra_kw)
+      image.set_shape([size, size, 3])
+    return dict(images=_finish(image, cfg), labels=label, mask=tf.constant(1.0))
+
+  def draw(step, out_row):
+    """Random numbers of one output row for `device_augment` (same draws as `augment`)."""
+    s = out_seed(step, out_row)
+    if mix_on:
+      mode = tf.gather(modes, out_row)
+      ratio, box = mixing.mix_params(mode, T.fold_in(s, _MIX), alpha, size, size)
+    else:
+      mode, ratio, box = tf.constant(-1), tf.constant(1.0), tf.zeros([4], tf.int32)
+    n = int(rac.num_layers) if rac.enabled else 0
+    params = ra.randaugment_params(T.fold_in(s, _RA), n, size, size)
+    return dict(mix_mode=mode, mix_ratio=ratio, mix_box=box, ra_ops=params['ops'],
+                ra_signs=params['signs'], ra_centres=params['centres'],
+                mask=tf.constant(1.0))
 
   @_no_autograph
   def per_output(step, row, images, labels):
+    """m consecutive decoded rows -> output row row[0] // m."""
     out_row = row[0] // m
-    s = T.fold_in(base, step[0], out_row + (1 << 40))
-    if mix_on:
-      image, label = mixing.mix_pair(images, labels, tf.gather(modes, out_row),
-                                     T.fold_in(s, _MIX), float(cfg.mix.mixup_alpha))
+    if device:
+      out = dict(images=images, labels=labels, **draw(step[0], out_row))
     else:
-      image, label = images[0], labels[0]
-    if rac.enabled:
-      image = ra.randaugment(T.to_uint8(image), T.fold_in(s, _RA),
-                             num_layers=int(rac.num_layers), magnitude=float(rac.magnitude),
-                             contrast_mode=rac.contrast_mode,
-                             posterize_mode=rac.posterize_mode, fill=int(rac.fill),
-                             translate_const=float(rac.translate_const),
-                             cutout_const=float(rac.cutout_const))
-      image.set_shape([size, size, 3])
-    return dict(images=_finish(image, cfg), labels=label, mask=tf.constant(1.0),
-                _consumed=step[-1] * local_in + row[-1] - process_index * local_in + 1)
+      b, lb = (images[1], labels[1]) if m == 2 else (images[0], labels[0])
+      out = augment(step[0], out_row, images[0], b, labels[0], lb)
+    return dict(out, _consumed=consumed(step[-1], row[-1]))
+
+  @_no_autograph
+  def per_pair(step, row, images, labels):
+    """Within-batch pairing: decoded rows (2i, 2i+1) -> output rows 2i, 2i+1."""
+    outs = [dict(augment(step[0], row[j], images[j], images[1 - j], labels[j],
+                         labels[1 - j]), _consumed=consumed(step[1], row[1]))
+            for j in (0, 1)]
+    return {key: tf.stack([o[key] for o in outs]) for key in outs[0]}
+
+  @_no_autograph
+  def per_row_device(step, row, image, label):
+    return dict(images=image[None], labels=label[None], **draw(step, row),
+                _consumed=consumed(step, row))
 
   ds = tf.data.Dataset.range(start_step * local_in, _INT64_MAX)
   ds = ds.map(locate).batch(local_in).map(fetch, num_parallel_calls=par).unbatch()
   ds = ds.map(per_input, num_parallel_calls=par).ignore_errors()
-  ds = ds.batch(m).map(per_output, num_parallel_calls=par)
+  if within and device:     # The device pairs the rows; one decoded image per row.
+    ds = ds.map(per_row_device, num_parallel_calls=par)
+  elif within:
+    ds = ds.batch(2).map(per_pair, num_parallel_calls=par).unbatch()
+  else:
+    ds = ds.batch(m).map(per_output, num_parallel_calls=par)
   ds = ds.batch(local, drop_remainder=True).prefetch(int(cfg.prefetch))
   return ds.with_options(_options(cfg))
 
@@ -189,8 +259,9 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
 
 
 def _inputs_per_row(cfg) -> int:
-  """Decoded images per output image: 2 when mixing, else 1."""
-  return 2 if bool(cfg.mix.enabled) and (cfg.mix.mixup_alpha > 0 or cfg.mix.cutmix) else 1
+  """Decoded images per output row: 2 when mixing with the paper's pairing, else 1."""
+  within = cfg.mix.get('pairing', 'paper') == 'within_batch'
+  return 2 if _mix_on(cfg) and not within else 1
 
 
 def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,

@@ -6,10 +6,20 @@ linearly above 10). Magnitude -> argument (`op_args`):
 
   Rotate 30*M/10 deg, ShearX/Y 0.3*M/10, TranslateX/Y translate_const*M/10 px
   (these five get a random sign), Posterize keeps int(4*M/10) bits ('keep_bits')
-  or removes that many ('remove_bits'), Solarize threshold int(256*M/10),
+  or removes that many ('remove_bits'), Solarize threshold int(256*M/10) taken
+  modulo 256 ('wrap', the default: M=10 inverts every pixel, M=15 solarizes at
+  128) or capped at 256 ('saturate': identity from M=10),
   SolarizeAdd adds int(110*M/10) below 128, Color/Contrast/Brightness/Sharpness
   blend factor 0.1 + 1.8*M/10, Cutout square of side 2*int(cutout_const*M/10)
   at a uniform random centre; AutoContrast, Equalize, Invert ignore M.
+
+The 'wrap' reading is what DeepMind's TF code did: it compares the uint8 image
+with the Python int threshold inside a tf.data graph, and TF converts the int to
+uint8 modulo 256. docs/augmentation.md has the details.
+
+The random parts of a policy (op index, sign, Cutout centre per layer) are drawn
+by `randaugment_params` and applied by `randaugment_with_params`, so the same
+numbers can drive the JAX ops of `device_augment`.
 
 Geometric ops use `tf.raw_ops.ImageProjectiveTransformV3` (nearest, constant fill
 `fill`, default 128). Blends compute degenerate + f * (image - degenerate),
@@ -18,16 +28,11 @@ clip to [0, 255] and truncate to uint8.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from nfnet_jax.data._tf import tf
-
-OP_NAMES = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
-            'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
-            'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd')
-SIGNED_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')
-CONTRAST_MODES = ('tf', 'mean')
-POSTERIZE_MODES = ('keep_bits', 'remove_bits')
+from nfnet_jax.data.policy import (CONTRAST_MODES, OP_NAMES, POSTERIZE_MODES,  # noqa: F401
+                                   SIGNED_OPS, SOLARIZE_MODES, op_args, solarize_threshold)
 
 
 # --------------------------------------------------------------------------------
@@ -50,9 +55,15 @@ def invert(image) -> tf.Tensor:
   return 255 - tf.convert_to_tensor(image)
 
 
-def solarize(image, threshold) -> tf.Tensor:
-  """Pixels >= threshold are inverted (threshold 256 = identity)."""
-  return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+def solarize(image, threshold, mode: str = 'wrap') -> tf.Tensor:
+  """Pixels >= the effective threshold (see `solarize_threshold`) are inverted:
+  with 'wrap' a threshold of 256 inverts every pixel, with 'saturate' it is the
+  identity."""
+  if mode not in SOLARIZE_MODES:
+    raise ValueError(f'solarize mode must be one of {SOLARIZE_MODES}, got {mode!r}')
+  t = tf.cast(threshold, tf.int32)
+  t = tf.math.floormod(t, 256) if mode == 'wrap' else tf.clip_by_value(t, 0, 256)
+  return tf.where(tf.cast(image, tf.int32) < t, image, 255 - image)
 
 
 def solarize_add(image, addition, threshold: int = 128) -> tf.Tensor:
@@ -185,56 +196,28 @@ def cutout(image, half_size, cy, cx, fill: int = 128) -> tf.Tensor:
 
 
 # --------------------------------------------------------------------------------
-# Magnitude rules
+# Policy
 # --------------------------------------------------------------------------------
-
-def op_args(name: str, magnitude: float, posterize_mode: str = 'keep_bits',
-            translate_const: float = 100.0, cutout_const: float = 40.0):
-  """The (unsigned) argument of op `name` at magnitude M (a Python number)."""
-  m = magnitude / 10.0
-  if name == 'Rotate':
-    return 30.0 * m
-  if name in ('ShearX', 'ShearY'):
-    return 0.3 * m
-  if name in ('TranslateX', 'TranslateY'):
-    return translate_const * m
-  if name == 'Posterize':
-    bits = int(4 * m)
-    if posterize_mode == 'keep_bits':
-      return bits
-    if posterize_mode == 'remove_bits':
-      return 8 - bits
-    raise ValueError(f'posterize mode must be one of {POSTERIZE_MODES}, got {posterize_mode!r}')
-  if name == 'Solarize':
-    return int(256 * m)
-  if name == 'SolarizeAdd':
-    return int(110 * m)
-  if name in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
-    return 0.1 + 1.8 * m
-  if name == 'Cutout':
-    return int(cutout_const * m)
-  if name in ('AutoContrast', 'Equalize', 'Invert'):
-    return None
-  raise ValueError(f'Unknown RandAugment op {name!r}')
-
 
 def apply_op(image, name: str, magnitude: float, seed=None, *, sign: Optional[float] = None,
              centre: Optional[Tuple[int, int]] = None, contrast_mode: str = 'tf',
-             posterize_mode: str = 'keep_bits', fill: int = 128,
+             posterize_mode: str = 'keep_bits', solarize_mode: str = 'wrap', fill: int = 128,
              translate_const: float = 100.0, cutout_const: float = 40.0) -> tf.Tensor:
   """Applies op `name` at magnitude M to uint8 [H, W, 3].
 
   Random parts (the sign of signed ops, the Cutout centre) come from `seed`
-  ([2] int) unless given as `sign` (+1/-1) / `centre` (cy, cx).
+  ([2] int, drawn as `randaugment_params` draws one layer) unless given as
+  `sign` (+1/-1) / `centre` (cy, cx).
   """
   image = tf.convert_to_tensor(image)
   arg = op_args(name, magnitude, posterize_mode, translate_const, cutout_const)
   if seed is None:
     seed = tf.constant([0, 0], tf.int32)
-  s_sign, s_y, s_x = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  if sign is None or centre is None:
+    drawn_sign, drawn_centre = _layer_draws(seed, tf.shape(image)[0], tf.shape(image)[1])
+    sign = drawn_sign if sign is None else sign
+    centre = (drawn_centre[0], drawn_centre[1]) if centre is None else centre
   if name in SIGNED_OPS:
-    if sign is None:
-      sign = tf.where(tf.random.stateless_uniform([], s_sign) < 0.5, -1.0, 1.0)
     arg = tf.cast(sign, tf.float32) * arg
   if name == 'AutoContrast':
     return autocontrast(image)
@@ -247,7 +230,7 @@ def apply_op(image, name: str, magnitude: float, seed=None, *, sign: Optional[fl
   if name == 'Posterize':
     return posterize(image, arg)
   if name == 'Solarize':
-    return solarize(image, arg)
+    return solarize(image, arg, solarize_mode)
   if name == 'SolarizeAdd':
     return solarize_add(image, arg)
   if name == 'Color':
@@ -267,35 +250,89 @@ def apply_op(image, name: str, magnitude: float, seed=None, *, sign: Optional[fl
   if name == 'TranslateY':
     return translate_y(image, arg, fill)
   if name == 'Cutout':
-    if centre is None:
-      shape = tf.shape(image)
-      centre = (tf.random.stateless_uniform([], s_y, 0, shape[0], tf.int32),
-                tf.random.stateless_uniform([], s_x, 0, shape[1], tf.int32))
     return cutout(image, arg, centre[0], centre[1], fill)
   raise ValueError(f'Unknown RandAugment op {name!r}')
 
 
-def randaugment(image, seed, num_layers: int = 2, magnitude: float = 10.0,
-                contrast_mode: str = 'tf', posterize_mode: str = 'keep_bits',
-                fill: int = 128, translate_const: float = 100.0,
-                cutout_const: float = 40.0) -> tf.Tensor:
-  """N layers of one uniformly drawn op each. uint8 [H, W, 3] -> uint8 [H, W, 3]."""
+def _layer_draws(seed, height, width):
+  """(sign float32 +-1, [cy, cx] int32) of one layer from its argument seed [2]."""
+  s_sign, s_y, s_x = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  sign = tf.where(tf.random.stateless_uniform([], s_sign) < 0.5, -1.0, 1.0)
+  cy = tf.random.stateless_uniform([], s_y, 0, height, tf.int32)
+  cx = tf.random.stateless_uniform([], s_x, 0, width, tf.int32)
+  return sign, tf.stack([cy, cx])
+
+
+def randaugment_params(seed, num_layers: int, height, width) -> Dict[str, tf.Tensor]:
+  """The random numbers of one image's policy, from its seed ([2] int).
+
+  Returns {ops [N] int32 (index into OP_NAMES), signs [N] float32 (+-1, used by
+  the signed ops), centres [N, 2] int32 (Cutout centre (cy, cx))}. Layer i uses
+  seed fold_in(seed, i) split into (op seed, argument seed).
+  """
+  ops, signs, centres = [], [], []
+  for i in range(int(num_layers)):
+    s_op, s_args = tf.unstack(tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(seed, i), 2))
+    ops.append(tf.random.stateless_uniform([], s_op, 0, len(OP_NAMES), tf.int32))
+    sign, centre = _layer_draws(s_args, height, width)
+    signs.append(sign)
+    centres.append(centre)
+  if not ops:
+    return dict(ops=tf.zeros([0], tf.int32), signs=tf.zeros([0], tf.float32),
+                centres=tf.zeros([0, 2], tf.int32))
+  return dict(ops=tf.stack(ops), signs=tf.stack(signs), centres=tf.stack(centres))
+
+
+def _check_modes(contrast_mode, posterize_mode, solarize_mode):
+  for value, allowed, what in ((contrast_mode, CONTRAST_MODES, 'contrast_mode'),
+                               (posterize_mode, POSTERIZE_MODES, 'posterize_mode'),
+                               (solarize_mode, SOLARIZE_MODES, 'solarize')):
+    if value not in allowed:
+      raise ValueError(f'randaugment.{what} must be one of {allowed}, got {value!r}')
+
+
+def randaugment_with_params(image, params: Dict[str, tf.Tensor], magnitude: float = 10.0,
+                            contrast_mode: str = 'tf', posterize_mode: str = 'keep_bits',
+                            solarize_mode: str = 'wrap', fill: int = 128,
+                            translate_const: float = 100.0,
+                            cutout_const: float = 40.0) -> tf.Tensor:
+  """Applies the layers of `params` (see `randaugment_params`) in order.
+  uint8 [H, W, 3] -> uint8 [H, W, 3]."""
   image = tf.convert_to_tensor(image)
   if image.dtype != tf.uint8:
     raise TypeError(f'randaugment expects uint8 images, got {image.dtype}')
-  kw = dict(contrast_mode=contrast_mode, posterize_mode=posterize_mode, fill=fill,
-            translate_const=translate_const, cutout_const=cutout_const)
+  _check_modes(contrast_mode, posterize_mode, solarize_mode)
+  kw = dict(contrast_mode=contrast_mode, posterize_mode=posterize_mode,
+            solarize_mode=solarize_mode, fill=fill, translate_const=translate_const,
+            cutout_const=cutout_const)
+  ops = tf.convert_to_tensor(params['ops'], tf.int32)
+  signs = tf.convert_to_tensor(params['signs'], tf.float32)
+  centres = tf.convert_to_tensor(params['centres'], tf.int32)
+
   def layer(i, image):
-    s_op, s_args = tf.unstack(tf.random.experimental.stateless_split(
-        tf.random.experimental.stateless_fold_in(seed, i), 2))
-    op = tf.random.stateless_uniform([], s_op, 0, len(OP_NAMES), tf.int32)
-    branches = [(lambda name=name: apply_op(image, name, magnitude, s_args, **kw))
+    sign, centre = signs[i], (centres[i, 0], centres[i, 1])
+    branches = [(lambda name=name: apply_op(image, name, magnitude, sign=sign,
+                                            centre=centre, **kw))
                 for name in OP_NAMES]
-    out = tf.switch_case(op, branches)
+    out = tf.switch_case(ops[i], branches)
     out.set_shape(image.shape)
     return i + 1, out
 
   # A while loop traces the 16 branches once instead of once per layer.
-  _, image = tf.while_loop(lambda i, _: i < num_layers, layer,
+  _, image = tf.while_loop(lambda i, _: i < tf.shape(ops)[0], layer,
                            [tf.constant(0), image])
   return image
+
+
+def randaugment(image, seed, num_layers: int = 2, magnitude: float = 10.0,
+                contrast_mode: str = 'tf', posterize_mode: str = 'keep_bits',
+                solarize_mode: str = 'wrap', fill: int = 128,
+                translate_const: float = 100.0, cutout_const: float = 40.0) -> tf.Tensor:
+  """N layers of one uniformly drawn op each. uint8 [H, W, 3] -> uint8 [H, W, 3]."""
+  image = tf.convert_to_tensor(image)
+  if image.dtype != tf.uint8:
+    raise TypeError(f'randaugment expects uint8 images, got {image.dtype}')
+  params = randaugment_params(seed, num_layers, tf.shape(image)[0], tf.shape(image)[1])
+  return randaugment_with_params(image, params, magnitude, contrast_mode, posterize_mode,
+                                 solarize_mode, fill, translate_const, cutout_const)
