@@ -45,11 +45,17 @@ def make_init_fn(config, model, tx, image_size: int) -> Callable:
 
 
 def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """[B] 1.0 where the (hard) label is among the top-k logits."""
+  """[B] 1.0 where the (hard) label is among the top-k logits [B, C], else 0.0.
+
+  The label's rank is the number of logits strictly above its own (a tie counts for
+  the label). A row with any non-finite logit scores 0: NaN compares false with
+  everything, so without that rule an all-NaN row would rank its label first.
+  """
   target = jnp.argmax(labels, axis=-1)
   target_logit = jnp.take_along_axis(logits, target[:, None], axis=-1)
   rank = jnp.sum(logits > target_logit, axis=-1)
-  return (rank < k).astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)
+  return ((rank < k) & finite).astype(jnp.float32)
 
 
 def make_train_step(config, model, tx, schedule) -> Callable:
