@@ -171,8 +171,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
 
 
 def schedule_lengths(config, num_train: int) -> tuple[int, int]:
-  """(total_steps, warmup_steps) from epochs, or config.total_steps when set."""
+  """(total_steps, warmup_steps) of the learning-rate schedule.
+
+  total_steps: config.total_steps when set, else num_epochs of `num_train` examples.
+  warmup_steps: warmup_epochs of examples; when config.total_steps cuts the run
+  shorter than num_epochs, warmup shrinks by the same ratio, so it keeps its fraction
+  of the schedule (5 of 360 epochs in the paper's recipe: 60 steps warm up for 1).
+  """
   steps_per_epoch = num_train / config.batch_size
-  total = config.total_steps or int(math.ceil(config.num_epochs * steps_per_epoch))
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  return total, min(warmup, total)
+  by_epochs = int(math.ceil(config.num_epochs * steps_per_epoch))
+  total = config.total_steps or by_epochs
+  warmup = config.warmup_epochs * steps_per_epoch
+  if 0 < total < by_epochs:
+    warmup *= total / by_epochs
+  return total, min(int(round(warmup)), total)

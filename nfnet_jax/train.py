@@ -273,6 +273,15 @@ def _check_nonfinite(control, step: int, max_bad: int) -> None:
         'config.optimizer.agc_clipping, then re-run to resume from the last checkpoint.')
 
 
+def format_duration(seconds: float) -> str:
+  """'16:45:05', or '1d 16:45:05' from 24 h on; '?' when not finite."""
+  if not math.isfinite(seconds):
+    return '?'
+  days, rest = divmod(int(round(max(seconds, 0.0))), 86400)
+  hms = f'{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}'
+  return f'{days}d {hms}' if days else hms
+
+
 def _log(step, total_steps, metrics, control, writer, ips: float, batch_size: int):
   last = {k: float(v) for k, v in metrics.items()}
   last['images_per_sec'] = ips
@@ -280,7 +289,7 @@ def _log(step, total_steps, metrics, control, writer, ips: float, batch_size: in
   eta = (total_steps - step) * batch_size / ips if ips > 0 else float('nan')
   logging.info('step %d/%d loss %.4f top-1 %.2f%% lr %.4g %.0f img/s ETA %s%s', step,
                total_steps, last['loss'], 100 * last['top1'], last['lr'], ips,
-               time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '?',
+               format_duration(eta),
                f' (skipped {int(last["skipped"])} non-finite)' if last['skipped'] else '')
   writer.write(step, last, prefix='train')
 

@@ -694,3 +694,22 @@ def test_numpy_pipeline_gives_each_process_its_own_rows():
     for key in w:
       np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
     assert not np.array_equal(a['images'], b['images'])
+
+
+def test_eta_shows_days(caplog):
+  """The paper's recipe runs for days: the ETA must not wrap at 24 h."""
+  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  fmt = train.format_duration
+  assert fmt(59) == '00:00:59' and fmt(86399) == '23:59:59'
+  assert fmt(40.7 * 3600) == '1d 16:42:00' and fmt(86400) == '1d 00:00:00'
+  assert fmt(12 * 86400 + 3661) == '12d 01:01:01' and fmt(float('nan')) == '?'
+
+  class Writer:
+    def write(self, *args, **kwargs):
+      pass
+
+  # 1000 steps of 64 images at 0.5 img/s: 128,000 s = 1 d 11:33:20.
+  metrics = dict(loss=1.0, top1=0.5, lr=0.1)
+  with caplog.at_level('INFO'):
+    train._log(0, 1000, metrics, dict(skipped=0), Writer(), 0.5, 64)  # pylint: disable=protected-access
+  assert 'ETA 1d 11:33:20' in caplog.text
