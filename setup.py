@@ -20,7 +20,7 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['nfnet_jax', 'nfnet_jax.*']),
     package_data={'nfnet_jax': ['data/*.txt', 'data/*.json']},
-    python_requires='>=3.10',
+    python_requires='>=3.11',
     install_requires=_reqs('requirements.txt'),
     extras_require={'test': _reqs('requirements-test.txt')},
     license='Apache-2.0',

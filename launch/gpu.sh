@@ -13,7 +13,10 @@
 #   --workdir=DIR       checkpoints, metrics, TensorBoard, train.log (required)
 #   --mode=MODE         train | eval | train_and_eval (default: train)
 #   --gpus=LIST         CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (default: all)
-#   --python=PATH       interpreter (default: .venv/bin/python if present, else python3)
+#   --python=PATH       interpreter (also $PYTHON) that trains (default: .venv/bin/python
+#                       if present, else python3); with --install, the one that creates
+#                       .venv (default: python3 if it is >= 3.11, else python3.12/3.11,
+#                       else a Python 3.12 that uv installs; see launch/lib.sh)
 #   --install           first create .venv and install this project with JAX for CUDA
 #   --jax=SPEC          pip requirement for JAX with CUDA (default: jax[cuda12])
 #   --mem-fraction=F    share of GPU memory JAX takes at start (default: 0.9)
@@ -21,12 +24,12 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-workdir="" mode=train gpus="" python="" install=0 dry=0 mem_fraction=0.9
+workdir="" mode=train gpus="" python="${PYTHON:-}" install=0 dry=0 mem_fraction=0.9
 jax_spec='jax[cuda12]'
 train_args=()
 
 # shellcheck source=launch/lib.sh
-source "$(dirname "$0")/lib.sh"  # usage, die, run
+source "$(dirname "$0")/lib.sh"  # usage, die, run, ensure_venv, python_ok
 
 while (($#)); do
   case "$1" in
@@ -48,10 +51,10 @@ done
 [[ "$mode" =~ ^(train|eval|train_and_eval)$ ]] || die "--mode must be train, eval or train_and_eval"
 if ((${#train_args[@]} == 0)); then train_args=(--config=experiments/nfnet.py:F0); fi
 
-if [[ -z "$python" ]]; then
-  if ((install)) || [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"
-  else python=python3; fi
-fi
+# With --install, $python only builds .venv, which then trains.
+venv_python="$python"
+if ((install)) || [[ -z "$python" && -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"
+elif [[ -z "$python" ]]; then python=python3; fi
 
 # XLA: overlap the gradient all-reduce with the backward pass. JAX preallocates
 # this share of each GPU's memory. The input pipeline's TensorFlow never sees a GPU
@@ -68,10 +71,12 @@ fi
 
 cd "$repo"
 if ((install)); then
-  run python3 -m venv .venv
+  ensure_venv .venv "$venv_python" || exit 1
   run .venv/bin/pip install -q --upgrade pip
   run .venv/bin/pip install -q "$jax_spec" -e .
 fi
+# A too-old interpreter fails here with one line, not in the middle of an import.
+((install)) || python_ok "$python" || exit 1
 if ((!dry)) && command -v nvidia-smi > /dev/null; then
   echo "gpu.sh: $(nvidia-smi -L | grep -c '^GPU') GPU(s) on this host${gpus:+, using $gpus}" >&2
 fi

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# From a fresh machine (Python 3.10+ with venv and pip, nothing else): create .venv,
+# From a fresh machine (Python 3.11+ with venv, or an older python3 with pip, through
+# which uv is installed to provide Python 3.12; see launch/lib.sh): create .venv,
 # install this project with its test extras, train the quickstart (a small NFNet on
 # the built-in offline dataset; minutes on 2 CPU cores) and print its final top-1.
 #
@@ -9,24 +10,25 @@
 #   --workdir=DIR   where checkpoints and metrics go (default: workdir/quickstart);
 #                   re-running resumes there, so a finished run just re-evaluates
 #   --fresh         delete the workdir first (train from scratch)
-#   --python=PATH   interpreter that creates the venv (default: python3)
+#   --python=PATH   interpreter (also $PYTHON) that creates .venv (default: python3 if
+#                   it is >= 3.11, else python3.12/3.11, else one that uv installs)
 #   --dry-run       print the commands instead of running them
 # Anything after `--` goes to `python -m nfnet_jax.train` (e.g. --config.num_epochs=2).
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-workdir="workdir/quickstart" fresh=0 dry=0 python=python3
+workdir="workdir/quickstart" fresh=0 dry=0 python="${PYTHON:-}"
 train_args=()
 
 # shellcheck source=launch/lib.sh
-source "$(dirname "$0")/lib.sh"  # usage, die, run
+source "$(dirname "$0")/lib.sh"  # usage, die, run, ensure_venv
 while (($#)); do
   case "$1" in
     --workdir=*) workdir="${1#*=}" ;;
     --fresh) fresh=1 ;;
     --python=*) python="${1#*=}" ;;
     --dry-run) dry=1 ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     --) shift; train_args=("$@"); break ;;
     *) die "unknown option $1" ;;
   esac
@@ -34,9 +36,8 @@ while (($#)); do
 done
 
 cd "$repo"
-if [[ ! -x .venv/bin/python ]] || ((dry)); then
-  run "$python" -m venv .venv
-fi
+# Creates .venv on a Python that JAX supports, or checks the one already there.
+ensure_venv .venv "$python" || exit 1
 run .venv/bin/python -m pip install -q --upgrade pip
 run .venv/bin/python -m pip install -q -e '.[test]'
 ((fresh)) && run rm -rf "$workdir"

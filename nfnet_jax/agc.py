@@ -47,18 +47,18 @@ This module imports only jax, optax and numpy, so it can be reused in any JAX pr
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["agc", "clip_fraction", "nfnet_mask", "unit_norms", "default_unit_axes"]
+__all__ = ['agc', 'clip_fraction', 'nfnet_mask', 'unit_norms', 'default_unit_axes']
 
 PyTree = Any
-KeyPath = Tuple[Any, ...]
-Axes = Optional[Tuple[int, ...]]
+KeyPath = tuple[Any, ...]
+Axes = Optional[tuple[int, ...]]
 UnitAxesFn = Callable[[KeyPath, Any], Axes]
 MaskArg = Union[None, PyTree, Callable[[PyTree], PyTree]]
 
@@ -80,8 +80,8 @@ def default_unit_axes(x: Any) -> Axes:
   if len(shape) == 5:
     return (0, 1, 2, 3)
   raise ValueError(
-      f"agc: no default unit axes for a rank-{len(shape)} leaf of shape {shape}; "
-      "pass unit_axes=lambda path, leaf: <axes to reduce> for it.")
+      f'agc: no default unit axes for a rank-{len(shape)} leaf of shape {shape}; '
+      'pass unit_axes=lambda path, leaf: <axes to reduce> for it.')
 
 
 def unit_norms(x: jax.Array, axes: Axes = None) -> jax.Array:
@@ -100,7 +100,7 @@ def unit_norms(x: jax.Array, axes: Axes = None) -> jax.Array:
 def _leaf_norms(g, p, clipping, eps, axes):
   """(||G||_u, clipping * max(||W||_u, eps)), both float32, keepdims."""
   if np.shape(g) != np.shape(p):
-    raise ValueError(f"agc: gradient shape {np.shape(g)} != param shape {np.shape(p)}")
+    raise ValueError(f'agc: gradient shape {np.shape(g)} != param shape {np.shape(p)}')
   return unit_norms(g, axes), clipping * jnp.maximum(unit_norms(p, axes), eps)
 
 
@@ -123,12 +123,12 @@ def _apply(fn, updates, params, mask, unit_axes, skip):
   """
   if params is None:
     raise ValueError(
-        "agc needs the current parameters: call tx.update(grads, state, params) "
-        "(AGC clips each unit of the gradient relative to its parameter norm).")
+        'agc needs the current parameters: call tx.update(grads, state, params) '
+        '(AGC clips each unit of the gradient relative to its parameter norm).')
   full_mask = _broadcast_mask(mask, updates, params)
 
   def leaf(path, g, m, p):
-    if not m or not _is_float_array(g) or not hasattr(p, "shape"):
+    if not m or not _is_float_array(g) or not hasattr(p, 'shape'):
       return skip(g)
     axes = unit_axes(path, g) if unit_axes is not None else None
     if axes is None:
@@ -205,7 +205,7 @@ def clip_fraction(grads: PyTree,
 
 
 def _key_name(k: Any) -> str:
-  for attr in ("key", "name", "idx"):
+  for attr in ('key', 'name', 'idx'):
     if hasattr(k, attr):
       return str(getattr(k, attr))
   return str(k)
@@ -213,7 +213,7 @@ def _key_name(k: Any) -> str:
 
 def nfnet_mask(params: PyTree,
                classifier_names: Optional[Sequence[str]] = None,
-               weight_names: Sequence[str] = ("w", "kernel")) -> PyTree:
+               weight_names: Sequence[str] = ('w', 'kernel')) -> PyTree:
   """The NFNet AGC mask: ``False`` for the final classifier weight only.
 
   Default rule (Haiku trees ``{module_path: {leaf: array}}``): the classifier is the
@@ -225,8 +225,8 @@ def nfnet_mask(params: PyTree,
   Args:
     params: the parameter tree.
     classifier_names: if given, the classifier is instead any parent key (module
-      name) in this list, e.g. ``("head",)`` for Flax ``{'head': {'kernel': ..}}``
-      or ``("NFNet/~/linear",)``.
+      name) in this list, e.g. ``('head',)`` for Flax ``{'head': {'kernel': ..}}``
+      or ``('NFNet/~/linear',)``.
     weight_names: leaf names of the classifier weight.
   Returns:
     A bool tree with the structure of ``params``.
@@ -239,8 +239,8 @@ def nfnet_mask(params: PyTree,
     parent = names[-2]
     if classifier_names is not None:
       return parent in classifier_names
-    parts = parent.split("/~/")
-    return len(parts) == 2 and parts[1] == "linear"
+    parts = parent.split('/~/')
+    return len(parts) == 2 and parts[1] == 'linear'
 
   return jax.tree_util.tree_map_with_path(
       lambda path, _: not is_classifier(path), params)
