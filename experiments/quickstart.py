@@ -1,12 +1,11 @@
-r"""A small NFNet on the built-in offline dataset: ~7 min on 2 CPU cores, ~99% top-1.
+r"""A small NFNet on the built-in offline dataset: minutes on a CPU, ~99% top-1.
 
   python -m nfnet_jax.train --config=experiments/quickstart.py --workdir=/tmp/quickstart
 
 The same blocks as NFNet-F0 (scaled WS, gamma-scaled GELU, SE, skip gains, stochastic
 depth, AGC, Nesterov SGD, EMA) at width 1/8 with ungrouped 3x3 convs (XLA's grouped
-convs are slow on CPU), on 32x32 images of 10 procedurally generated classes
-(2026-11-27, 2 quiet cores: 98.90% top-1, EMA 98.60%, in 399 s). arg 'numpy' uses
-the TF-free input path.
+convs are slow on CPU), on 32x32 images of 10 procedurally generated classes. arg
+'numpy' uses the TF-free input path.
 """
 from nfnet_jax import configs
 
@@ -17,6 +16,7 @@ def get_config(arg: str = ''):
   c.model_kwargs = dict(width=0.125, group_size=None, depths=(1, 1, 2, 1),
                         stochdepth_rate=0.1, drop_rate=0.1)
   c.data.source = 'offline'
+  c.data.image_size = c.data.eval_size = 32   # the shapes are rendered at this size
   c.data.randaugment.enabled = False
   c.data.mix.enabled = False
   c.data.use_tf = arg != 'numpy'

@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = optim.default_config()
   c.sam = ml_collections.ConfigDict(dict(enabled=False, rho=0.05, fraction=1.0))
   c.data = data_config()
+  c.data.model = c.get_ref('model')  # Image sizes default to this model's variant table.
   c.eval_batch_size = 1000
   c.eval_every = 0              # steps; 0: evaluate only at the end (train_and_eval)
   c.log_every = 100
@@ -59,8 +60,6 @@ def nfnet_config(variant: str) -> ml_collections.ConfigDict:
   c = base_config()
   info = registry.info(variant)
   c.model = variant
-  c.data.image_size = info['train_imsize']
-  c.data.eval_size = info['test_imsize']
   c.data.randaugment.num_layers, c.data.randaugment.magnitude = info['randaug']
   return c
 

@@ -1,4 +1,5 @@
-"""Offline dataset and the numpy (TensorFlow-free) input path."""
+"""Offline shapes dataset (`data.shapes`) and the numpy (TensorFlow-free) input path
+(`data.numpy_pipeline`)."""
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from nfnet_jax import data
-from nfnet_jax.data import indexing, offline
+from nfnet_jax.data import indexing, shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +19,7 @@ def small_cfg(**overrides):
   cfg.source = 'offline'
   cfg.use_tf = False
   cfg.randaugment.enabled = False
+  cfg.image_size = cfg.eval_size = 32
   cfg.offline.num_train = 64
   cfg.offline.num_eval = 50
   for k, v in overrides.items():
@@ -30,23 +32,23 @@ def take(it, n):
 
 
 def test_generation_is_deterministic_and_prefix_stable():
-  x1, y1 = offline.generate('train', 700)
-  x2, y2 = offline.generate('train', 100)
+  x1, y1 = shapes.generate('train', 700)
+  x2, y2 = shapes.generate('train', 100)
   np.testing.assert_array_equal(x1[:100], x2)
   np.testing.assert_array_equal(y1[:100], y2)
   assert x1.dtype == np.uint8 and x1.shape == (700, 32, 32, 3)
   assert set(np.unique(y1)) == set(range(10))
-  xe, _ = offline.generate('eval', 100)
+  xe, _ = shapes.generate('eval', 100)
   assert not np.array_equal(xe, x2)                      # splits differ
   assert len({x.tobytes() for x in x1}) == 700           # no duplicate images
-  assert offline.class_names(10)[0] == 'disc/solid' and len(offline.class_names(20)) == 20
+  assert shapes.class_names(10)[0] == 'disc/solid' and len(shapes.class_names(20)) == 20
 
 
 def test_linear_classifier_on_raw_pixels_stays_below_50_percent():
   """Softmax regression (full-batch Adam, numpy) on raw pixels: near chance on
   held-out data although it fits part of the training set."""
-  xtr, ytr = offline.generate('train', 2000)
-  xte, yte = offline.generate('eval', 1000)
+  xtr, ytr = shapes.generate('train', 2000)
+  xte, yte = shapes.generate('eval', 1000)
   f = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
   xtr, xte = f(xtr), f(xte)
   mu, sd = xtr.mean(0), xtr.std(0) + 1e-3
@@ -102,7 +104,7 @@ def _example_ids(images, table):
 def test_numpy_shards_disjoint_and_cover_epoch():
   cfg = small_cfg(crop='none', flip=False, normalize=False)
   cfg.mix.enabled = False
-  raw, _ = offline.load(cfg, 'train')
+  raw, _ = shapes.load(cfg, 'train')
   table = {x.tobytes(): i for i, x in enumerate(raw)}
   seen = []
   for p in range(4):
@@ -116,7 +118,7 @@ def test_numpy_shards_disjoint_and_cover_epoch():
 
 def test_numpy_eval_padding_counts_each_example_once():
   cfg = small_cfg(normalize=False)
-  raw, labels = offline.load(cfg, 'eval')
+  raw, labels = shapes.load(cfg, 'eval')
   table = {x.tobytes(): i for i, x in enumerate(raw)}
   counts = np.zeros(50, int)
   for p in range(2):
@@ -168,6 +170,7 @@ _NO_TF = textwrap.dedent('''
     cfg = data.default_config()
     cfg.source, cfg.use_tf = 'offline', False
     cfg.randaugment.enabled = False
+    cfg.image_size = cfg.eval_size = 32
     cfg.offline.num_train, cfg.offline.num_eval = 64, 20
     info = data.dataset_info(cfg)
     it = data.build_train_iter(cfg, 8, seed=0, process_index=0, process_count=1)
@@ -191,7 +194,9 @@ def test_numpy_path_runs_without_tensorflow():
 
 def test_package_import_does_not_import_tensorflow():
   code = ('import sys; import nfnet_jax.data as d; d.default_config(); '
-          'import nfnet_jax.data.offline, nfnet_jax.data.indexing; '
+          'import nfnet_jax.data.offline, nfnet_jax.data.shapes, nfnet_jax.data.indexing; '
+          'import nfnet_jax.data.numpy_pipeline, nfnet_jax.data.normalize, nfnet_jax.configs; '
+          'import experiments.quickstart as q; q.get_config("numpy"); '
           'print(any(m.startswith("tensorflow") for m in sys.modules))')
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,

@@ -13,12 +13,13 @@ tfds = pytest.importorskip('tensorflow_datasets')
 from PIL import Image  # noqa: E402
 
 from nfnet_jax import data  # noqa: E402
-from nfnet_jax.data import offline, sources  # noqa: E402
+from nfnet_jax.data import shapes, sources  # noqa: E402
 
 
 def offline_cfg(**overrides):
   cfg = data.default_config()
   cfg.source = 'offline'
+  cfg.image_size = cfg.eval_size = 32
   cfg.offline.num_train = 64
   cfg.offline.num_eval = 50
   for k, v in overrides.items():
@@ -81,7 +82,7 @@ def test_shards_disjoint_and_cover_the_split():
   cfg = offline_cfg(crop='none', flip=False, normalize=False)
   cfg.mix.enabled = False
   cfg.randaugment.enabled = False
-  raw, _ = offline.load(cfg, 'train')
+  raw, _ = shapes.load(cfg, 'train')
   table = {x.tobytes(): i for i, x in enumerate(raw)}
   seen = []
   for p in range(2):
@@ -95,7 +96,7 @@ def test_shards_disjoint_and_cover_the_split():
 
 def test_eval_padding_counts_each_example_once():
   cfg = offline_cfg(normalize=False)
-  raw, labels = offline.load(cfg, 'eval')
+  raw, labels = shapes.load(cfg, 'eval')
   table = {x.tobytes(): i for i, x in enumerate(raw)}
   counts = np.zeros(50, int)
   for p in range(2):
@@ -255,5 +256,5 @@ def test_real_imagenet2012_builder_on_miniature_tars(tmp_path):
   labels = [int(l.argmax()) for e in evals for l, m in zip(e['labels'], e['mask']) if m]
   assert sorted(labels) == sorted(wnids.index(w) for w in val_wnids)
   # The prepared copy is ArrayRecord; a second config without manual_dir reads it.
-  cfg.manual_dir = None
+  cfg.manual_dir = ''
   assert data.dataset_info(cfg)['num_train'] == 12

@@ -1,5 +1,6 @@
 """Input pipeline: TFDS / folder / offline sources, Inception crop, MixUp/CutMix,
-RandAugment, per-host sharding; a numpy path for the offline dataset.
+RandAugment, per-host sharding; a numpy path for the offline dataset. See
+docs/data.md.
 
 TensorFlow is imported lazily, only when a TF pipeline is built, and then with
 every GPU/TPU hidden from it. Public API:
@@ -22,7 +23,7 @@ from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
-from nfnet_jax.data.config import default_config, output_sizes
+from nfnet_jax.data.config import default_config, image_sizes
 
 __all__ = ['default_config', 'dataset_info', 'build_train_iter', 'build_eval_iter',
            'imagenet_class_names', 'imagenet_wnids']
@@ -62,7 +63,7 @@ def dataset_info(cfg) -> Dict[str, int]:
   Raises FileNotFoundError (with preparation instructions) for a missing dataset.
   """
   _validate(cfg)
-  train_size, eval_size = output_sizes(cfg)
+  train_size, eval_size = image_sizes(cfg)
   if cfg.source == 'offline':
     o = cfg.offline
     k, train_n, eval_n = int(o.num_classes), int(o.num_train), int(o.num_eval)
@@ -89,11 +90,10 @@ def build_train_iter(cfg, global_batch_size: int, seed: int, start_step: int = 0
   _validate(cfg)
   p, n = _processes(process_index, process_count, global_batch_size)
   if not cfg.use_tf:
-    from nfnet_jax.data import offline
-    return offline.numpy_train_iter(cfg, global_batch_size, seed, start_step, p, n)
+    from nfnet_jax.data import numpy_pipeline
+    return numpy_pipeline.train_iter(cfg, global_batch_size, seed, start_step, p, n)
   from nfnet_jax.data import pipeline
-  return pipeline.as_numpy(pipeline.train_dataset(cfg, global_batch_size, seed,
-                                                  start_step, p, n))
+  return pipeline.train_iter(cfg, global_batch_size, seed, start_step, p, n)
 
 
 def build_eval_iter(cfg, global_batch_size: int, process_index: Optional[int] = None,
@@ -103,10 +103,10 @@ def build_eval_iter(cfg, global_batch_size: int, process_index: Optional[int] = 
   _validate(cfg)
   p, n = _processes(process_index, process_count, global_batch_size)
   if not cfg.use_tf:
-    from nfnet_jax.data import offline
-    return offline.numpy_eval_iter(cfg, global_batch_size, p, n)
+    from nfnet_jax.data import numpy_pipeline
+    return numpy_pipeline.eval_iter(cfg, global_batch_size, p, n)
   from nfnet_jax.data import pipeline
-  return pipeline.as_numpy(pipeline.eval_dataset(cfg, global_batch_size, p, n))
+  return pipeline.eval_iter(cfg, global_batch_size, p, n)
 
 
 def _processes(process_index, process_count, global_batch_size):

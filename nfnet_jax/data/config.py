@@ -1,17 +1,21 @@
 """Default input-pipeline configuration (an `ml_collections.ConfigDict`).
 
 Nothing here imports TensorFlow. Every stage of the training transform can be
-switched off from the config; the defaults are the NFNet-F0 ImageNet recipe of
-DESIGN.md (192 px train, 256 px test, RandAugment N=4 M=5, MixUp 0.2 + CutMix).
+switched off from the config; the defaults are the NFNet ImageNet recipe (see
+docs/data.md and docs/augmentation.md). Every field has a concrete type so that
+`--config.data.<field>=...` works from the command line; an empty string means
+"not set" for the path fields.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import ml_collections
 
 SOURCES = ('tfds', 'folder', 'offline')
 CROPS = ('auto', 'inception', 'pad_crop', 'resize', 'none')
+EVAL_CROPS = ('squash', 'center_crop')
+FOLDER_VERIFY = ('decode', 'open', 'none')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -19,15 +23,24 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.source = 'tfds'              # 'tfds' | 'folder' | 'offline'
   c.name = 'imagenet2012'        # TFDS builder name (source='tfds')
-  c.data_dir = None              # TFDS data_dir (None: TFDS default ~/tensorflow_datasets)
-  c.manual_dir = None            # where ILSVRC2012_img_{train,val}.tar live (prepare step)
-  c.folder = None                # root of a folder dataset (source='folder')
+  c.data_dir = ''                # TFDS data_dir ('': $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.manual_dir = ''              # where ILSVRC2012_img_{train,val}.tar live (prepare step)
+  c.folder = ''                  # root of a folder dataset (source='folder')
   c.holdout_fraction = 0.0       # >0: eval on this fraction of the train split instead
   c.train_split = 'train'
   c.eval_split = 'validation'    # folder source: the 'val' subfolder is used when present
 
-  c.image_size = 192             # train resolution (square)
-  c.eval_size = 256              # test resolution; eval resizes to (eval_size+32)^2 first
+  # Image sizes (square). 0: the model's train/test size from its variant table
+  # (`nfnet_jax.models.registry.info(model)`). A training config links `model` to
+  # its top-level `config.model`, so set that one there.
+  c.model = 'F0'
+  c.image_size = 0               # train resolution
+  c.eval_size = 0                # test resolution
+  # Eval transform: 'squash' = bicubic resize of the whole image to
+  # (eval_size + margin)^2, centre crop eval_size (NFNets); 'center_crop' = the
+  # aspect-preserving centre square of side short_side * S / (S + margin), bicubic
+  # resize to S (NF-ResNets, NF-RegNets).
+  c.eval_crop = 'squash'
   c.eval_resize_margin = 32
   # 'auto' = 'inception' for tfds/folder, 'pad_crop' for offline; 'inception' =
   # random area/aspect crop (fused decode-and-crop on JPEG) then bicubic resize;
@@ -56,10 +69,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_parallel_calls = -1      # -1 = tf.data.AUTOTUNE
   c.prefetch = 2                 # batches prefetched (tf.data and numpy paths)
   c.threadpool_size = 0          # >0: private tf.data threadpool of this size
-  c.folder_verify = 'open'       # 'open' (PIL header check) | 'decode' (full) | 'none'
+  # Folder source: 'decode' = decode every file once before training and skip (and
+  # count) the ones that fail; 'open' = header check only; 'none' = only drop
+  # empty files. Verdicts are cached per file in `folder_cache_dir` ('':
+  # $XDG_CACHE_HOME or ~/.cache, under nfnet_jax/folders), so a re-run only checks
+  # new or changed files.
+  c.folder_verify = 'decode'
+  c.folder_cache_dir = ''
 
+  # The built-in shapes dataset, rendered at the train/eval image sizes.
   c.offline = ml_collections.ConfigDict(dict(
-      num_classes=10, num_train=10_000, num_eval=2_000, image_size=32, seed=0))
+      num_classes=10, num_train=10_000, num_eval=2_000, seed=0))
   c.use_tf = True                # False: pure-numpy path (offline source only)
   return c
 
@@ -73,10 +93,26 @@ def resolve_crop(cfg) -> str:
   return cfg.crop
 
 
-def output_sizes(cfg, raw_size: Optional[int] = None) -> Tuple[int, int]:
-  """(train, eval) image sizes. The offline source keeps its native size unless
-  crop is 'inception' or 'resize'."""
-  if cfg.source == 'offline' and resolve_crop(cfg) in ('pad_crop', 'none'):
-    size = raw_size or int(cfg.offline.image_size)
-    return size, size
-  return int(cfg.image_size), int(cfg.eval_size)
+def resolve_eval_crop(cfg) -> str:
+  if cfg.eval_crop not in EVAL_CROPS:
+    raise ValueError(f'Unknown data.eval_crop {cfg.eval_crop!r}; one of {EVAL_CROPS}')
+  return cfg.eval_crop
+
+
+def image_sizes(cfg) -> Tuple[int, int]:
+  """(train, eval) image sizes: `image_size`/`eval_size` when set (> 0), else the
+  train/test sizes of `cfg.model`'s variant table."""
+  train, test = int(cfg.image_size or 0), int(cfg.eval_size or 0)
+  if train > 0 and test > 0:
+    return train, test
+  if train < 0 or test < 0:
+    raise ValueError(f'data.image_size/eval_size must be positive (or 0: from the '
+                     f'model), got {train}/{test}')
+  model = cfg.get('model', '')
+  if not model:
+    raise ValueError('data.image_size/eval_size are 0 (use the model\'s sizes) but no '
+                     'model is named: set data.image_size and data.eval_size, or '
+                     'data.model (a training config sets it from config.model).')
+  from nfnet_jax.models import registry  # TF-free; lazy so the config stays light.
+  info = registry.info(model)
+  return train or int(info['train_imsize']), test or int(info['test_imsize'])

@@ -19,6 +19,9 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
+# Per-output-row mixing modes (`mix_modes`), shared by the TF and numpy paths.
+NO_MIX, MIXUP, CUTMIX = -1, 0, 1
+
 
 def resolve_processes(process_index: Optional[int],
                       process_count: Optional[int]) -> Tuple[int, int]:
@@ -45,16 +48,16 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def mix_modes(global_batch_size: int, mixup: bool, cutmix: bool) -> np.ndarray:
-  """Per output row of the global batch: 0 = MixUp, 1 = CutMix, -1 = no mixing.
+  """[B] int32 per output row of the global batch: MIXUP, CUTMIX or NO_MIX.
 
   With both on, the first half (floor(B/2) rows) is MixUp, the rest CutMix.
   """
   rows = np.arange(global_batch_size)
   if mixup and cutmix:
-    return np.where(rows < global_batch_size // 2, 0, 1).astype(np.int32)
+    return np.where(rows < global_batch_size // 2, MIXUP, CUTMIX).astype(np.int32)
   if mixup or cutmix:
-    return np.full([global_batch_size], 0 if mixup else 1, np.int32)
-  return np.full([global_batch_size], -1, np.int32)
+    return np.full([global_batch_size], MIXUP if mixup else CUTMIX, np.int32)
+  return np.full([global_batch_size], NO_MIX, np.int32)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int, shuffle: bool = True) -> np.ndarray:

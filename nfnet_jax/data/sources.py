@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
-_MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'BM', b'GIF87a', b'GIF89a')
+from nfnet_jax.data.config import FOLDER_VERIFY
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+_MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'BM', b'GIF87a', b'GIF89a', b'RIFF')
 
 
 @dataclasses.dataclass
@@ -47,7 +51,8 @@ class Source:
     """tf.int64 [n] -> (tf.string [n] or tf.uint8 [n,S,S,3], tf.int32 [n])."""
     from nfnet_jax.data._tf import tf
     if self.paths is not None:  # Paths now, file contents in `load_one`.
-      return (tf.gather(tf.constant(self.paths), indices),
+      paths = np.array([os.fsencode(p) for p in self.paths], object)  # Any file name.
+      return (tf.gather(tf.constant(paths), indices),
               tf.gather(tf.constant(self.labels, tf.int32), indices))
     dtype = tf.uint8 if self.raw else tf.string
     images, labels = tf.numpy_function(self.read, [indices], [dtype, tf.int32],
@@ -72,8 +77,8 @@ class Source:
 # ---------------------------------------------------------------------------------
 
 def offline_source(cfg, split: str) -> Source:
-  from nfnet_jax.data import offline
-  images, labels = offline.load(cfg, 'train' if split == 'train' else 'eval')
+  from nfnet_jax.data import shapes
+  images, labels = shapes.load(cfg, 'train' if split == 'train' else 'eval')
 
   def read(idx):
     return images[idx], labels[idx]
@@ -87,40 +92,136 @@ def offline_source(cfg, split: str) -> Source:
 
 @dataclasses.dataclass
 class FolderIndex:
-  """Result of scanning a folder dataset (paths sorted, labels by class name)."""
+  """Result of scanning a folder dataset (paths sorted, labels by class name).
+
+  Paths are `str`; a file name that is not valid UTF-8 is kept with Python's
+  surrogate escapes (`os.fsencode` gives back its bytes).
+  """
   classes: List[str]
   train: List[Tuple[str, int]]
   eval: List[Tuple[str, int]]
   skipped: Dict[str, str]   # path -> reason
 
 
-def _check_image(path: str, verify: str) -> Optional[str]:
-  """None if `path` looks like a readable image, else the reason it is skipped."""
+def _printable(path: str) -> str:
+  """A path for log lines and errors (undecodable bytes as \\xNN)."""
+  return os.fsencode(path).decode('utf-8', 'backslashreplace')
+
+
+def _header_check(path: str) -> Optional[str]:
+  """'open' verification: magic bytes and PIL's structure check, no decode."""
   try:
     with open(path, 'rb') as f:
       head = f.read(16)
   except OSError as e:
-    return f'unreadable ({e})'
+    return f'unreadable ({e.strerror})'
   if not head.startswith(_MAGIC):
     return 'not an image'
-  if verify == 'none':
-    return None
   try:
     from PIL import Image
-    with Image.open(path) as im:
-      if verify == 'decode':
-        im.load()
-      else:
-        im.verify()
   except ImportError:
     return None
+  try:
+    with Image.open(path) as im:
+      im.verify()
   except Exception as e:  # pylint: disable=broad-except
-    return f'corrupt ({type(e).__name__}: {e})'
+    return f'corrupt ({type(e).__name__})'
   return None
 
 
-def _scan_dir(root: str, classes: Sequence[str], verify: str,
+def _decode_check(paths: Sequence[str]) -> List[Optional[str]]:
+  """'decode' verification: decodes every file once with the decoder training
+  uses (TF, in parallel); None where it decodes, else the reason."""
+  if not paths:
+    return []
+  from nfnet_jax.data import transforms
+  from nfnet_jax.data._tf import tf
+  encoded = np.array([os.fsencode(p) for p in paths], object)
+  ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), encoded))
+
+  def decode(i, path):
+    return i, tf.shape(transforms.decode(tf.io.read_file(path)))[:2]
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ok = np.zeros([len(paths)], bool)
+  for i, hw in ds.ignore_errors().as_numpy_iterator():
+    ok[i] = hw.min() > 0
+  return [None if good else 'cannot be decoded' for good in ok]
+
+
+def _cache_path(root: str, verify: str, cache_dir: str) -> str:
+  base = cache_dir or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'nfnet_jax',
+      'folders')
+  key = hashlib.sha1(os.fsencode(os.path.realpath(root)) + b'\0' + verify.encode())
+  return os.path.join(base, key.hexdigest()[:20] + '.json')
+
+
+def _load_cache(path: str) -> Dict[str, list]:
+  try:
+    with open(path, encoding='utf-8') as f:
+      entries = json.load(f)['files']
+    return entries if isinstance(entries, dict) else {}
+  except (OSError, ValueError, KeyError, TypeError):
+    return {}  # No cache yet, or a damaged one: verify again.
+
+
+def _save_cache(path: str, root: str, entries: Dict[str, list]) -> None:
+  """Atomic write (temp file + rename); a read-only location only costs time."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(dict(root=_printable(os.path.realpath(root)), files=entries), f)
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.info('Could not write the folder verification cache %s (%s)', path, e)
+
+
+def verify_files(root: str, paths: Sequence[str], verify: str,
+                 cache_dir: str = '') -> Tuple[Dict[str, str], int]:
+  """Checks every candidate image once: ({path: reason} of the bad ones, number
+  of files actually checked now). Verdicts are cached per file, keyed by (size,
+  mtime), in `cache_dir` (default: ~/.cache/nfnet_jax/folders), so a re-run only
+  checks new or changed files."""
+  if verify not in FOLDER_VERIFY:
+    raise ValueError(f'data.folder_verify must be one of {FOLDER_VERIFY}, got {verify!r}')
+  bad: Dict[str, str] = {}
+  stats: Dict[str, Tuple[int, int]] = {}
+  for p in paths:
+    try:
+      st = os.stat(p)
+    except OSError as e:
+      bad[p] = f'unreadable ({e.strerror})'
+      continue
+    if st.st_size == 0:
+      bad[p] = 'empty file'
+    else:
+      stats[p] = (st.st_size, st.st_mtime_ns)
+  if verify == 'none':
+    return bad, 0
+  cache_file = _cache_path(root, verify, cache_dir)
+  cached = _load_cache(cache_file)
+  rel = {p: os.path.relpath(p, root) for p in stats}
+  todo = [p for p in stats
+          if cached.get(rel[p], [None, None])[:2] != list(stats[p])]
+  if todo:
+    logging.info('Verifying %d image file(s) under %s (cached for the next run)...',
+                 len(todo), _printable(root))
+  reasons = (_decode_check(todo) if verify == 'decode'
+             else [_header_check(p) for p in todo])
+  fresh = {rel[p]: [*stats[p], r or ''] for p, r in zip(todo, reasons)}
+  entries = {rel[p]: fresh.get(rel[p]) or cached[rel[p]] for p in stats}
+  for p in stats:
+    if entries[rel[p]][2]:
+      bad[p] = entries[rel[p]][2]
+  if todo or len(entries) != len(cached):
+    _save_cache(cache_file, root, entries)
+  return bad, len(todo)
+
+
+def _list_dir(root: str, classes: Sequence[str],
               skipped: Dict[str, str]) -> List[Tuple[str, int]]:
+  """(path, label) of the files with an image extension under root/CLASS/."""
   items = []
   for label, name in enumerate(classes):
     cdir = os.path.join(root, name)
@@ -135,23 +236,21 @@ def _scan_dir(root: str, classes: Sequence[str], verify: str,
         if not fname.lower().endswith(IMAGE_EXTENSIONS):
           skipped[path] = 'not an image (extension)'
           continue
-        reason = _check_image(path, verify)
-        if reason:
-          skipped[path] = reason
-        else:
-          items.append((path, label))
+        items.append((path, label))
   return items
 
 
 @functools.lru_cache(maxsize=8)
-def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'open',
-                seed: int = 0) -> FolderIndex:
+def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'decode',
+                seed: int = 0, cache_dir: str = '') -> FolderIndex:
   """Scans `root` laid out as root/{train,val}/CLASS/*.jpg or root/CLASS/*.jpg.
 
   Without a val/ (or validation/) folder, `holdout_fraction` of every class
   (a seeded, deterministic choice) becomes the eval split. Files that are not
-  images, or that fail the `verify` check ('open': PIL header/structure check;
-  'decode': full decode; 'none'), are skipped and counted in the log.
+  images, are empty, or fail the `verify` check ('decode': decoded once with TF;
+  'open': PIL header/structure check; 'none') are skipped and counted in one log
+  line; the verdicts are cached (`verify_files`). A training class folder left
+  without a usable image is an error that names it.
   """
   if not root or not os.path.isdir(root):
     raise FileNotFoundError(
@@ -167,8 +266,27 @@ def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'open',
   if not classes:
     raise FileNotFoundError(f'No class subfolders in {train_dir!r}.')
   skipped: Dict[str, str] = {}
-  train = _scan_dir(train_dir, classes, verify, skipped)
+  train = _list_dir(train_dir, classes, skipped)
   evals: List[Tuple[str, int]] = []
+  if eval_dir is not None and holdout_fraction <= 0:
+    extra = sorted(d for d in os.listdir(eval_dir)
+                   if os.path.isdir(os.path.join(eval_dir, d)) and d not in classes
+                   and not d.startswith('.'))
+    if extra:
+      raise ValueError(f'{eval_dir} has classes missing from {train_dir}: {extra[:5]}')
+    evals = _list_dir(eval_dir, classes, skipped)
+  bad, checked = verify_files(root, [p for p, _ in train + evals], verify, cache_dir)
+  skipped.update(bad)
+  train = [t for t in train if t[0] not in bad]
+  evals = [t for t in evals if t[0] not in bad]
+  counts = np.bincount([label for _, label in train], minlength=len(classes))
+  empty = [os.path.join(train_dir, classes[k]) for k in np.flatnonzero(counts == 0)]
+  if empty:
+    raise ValueError(
+        f'Class folder {_printable(empty[0])} has no usable image'
+        + (f' (and {len(empty) - 1} more: {", ".join(map(_printable, empty[1:4]))})'
+           if len(empty) > 1 else '')
+        + '; add images or remove the folder.')
   if holdout_fraction > 0:
     rng = np.random.default_rng([seed, 0xF01D])
     kept = []
@@ -179,18 +297,12 @@ def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'open',
       evals += [t for i, t in enumerate(items) if i in chosen]
       kept += [t for i, t in enumerate(items) if i not in chosen]
     train = kept
-  elif eval_dir is not None:
-    extra = sorted(d for d in os.listdir(eval_dir)
-                   if os.path.isdir(os.path.join(eval_dir, d)) and d not in classes)
-    if extra:
-      raise ValueError(f'{eval_dir} has classes missing from {train_dir}: {extra[:5]}')
-    evals = _scan_dir(eval_dir, classes, verify, skipped)
-  if not train:
-    raise FileNotFoundError(f'No readable images under {train_dir!r}.')
-  msg = (f'Folder dataset {root}: {len(classes)} classes, {len(train)} train and '
-         f'{len(evals)} eval images; skipped {len(skipped)} file(s)')
+  msg = (f'Folder dataset {_printable(root)}: {len(classes)} classes, {len(train)} train '
+         f'and {len(evals)} eval images ({checked} file(s) verified now, the rest from '
+         f'the cache); skipped {len(skipped)} file(s)')
   if skipped:
-    msg += ': ' + '; '.join(f'{p} ({r})' for p, r in list(skipped.items())[:5])
+    msg += ': ' + '; '.join(f'{_printable(p)} ({r})' for p, r in list(skipped.items())[:5])
+    msg += ' ...' if len(skipped) > 5 else ''
     logging.warning(msg)
   else:
     logging.info(msg)
@@ -198,7 +310,8 @@ def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'open',
 
 
 def folder_source(cfg, split: str) -> Source:
-  index = scan_folder(cfg.folder, float(cfg.holdout_fraction), cfg.folder_verify)
+  index = scan_folder(cfg.folder, float(cfg.holdout_fraction), cfg.folder_verify,
+                      cache_dir=cfg.get('folder_cache_dir', ''))
   items = index.train if split == 'train' else index.eval
   if not items:
     raise ValueError(f'Folder dataset {cfg.folder!r} has no eval split: add a val/ '
@@ -211,13 +324,23 @@ def folder_source(cfg, split: str) -> Source:
 # TFDS
 # ---------------------------------------------------------------------------------
 
-def prepare_instructions(name: str, data_dir: Optional[str]) -> str:
-  dd = data_dir or '~/tensorflow_datasets'
+def tfds_data_dir(cfg) -> str:
+  """The TFDS data_dir in use: data.data_dir, else $TFDS_DATA_DIR, else
+  ~/tensorflow_datasets (TFDS's own rule), with ~ expanded."""
+  return os.path.expanduser(cfg.data_dir or os.environ.get('TFDS_DATA_DIR')
+                            or '~/tensorflow_datasets')
+
+
+def prepare_instructions(name: str, data_dir: str) -> str:
+  """The commands that make `name` readable by index under `data_dir`."""
   text = (f'Prepare it once (ArrayRecord format, needed for random access):\n'
-          f'  python -m nfnet_jax.data.prepare --name={name} --data_dir={dd}')
+          f'  python -m nfnet_jax.data.prepare --name={name} --data_dir={data_dir}')
   if name.startswith('imagenet2012'):
     text += (' --manual_dir=DIR\n  where DIR holds ILSVRC2012_img_train.tar and '
              'ILSVRC2012_img_val.tar from image-net.org (the tars, not extracted).')
+  text += ('\nA copy already prepared as TFRecord (the TFDS default) can be converted '
+           'instead:\n  tfds convert_format '
+           f'--dataset_dir={data_dir}/{name}/<version> --out_file_format=array_record')
   return text
 
 
@@ -226,12 +349,12 @@ def tfds_builder(cfg, prepare: bool = True):
   from nfnet_jax.data import _tf  # noqa: F401  (hides accelerators first)
   import tensorflow_datasets as tfds
   try:
-    builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'Unknown TFDS dataset {cfg.name!r}.') from e
+    builder = tfds.builder(cfg.name, data_dir=tfds_data_dir(cfg))
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f'Unknown TFDS dataset data.name={cfg.name!r}.') from None
   if prepare and cfg.manual_dir and not builder.is_prepared():
     from nfnet_jax.data import prepare as prepare_lib
-    builder = prepare_lib.prepare_tfds(cfg.name, cfg.data_dir, cfg.manual_dir)
+    builder = prepare_lib.prepare_tfds(cfg.name, tfds_data_dir(cfg), cfg.manual_dir)
   return builder
 
 
@@ -249,20 +372,22 @@ def tfds_source(cfg, split: str) -> Source:
   import tensorflow_datasets as tfds
   split_name = _tfds_split_name(cfg, split, builder)
   image_key, label_key = builder.info.supervised_keys or ('image', 'label')
+  data_dir = tfds_data_dir(cfg)
   try:
     src = builder.as_data_source(split_name, decoders={image_key: tfds.decode.SkipDecoding()})
   except Exception as e:  # pylint: disable=broad-except
+    # `from None`: TFDS's own error for a missing dataset speaks of a wrong file
+    # format and of deleting data, which would only mislead.
     if not builder.is_prepared():
       raise FileNotFoundError(
-          f'TFDS dataset {cfg.name!r} is not prepared in data_dir='
-          f'{cfg.data_dir or "~/tensorflow_datasets"}.\n'
-          + prepare_instructions(cfg.name, cfg.data_dir)) from e
+          f'TFDS dataset {cfg.name!r} is not prepared in {data_dir} (data.data_dir, '
+          'else $TFDS_DATA_DIR, else ~/tensorflow_datasets).\n'
+          + prepare_instructions(cfg.name, data_dir)) from None
     raise ValueError(
-        f'Cannot read split {split_name!r} of {cfg.name!r} by index ({e}).\nThe pipeline '
-        'needs a random-access copy (ArrayRecord). Convert the prepared copy with\n'
-        f'  tfds convert_format --dataset_dir=<data_dir>/{cfg.name}/<version> '
-        '--out_file_format=array_record\nor re-prepare: '
-        + prepare_instructions(cfg.name, cfg.data_dir)) from e
+        f'Cannot read split {split_name!r} of {cfg.name!r} in {data_dir} by index '
+        f'({type(e).__name__}: {str(e).splitlines()[0]}).\nThe pipeline needs a '
+        'random-access copy (ArrayRecord). ' + prepare_instructions(cfg.name, data_dir)
+    ) from None
   num_classes = builder.info.features[label_key].num_classes
 
   def read(idx):

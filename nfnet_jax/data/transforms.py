@@ -1,4 +1,4 @@
-"""Per-image TF transforms: decode+crop, flip, resize, eval crop, normalisation.
+"""Per-image TF transforms: decode+crop, flip, resize, eval crops, normalisation.
 
 Images are HWC, RGB. Decoders give uint8 [h, w, 3]; `tf.image.resize(bicubic)`
 gives float32 [S, S, 3] on the 0-255 scale, not clamped (bicubic overshoots).
@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 from nfnet_jax.data._tf import tf
-
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from nfnet_jax.data.normalize import MEAN_RGB, STDDEV_RGB
 
 
 def fold_in(seed, *data) -> tf.Tensor:
@@ -38,32 +36,52 @@ def decode(data) -> tf.Tensor:
   return image
 
 
+def center_window(shape, size: int, margin: int = 32) -> tf.Tensor:
+  """[4] int32 (y, x, h, w): the centred square that leaves `margin` of (size +
+  margin) as a border, i.e. side int(min(h, w) * size / (size + margin)) (at least
+  1), offset ((h - side + 1) // 2, (w - side + 1) // 2)."""
+  h, w = shape[0], shape[1]
+  scale = tf.minimum(tf.cast(h, tf.float32), tf.cast(w, tf.float32)) / float(size + margin)
+  side = tf.maximum(tf.cast(scale * float(size), tf.int32), 1)
+  return tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
+
+
+def crop_window(data, window, raw: bool = False) -> tf.Tensor:
+  """uint8 [h', w', 3] of `window` (y, x, h, w); JPEG bytes decode only the window."""
+  begin, size = tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], 3])
+  if raw:
+    return tf.slice(data, begin, size)
+
+  def jpeg():
+    image = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+    image.set_shape([None, None, 3])
+    return image
+  return tf.cond(tf.io.is_jpeg(data), jpeg, lambda: tf.slice(decode(data), begin, size))
+
+
 def inception_crop(data, seed, raw: bool = False,
                    area_range: Sequence[float] = (0.08, 1.0),
                    aspect_ratio_range: Sequence[float] = (3 / 4, 4 / 3),
-                   min_object_covered: float = 0.1, max_attempts: int = 10) -> tf.Tensor:
+                   min_object_covered: float = 0.1, max_attempts: int = 10,
+                   size: int = 224, margin: int = 32) -> tf.Tensor:
   """Random area/aspect crop -> uint8 [h', w', 3]; decodes only the crop of a JPEG.
 
   The window comes from `tf.image.stateless_sample_distorted_bounding_box` with
-  the whole image as the object box; if no window is found in `max_attempts`,
-  the whole image is used.
+  the whole image as the object box. When the sampler gives up after
+  `max_attempts` it returns the whole image; that window is replaced by the eval
+  centre crop (`center_window(shape, size, margin)`, `size` = the train
+  resolution), as DeepMind's pipeline does.
   """
   shape = image_shape(data, raw)
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+  begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.concat([shape, [3]], 0), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
       min_object_covered=min_object_covered, aspect_ratio_range=list(aspect_ratio_range),
       area_range=list(area_range), max_attempts=max_attempts,
       use_image_if_no_bounding_boxes=True)
-  if raw:
-    return tf.slice(data, begin, size)
-  window = tf.stack([begin[0], begin[1], size[0], size[1]])
-
-  def jpeg():
-    image = tf.image.decode_and_crop_jpeg(data, window, channels=3,
-                                          try_recover_truncated=True)
-    image.set_shape([None, None, 3])
-    return image
-  return tf.cond(tf.io.is_jpeg(data), jpeg, lambda: tf.slice(decode(data), begin, size))
+  window = tf.stack([begin[0], begin[1], box[0], box[1]])
+  gave_up = tf.reduce_all(tf.equal(box[:2], shape))
+  window = tf.where(gave_up, center_window(shape, size, margin), window)
+  return crop_window(data, window, raw)
 
 
 def resize(image, size: int) -> tf.Tensor:
@@ -82,11 +100,23 @@ def flip(image, seed) -> tf.Tensor:
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
-def eval_image(data, size: int, margin: int = 32, raw: bool = False) -> tf.Tensor:
-  """Squash to (size+margin)^2 (bicubic), centre crop size -> float32 [size, size, 3]."""
+def eval_image(data, size: int, margin: int = 32, raw: bool = False,
+               crop: str = 'squash') -> tf.Tensor:
+  """The eval transform -> float32 [size, size, 3] (0-255 scale, unclamped).
+
+  'squash': bicubic resize of the whole image to (size + margin)^2 (aspect ratio
+  not kept), then the size x size window at offset (margin + 1) // 2. 'center_crop': the aspect-preserving
+  centre square of side min(h, w) * size / (size + margin) (`center_window`),
+  bicubic resize to size.
+  """
+  if crop == 'center_crop':
+    window = center_window(image_shape(data, raw), size, margin)
+    return resize(crop_window(data, window, raw), size)
+  if crop != 'squash':
+    raise ValueError(f"eval crop must be 'squash' or 'center_crop', got {crop!r}")
   image = data if raw else decode(data)
   image = resize(image, size + margin)
-  off = margin // 2
+  off = (margin + 1) // 2
   return image[off:off + size, off:off + size]
 
 

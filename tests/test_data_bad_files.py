@@ -1,0 +1,211 @@
+"""Bad images never stop a run: a folder with truncated, empty, mislabelled and
+oddly named files, and a TFDS-like source with undecodable records, both read
+through the train and eval iterators to the end."""
+import io
+import logging
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip('tensorflow')
+from PIL import Image  # noqa: E402
+
+from nfnet_jax import data  # noqa: E402
+from nfnet_jax.data import sources  # noqa: E402
+
+
+def _encode(array, fmt, **kw) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, fmt, **kw)
+  return buf.getvalue()
+
+
+def _png16(array) -> bytes:
+  """A 16-bit-per-channel RGB PNG (PIL cannot write one)."""
+  h, w, _ = array.shape
+  rows = b''.join(b'\x00' + array[i].astype('>u2').tobytes() for i in range(h))
+
+  def chunk(tag, body):
+    return (struct.pack('>I', len(body)) + tag + body
+            + struct.pack('>I', zlib.crc32(tag + body) & 0xFFFFFFFF))
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, 2, 0, 0, 0))
+          + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+
+
+def _write(path, payload: bytes):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(payload)
+
+
+GOOD_TRAIN = 2 * 8       # per class: 3 plain + CMYK, 16-bit, grey, RGBA, 1x1 (+ a non-UTF-8 name in a)
+GOOD_EVAL = 2 * 2
+
+
+@pytest.fixture()
+def bad_folder(tmp_path):
+  """train/{dark,light}/ and val/{dark,light}/: good images of every odd kind,
+  plus a truncated JPEG, a zero-byte file, a TIFF named .png and a text file."""
+  root = str(tmp_path / 'images')
+  rng = np.random.default_rng(0)
+  for k, (name, lo) in enumerate((('dark', 0), ('light', 160))):
+    img = lambda h, w: rng.integers(lo, lo + 96, (h, w, 3), dtype=np.uint8)
+    d = f'{root}/train/{name}'
+    for i in range(3):
+      _write(f'{d}/{i}.jpg', _encode(img(40 + 5 * i, 56), 'JPEG'))
+    buf = io.BytesIO()
+    Image.fromarray(img(36, 48)).convert('CMYK').save(buf, 'JPEG')
+    _write(f'{d}/cmyk.jpg', buf.getvalue())
+    _write(f'{d}/deep.png', _png16((img(30, 20).astype(np.uint16) * 257)))
+    _write(f'{d}/grey.jpg', _encode(img(33, 41)[..., 0], 'JPEG'))
+    rgba = np.concatenate([img(28, 28), np.full((28, 28, 1), 128, np.uint8)], -1)
+    _write(f'{d}/alpha.png', _encode(rgba, 'PNG'))
+    _write(f'{d}/pixel.png', _encode(img(1, 1), 'PNG'))
+    if k == 0:  # Not valid UTF-8: created through a bytes path.
+      _write(os.fsencode(d) + b'/caf\xe9.png', _encode(img(40, 40), 'PNG'))
+    good = _encode(img(48, 64), 'JPEG')
+    _write(f'{d}/truncated.jpg', good[:len(good) // 2])
+    _write(f'{d}/empty.jpg', b'')
+    _write(f'{d}/tiff.png', _encode(img(20, 20), 'TIFF'))
+    _write(f'{d}/notes.txt', b'not an image')
+    for i in range(2):
+      _write(f'{root}/val/{name}/{i}.png', _encode(img(44, 30), 'PNG'))
+    cut = _encode(img(50, 50), 'JPEG')
+    _write(f'{root}/val/{name}/cut.jpg', cut[:len(cut) // 3])
+  return root
+
+
+def folder_cfg(root, cache, **overrides):
+  cfg = data.default_config()
+  cfg.source, cfg.folder, cfg.folder_cache_dir = 'folder', root, str(cache)
+  cfg.image_size, cfg.eval_size = 24, 20
+  cfg.randaugment.num_layers = 1
+  cfg.prefetch = 1
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+@pytest.mark.parametrize('crop', ['inception', 'resize'])
+def test_folder_with_bad_files_trains_and_evaluates_to_the_end(bad_folder, tmp_path, caplog,
+                                                                crop):
+  sources.scan_folder.cache_clear()
+  cfg = folder_cfg(bad_folder, tmp_path / 'cache', crop=crop)
+  with caplog.at_level(logging.INFO):
+    info = data.dataset_info(cfg)
+  # One class each; +1: the non-UTF-8-named PNG is a good image and is read.
+  assert info['num_classes'] == 2
+  assert info['num_train'] == GOOD_TRAIN + 1 and info['num_eval'] == GOOD_EVAL
+  lines = [r.getMessage() for r in caplog.records if 'Folder dataset' in r.getMessage()]
+  assert len(lines) == 1, lines                                   # one line ...
+  assert 'skipped 10 file(s)' in lines[0]                          # ... that counts them
+  skipped = sources.scan_folder(bad_folder, 0.0, 'decode', cache_dir=str(tmp_path / 'cache')
+                                ).skipped
+  reasons = {os.path.relpath(p, bad_folder): r for p, r in skipped.items()}
+  for name in ('dark', 'light'):
+    assert reasons[f'train/{name}/truncated.jpg'] == 'cannot be decoded'
+    assert reasons[f'train/{name}/empty.jpg'] == 'empty file'
+    assert reasons[f'train/{name}/tiff.png'] == 'cannot be decoded'
+    assert reasons[f'train/{name}/notes.txt'].startswith('not an image')
+    assert reasons[f'val/{name}/cut.jpg'] == 'cannot be decoded'
+  train = data.build_train_iter(cfg, 8, seed=0, process_index=0, process_count=1)
+  for _ in range(6):                                                # 3 epochs, mixing on
+    batch = next(train)
+    assert batch['images'].shape == (8, 24, 24, 3)
+    assert np.isfinite(batch['images']).all()
+  evals = list(data.build_eval_iter(cfg, 3, process_index=0, process_count=1))
+  assert len(evals) == 2 and sum(e['mask'].sum() for e in evals) == GOOD_EVAL
+  assert all(e['images'].shape == (3, 20, 20, 3) for e in evals)
+
+
+def test_verified_list_is_cached_and_only_changed_files_are_checked_again(
+    bad_folder, tmp_path, caplog, monkeypatch):
+  cache = tmp_path / 'cache'
+  sources.scan_folder.cache_clear()
+  first = sources.scan_folder(bad_folder, cache_dir=str(cache))
+  assert len(os.listdir(cache)) == 1
+  checked = []
+  real = sources._decode_check
+  monkeypatch.setattr(sources, '_decode_check',
+                      lambda paths: checked.append(list(paths)) or real(paths))
+  sources.scan_folder.cache_clear()
+  again = sources.scan_folder(bad_folder, cache_dir=str(cache))
+  assert checked == [[]] and again.train == first.train and again.skipped == first.skipped
+  # Repair the truncated file: same name, new content -> checked again and used.
+  fixed = os.path.join(bad_folder, 'train', 'dark', 'truncated.jpg')
+  _write(fixed, _encode(np.zeros((30, 30, 3), np.uint8), 'JPEG'))
+  sources.scan_folder.cache_clear()
+  with caplog.at_level(logging.INFO):
+    repaired = sources.scan_folder(bad_folder, cache_dir=str(cache))
+  assert checked[-1] == [fixed]
+  assert (fixed, 0) in repaired.train and len(repaired.train) == len(first.train) + 1
+  assert '1 file(s) verified now' in caplog.text
+
+
+def test_damaged_cache_is_ignored(bad_folder, tmp_path):
+  cache = tmp_path / 'cache'
+  sources.scan_folder.cache_clear()
+  first = sources.scan_folder(bad_folder, cache_dir=str(cache))
+  (path,) = [os.path.join(cache, f) for f in os.listdir(cache)]
+  with open(path, 'w') as f:
+    f.write('{"files": [1, 2')
+  sources.scan_folder.cache_clear()
+  assert sources.scan_folder(bad_folder, cache_dir=str(cache)).train == first.train
+
+
+def test_empty_class_folder_is_refused_by_name(bad_folder, tmp_path):
+  os.makedirs(os.path.join(bad_folder, 'train', 'nothing'))
+  sources.scan_folder.cache_clear()
+  with pytest.raises(ValueError, match=r"Class folder .*train/nothing has no usable image"):
+    data.dataset_info(folder_cfg(bad_folder, tmp_path / 'cache'))
+  # A class whose every file is bad is empty too.
+  os.rmdir(os.path.join(bad_folder, 'train', 'nothing'))
+  _write(os.path.join(bad_folder, 'train', 'broken', 'x.jpg'), b'\xff\xd8\xff\xe0 junk')
+  sources.scan_folder.cache_clear()
+  with pytest.raises(ValueError, match=r'train/broken has no usable image'):
+    data.dataset_info(folder_cfg(bad_folder, tmp_path / 'cache'))
+
+
+def _fake_tfds_source(payloads, labels):
+  def read(idx):
+    images = np.empty([len(idx)], object)
+    images[:] = [payloads[i] for i in idx]
+    return images, np.asarray(labels, np.int32)[idx]
+  return sources.Source(len(payloads), 3, read=read)
+
+
+def test_undecodable_tfds_records_are_dropped_and_counted(monkeypatch, caplog):
+  """A record-backed source (as TFDS gives) where 3 of 12 train and 2 of 7 eval
+  records are not decodable: training runs on, evaluation sees every good record
+  once and pads to the planned number of batches."""
+  rng = np.random.default_rng(0)
+  good = lambda: _encode(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), 'JPEG')
+  train = [good() for _ in range(12)]
+  for i in (2, 5, 9):
+    train[i] = train[i][:100]
+  evals = [good() for _ in range(7)]
+  evals[1], evals[6] = b'\xff\xd8\xff garbage', b''
+  fake = {'train': _fake_tfds_source(train, np.arange(12) % 3),
+          'eval': _fake_tfds_source(evals, np.arange(7) % 3)}
+  monkeypatch.setattr(sources, 'get_source', lambda cfg, split: fake[split])
+  cfg = data.default_config()
+  cfg.image_size, cfg.eval_size = 16, 16
+  cfg.randaugment.enabled = False
+  cfg.prefetch = 1
+  with caplog.at_level(logging.WARNING):
+    it = data.build_train_iter(cfg, 4, seed=0, process_index=0, process_count=1)
+    batches = [next(it) for _ in range(6)]                    # 48 decodes: 4 epochs
+    assert all(b['images'].shape == (4, 16, 16, 3) for b in batches)
+    assert 'training record(s) so far that failed to decode' in caplog.text
+    out = [list(data.build_eval_iter(cfg, 2, process_index=p, process_count=2))
+           for p in range(2)]
+  assert [len(o) for o in out] == [4, 4]                      # ceil(7 / 2) on each process
+  assert all(b['images'].shape == (1, 16, 16, 3) for o in out for b in o)
+  assert sum(b['mask'].sum() for o in out for b in o) == 5
+  seen = sorted(int(l.argmax()) for o in out for b in o
+                for l, m in zip(b['labels'], b['mask']) if m)
+  assert seen == sorted(i % 3 for i in (0, 2, 3, 4, 5))
+  assert 'skipped 1 of 4 record(s)' in caplog.text and 'skipped 1 of 3' in caplog.text
