@@ -4,19 +4,21 @@ its validation (every check runs before anything is built or compiled).
 Defaults are the NFNet recipe of the paper: batch 4096, 360 epochs,
 SGD + Nesterov 0.9, lr 0.1 * batch / 256 with 5 warmup epochs then cosine to 0,
 weight decay 2e-5 (not on gains and biases), AGC 0.01, label smoothing 0.1, EMA
-0.99999, bfloat16 compute, stochastic depth 0.25.
+0.99999, bfloat16 training compute with float32 evaluation, stochastic depth 0.25.
 """
 from __future__ import annotations
 
+import ast
 import inspect
 import math
 from typing import Optional
 
 import ml_collections
 
-from nfnet_jax import errors, optim
+from nfnet_jax import errors, optim, sam
 
 MODES = ('train', 'eval', 'train_and_eval')
+DTYPES = ('bfloat16', 'float32')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,12 +37,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.1
   c.ema_decay = 0.99999
   c.compute_dtype = 'bfloat16'  # activations; master weights are float32
+  c.eval_dtype = 'float32'      # evaluation activations (the paper's evaluation: float32)
   # 'convs': recompute the elementwise work in the backward pass from saved conv
   # outputs (F0 b256/192px: 28.3 -> 4.9 GiB of residuals; no conv recomputed).
   # 'block_convs' / 'blocks': per block (see nfnet_jax.fast.model). Same results.
   c.remat = 'none'
   c.optimizer = optim.default_config()
-  c.sam = ml_collections.ConfigDict(dict(enabled=False, rho=0.05, fraction=1.0))
+  # SAM: the ascent gradient on `fraction` of the global batch (rows spread evenly
+  # over it, the same rows on any device count); perturbation 'global': one
+  # perturbation from the ascent gradient averaged over all devices, 'per_device':
+  # each device perturbs by its own rows' gradient (SAM's reference code). sam.py.
+  c.sam = ml_collections.ConfigDict(dict(enabled=False, rho=0.05, fraction=1.0,
+                                         perturbation='global'))
   c.data = data_config()
   c.data.model = c.get_ref('model')  # Image sizes default to this model's variant table.
   c.eval_batch_size = 1000
@@ -81,23 +89,112 @@ def _check_keys(config, reference, prefix: str) -> None:
       _check_keys(value, ref, name)
 
 
+def model_kwarg_names(model: str) -> list[str]:
+  """The keyword arguments of `model`'s constructor that config.model_kwargs may set."""
+  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
+  try:
+    family = models.info(model)['family']
+  except ValueError as e:
+    raise ValueError(f'config.model: {e}') from None
+  module = {m.__name__: m for m in (models.NFNet, models.NFResNet, models.NFRegNet)}[family]
+  return [p for p in inspect.signature(module.__init__).parameters
+          if p not in ('self', 'num_classes', 'variant', 'name')]
+
+
+_MODEL_KWARGS = 'config.model_kwargs.'
+
+
+def split_model_kwargs(argv: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+  """Takes the --config.model_kwargs.<key>=<value> flags out of `argv`.
+
+  Returns (the other arguments, [(key, value text, the flag as given)]). ml_collections
+  can only override keys the config file already has; these are applied afterwards
+  by `set_model_kwargs`, so any constructor keyword can be set.
+  """
+  rest, found = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    name = arg.lstrip('-')
+    if arg.startswith('-') and name.startswith(_MODEL_KWARGS) and i > 0:
+      key, eq, value = name[len(_MODEL_KWARGS):].partition('=')
+      if not eq and i + 1 < len(argv):  # --config.model_kwargs.width 0.5
+        i += 1
+        value = argv[i]
+      found.append((key, value, arg if eq else f'{arg} {value}'))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, found
+
+
+def parse_value(text: str):
+  """A flag's text as a Python value: a literal (0.5, 128, None, (1, 2), 'x'),
+  true/false, or else the text itself (e.g. gelu)."""
+  if text.lower() in ('true', 'false'):
+    return text.lower() == 'true'
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def set_model_kwargs(config, overrides: list[tuple[str, str, str]]) -> None:
+  """Sets config.model_kwargs[key] = value for each (key, text, flag) from
+  `split_model_kwargs`; a key that config.model's constructor does not take is a
+  ValueError naming the closest and the valid keys."""
+  valid = model_kwarg_names(config.model)
+  for key, text, flag in overrides:
+    if key not in valid:
+      raise ValueError(errors.unknown_name(
+          f'keyword of model {config.model!r}', key, valid,
+          shown=f'config.model_kwargs.{key} (from {flag})'))
+    value = parse_value(text)
+    old = config.model_kwargs.get(key)
+    if old is not None and value is not None and not isinstance(value, type(old)) and not (
+        isinstance(old, float) and isinstance(value, int)):
+      raise ValueError(f'config.model_kwargs.{key}: {text!r} is not a '
+                       f'{type(old).__name__} like the config\'s {old!r} (from {flag})')
+    with config.unlocked():
+      config.model_kwargs[key] = value
+
+
+def summary(config) -> str:
+  """One line: what a run of `config` trains, for --check_config."""
+  from nfnet_jax.data.config import image_sizes  # pylint: disable=g-import-not-at-top
+  train, test = image_sizes(config.data)
+  kwargs = ', '.join(f'{k}={v!r}' for k, v in config.model_kwargs.items())
+  return (f'{config.model}({kwargs}) on {config.data.source} data, train {train} px / '
+          f'eval {test} px, batch {config.batch_size}, {config.compute_dtype} training, '
+          f'{config.get("eval_dtype", "float32")} eval')
+
+
+def compile_notice(config, mode: str, num_devices: int) -> str:
+  """The log line before XLA compiles: what, and that the first step waits for it."""
+  from nfnet_jax.data.config import image_sizes  # pylint: disable=g-import-not-at-top
+  train, test = image_sizes(config.data)
+  what = (f'the eval step ({test} px, {config.get("eval_dtype", "float32")})'
+          if mode == 'eval' else
+          f'the train step ({config.batch_size // max(num_devices, 1)} images of '
+          f'{train} px per device, {config.compute_dtype})')
+  return (f'Compiling {config.model}: {what}. The first step waits for XLA: seconds '
+          'for small models, minutes for the large NFNets; later steps are fast.')
+
+
 def _check_model(config, num_classes: int = 10) -> None:
   """config.model is registered and config.model_kwargs fit its constructor."""
   import haiku as hk  # pylint: disable=g-import-not-at-top
   from nfnet_jax import models  # pylint: disable=g-import-not-at-top
-  try:
-    family = models.info(config.model)['family']
-  except ValueError as e:
-    raise ValueError(f'config.model: {e}') from None
+  valid = model_kwarg_names(config.model)
   kwargs = config.model_kwargs.to_dict()
+  for key in kwargs:
+    if key not in valid:
+      raise ValueError(errors.unknown_name(f'keyword of model {config.model!r}', key,
+                                           valid, shown=f'config.model_kwargs.{key}'))
   make = models.module_fn(config.model, num_classes, **kwargs)
   try:  # Builds the module (no parameters, no computation).
     hk.transform(lambda: make()).init(None)
   except (TypeError, ValueError) as e:
-    module = {m.__name__: m for m in (models.NFNet, models.NFResNet, models.NFRegNet)}[
-        family]
-    valid = [p for p in inspect.signature(module.__init__).parameters
-             if p not in ('self', 'num_classes', 'variant', 'name')]
     raise ValueError(f'config.model_kwargs={kwargs} does not fit model '
                      f'{config.model!r}: {e}. Valid keys: {", ".join(valid)}') from None
 
@@ -131,9 +228,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if config.get('remat', 'none') not in fast.REMAT_POLICIES:
     raise ValueError('config.remat: ' + errors.unknown_name(
         'remat policy', config.remat, fast.REMAT_POLICIES))
-  if config.compute_dtype not in ('bfloat16', 'float32'):
-    raise ValueError(f"config.compute_dtype must be 'bfloat16' or 'float32', got "
-                     f'{config.compute_dtype!r}')
+  for key in ('compute_dtype', 'eval_dtype'):
+    if config[key] not in DTYPES:
+      raise ValueError(f'config.{key}: ' + errors.unknown_name('dtype', config[key], DTYPES))
   b, k = config.batch_size, config.grad_accum_steps
   if b <= 0 or b % num_devices:
     raise ValueError(f'config.batch_size={b} must be a positive multiple of the '
@@ -147,6 +244,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
                      'supported')
   if not 0 < config.sam.fraction <= 1:
     raise ValueError(f'config.sam.fraction={config.sam.fraction} must be in (0, 1]')
+  if config.sam.perturbation not in sam.PERTURBATIONS:
+    raise ValueError('config.sam.perturbation: ' + errors.unknown_name(
+        'SAM perturbation', config.sam.perturbation, sam.PERTURBATIONS))
   if config.eval_batch_size <= 0:
     raise ValueError(f'config.eval_batch_size={config.eval_batch_size} must be positive')
   try:

@@ -81,7 +81,8 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     if config.sam.enabled:
       grads, (_, aux) = sam.sam_gradient(
           lambda p, b, r: loss_fn(p, b, r, offset), params, batch, rng,
-          rho=config.sam.rho, fraction=config.sam.fraction, axis_name=AXIS)
+          rho=config.sam.rho, fraction=config.sam.fraction, axis_name=AXIS,
+          perturbation=config.sam.perturbation)
       return grads, aux
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accum == 1:
@@ -151,8 +152,12 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_eval_step(config, model) -> Callable:
-  """Per-device eval: sums of loss, top-1, top-5, count for raw and EMA params."""
-  cdt = jnp.bfloat16 if config.compute_dtype == 'bfloat16' else jnp.float32
+  """Per-device eval: sums of loss, top-1, top-5, count for raw and EMA params.
+
+  Activations in config.eval_dtype (float32 by default, as the paper evaluates;
+  config.compute_dtype is the training precision only).
+  """
+  cdt = jnp.dtype(config.get('eval_dtype', 'float32'))
 
   def one(params, batch):
     logits = model.apply(params, None, batch['images'].astype(cdt), False)['logits']

@@ -28,7 +28,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from nfnet_jax import checkpoints, configs, fast, metrics_writer, models, optim
+from nfnet_jax import checkpoints, configs, console, fast, metrics_writer, models, optim
 from nfnet_jax.steps import Batch, Trainer, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -43,6 +43,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'Cloud TPU (where initialize() needs no arguments).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+_CHECK_CONFIG = flags.DEFINE_bool('check_config', False,
+                                  'Parse and validate the command line and config, print '
+                                  'a one-line summary, exit (0: valid). Builds nothing.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', None,
                                  'Call jax.distributed.initialize(); default: when '
                                  'coordinator flags are given or on a TPU pod.')
@@ -63,14 +66,31 @@ class Preempted(SystemExit):
     self.signum, self.step = signum, step
 
 
+def _fail(kind: str, message: str) -> None:
+  """One line on stderr, exit status 1: a user's mistake needs no traceback."""
+  sys.stderr.write(f'FATAL {kind}: {message}\n')
+  sys.exit(1)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a clear message for an unknown --config.<key>."""
+  """absl flag parsing, with a clear message for an unknown --config.<key>.
+
+  --config.model_kwargs.<key>=<value> is applied here, after the other flags (so
+  against the final config.model): any keyword of the model's constructor may be
+  set, whether or not the config file names it.
+  """
+  argv, model_kwargs = configs.split_model_kwargs(argv)
+  sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv.
   try:
-    return app.parse_flags_with_usage(argv)
+    rest = app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
-    message = configs.unknown_override(argv) or repr(e)
-    sys.stderr.write(f'FATAL Flags parsing error: {message}\n')
-    sys.exit(1)
+    _fail('Flags parsing error', configs.unknown_override(argv) or repr(e))
+  if model_kwargs and _CONFIG.value is not None:
+    try:
+      configs.set_model_kwargs(_CONFIG.value, model_kwargs)
+    except ValueError as e:
+      _fail('Flags parsing error', str(e))
+  return rest
 
 
 def create_model(config, num_classes: int):
@@ -139,9 +159,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tx, schedule = optim.build_optimizer(config.optimizer, total_steps, warmup_steps,
                                        config.batch_size)
   trainer = Trainer(config, model, tx, schedule, info['train_size'])
-  logging.info('%s: %d classes, %d train / %d eval examples, %d devices on %d hosts, '
-               '%d steps (%d warmup)', config.model, num_classes, info['num_train'],
-               info['num_eval'], jax.device_count(), nproc, total_steps, warmup_steps)
+  logging.info('%s: %d classes, %d train / %d eval examples, train %d px / eval %d px, '
+               '%d devices on %d hosts, %d steps (%d warmup)', config.model, num_classes,
+               info['num_train'], info['num_eval'], info['train_size'], info['eval_size'],
+               jax.device_count(), nproc, total_steps, warmup_steps)
+  logging.info(configs.compile_notice(config, mode, jax.device_count()))
   if config.grad_accum_steps > 1:
     local = config.batch_size // jax.device_count()
     logging.info('Gradient accumulation: %d micro-batches of %d per device',
@@ -207,17 +229,14 @@ def _train_loop(config, trainer: Trainer, mngr, writer, state, start_step: int,
   """Steps until total_steps; returns (last step, state). Saves every N steps / minutes,
   at the end and on a signal (then raises Preempted)."""
   pidx = jax.process_index()
-  progress = None
-  if sys.stderr.isatty() and pidx == 0:
-    import tqdm  # pylint: disable=g-import-not-at-top
-    progress = tqdm.tqdm(total=total_steps, initial=start_step, unit='step')
   meta = lambda step: dict(step=step, seed=config.seed, model=config.model,
                            batch_size=config.batch_size)
   max_bad = config.max_consecutive_nonfinite
   last_save, t0, seen = time.time(), None, 0
   pending = None  # Control outputs of the previous step, read one step late.
   step = start_step
-  try:
+  # In a terminal: a progress bar, with log lines printed above it.
+  with console.progress_bar(total_steps, start_step, enabled=pidx == 0) as progress:
     while step < total_steps:
       batch = trainer.global_batch(next(train_iter))
       minutes = config.checkpoint_every_minutes
@@ -258,9 +277,6 @@ def _train_loop(config, trainer: Trainer, mngr, writer, state, start_step: int,
                           'same command to resume.', caught[0] if caught else '(another '
                           'host)', step)
           raise Preempted(caught[0] if caught else signal.SIGTERM, step)
-  finally:
-    if progress is not None:
-      progress.close()
   return step, state
 
 
@@ -296,11 +312,20 @@ def _log(step, total_steps, metrics, control, writer, ips: float, batch_size: in
 
 def main(argv) -> None:
   logging.get_absl_handler().addFilter(checkpoints.QuietOrbax())
+  console.quiet_backend_probe()
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if _CONFIG.value is None or (_WORKDIR.value is None and not _CHECK_CONFIG.value):
     raise app.UsageError('--config and --workdir are required')
   _maybe_initialize_distributed()
+  try:
+    configs.validate_config(_CONFIG.value, jax.device_count(), jax.process_count(),
+                            _MODE.value)
+  except ValueError as e:
+    _fail('Config error', str(e))
+  if _CHECK_CONFIG.value:
+    print(f'Config OK: {configs.summary(_CONFIG.value)}, --mode={_MODE.value}', flush=True)
+    return
   logging.info('JAX %s, %d devices (%s), process %d/%d', jax.__version__,
                jax.device_count(), jax.devices()[0].platform, jax.process_index(),
                jax.process_count())
