@@ -47,7 +47,7 @@ def ascent_rows(local_size: int, fraction: float, num_shards: int = 1,
   rows [d * local_size, (d + 1) * local_size). Of the K = ascent_size(global, fraction)
   global ascent rows floor(j * global / K), shard d holds those with j in
   [ceil(d K / n), ceil((d + 1) K / n)): at most M = ceil(K / n) of them. Slots past
-  its count repeat its first row with valid 0. `shard_index` may be traced.
+  its count point at its row 0 with valid 0. `shard_index` may be traced.
   """
   n, b = num_shards, local_size
   total = n * b
@@ -59,7 +59,7 @@ def ascent_rows(local_size: int, fraction: float, num_shards: int = 1,
   j = first + jnp.arange(m, dtype=jnp.int32)
   valid = j < stop
   rows = (j * total) // k - d * b
-  rows = jnp.where(valid, rows, rows[0])
+  rows = jnp.where(valid, rows, 0)
   return rows, valid.astype(jnp.float32)
 
 
