@@ -644,29 +644,44 @@ def test_experiment_configs_are_valid(path, args):
     configs.validate_config(config, num_devices=8, num_processes=1)
 
 
-def test_eval_mode_needs_a_checkpoint_or_weights(tmp_path, no_compilation):
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match='--mode=eval needs a checkpoint in .* or '
-                     'config.init_from'):
-    train.train_and_evaluate(tiny_config(), str(tmp_path), mode='eval')
+def _cli(tmp_path: Path, workdir: Path, *flags: str, devices: int = 1,
+         cache: Path | None = None) -> subprocess.CompletedProcess:
+  """`python -m nfnet_jax.train` with the tiny config (written to tmp_path)."""
+  (tmp_path / 'tiny.py').write_text(TINY_CONFIG)
+  run = Run(tmp_path, cache or tmp_path / 'xla_cache', 'cli', devices, *flags,
+            workdir=workdir)
+  return subprocess.run(run.cmd, cwd=REPO, env=run.env, capture_output=True, text=True,
+                        timeout=TIMEOUT, check=False)
 
 
-def test_incomplete_checkpoints_are_set_aside(tmp_path):
-  from nfnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  ckpts = tmp_path / 'checkpoints'
-  good = ckpts / '4'
-  for item in ('state', 'meta'):
-    (good / item).mkdir(parents=True)
-  (good / 'commit_success.txt').write_text('ok')
-  legacy = ckpts / '6'  # Committed, with the commit time in its metadata only.
-  for item in ('state', 'meta'):
-    (legacy / item).mkdir(parents=True)
-  (legacy / '_CHECKPOINT_METADATA').write_text('{"commit_timestamp_nsecs": 1}')
-  (ckpts / '8' / 'state').mkdir(parents=True)  # Killed mid-save.
-  (ckpts / '9.orbax-checkpoint-tmp').mkdir()
-  moved = checkpoints.set_aside_incomplete(str(ckpts))
-  assert len(moved) == 1 and moved[0].startswith('incomplete-8-')
-  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ['4', '6']
+def test_eval_mode_on_an_empty_workdir_says_so_and_creates_nothing(tmp_path):
+  workdir = tmp_path / 'empty'
+  done = _cli(tmp_path, workdir, '--mode=eval')
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert 'Traceback' not in done.stderr
+  assert done.stderr.strip().splitlines()[-1] == (
+      f'Error: --mode=eval: no checkpoint in {workdir}/checkpoints and no '
+      'config.init_from, so nothing to evaluate (nothing was created). Train in this '
+      'workdir first, or pass --config.init_from=<weights file>.')
+  assert not workdir.exists()
+
+
+def test_eval_mode_refuses_weights_for_another_class_count(tmp_path):
+  """Released weights (1000 classes) on 10-class data: --mode=eval would score a
+  random classifier; training would replace it (fine-tuning)."""
+  from nfnet_jax import errors, pretrained, train  # pylint: disable=g-import-not-at-top
+  weights = tmp_path / 'b0_1000.npz'
+  shapes = pretrained.model_shapes('nf_regnet_b0', 1000)
+  pretrained.save({m: {k: np.zeros(v, np.float32) for k, v in leaves.items()}
+                   for m, leaves in shapes.items()}, weights)
+  config = tiny_config()
+  config.model, config.model_kwargs, config.init_from = 'nf_regnet_b0', {}, str(weights)
+  with pytest.raises(errors.RunError, match=r"--mode=eval: config.init_from=.*b0_1000.npz "
+                     r"does not fit this data's 10 classes \(\['.*linear'\]\['b'\]: "
+                     r"\(1000,\) in the file, \(10,\) here\), so it would score an "
+                     r"untrained classifier"):
+    train.train_and_evaluate(config, str(tmp_path / 'w'), mode='eval')
+  assert not (tmp_path / 'w').exists()
 
 
 def test_signal_handlers_are_restored():
