@@ -211,7 +211,6 @@ TINY = textwrap.dedent('''
       c.data.use_tf = False
       c.data.offline.num_train = 64
       c.data.offline.num_eval = 32
-      c.data.offline.image_size = 16
       c.data.image_size = c.data.eval_size = 16
       c.data.randaugment.enabled = False
       c.data.mix.enabled = False
