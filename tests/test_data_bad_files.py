@@ -150,10 +150,12 @@ def test_damaged_cache_is_ignored(bad_folder, tmp_path):
   sources.scan_folder.cache_clear()
   first = sources.scan_folder(bad_folder, cache_dir=str(cache))
   (path,) = [os.path.join(cache, f) for f in os.listdir(cache)]
-  with open(path, 'w') as f:
-    f.write('{"files": [1, 2')
-  sources.scan_folder.cache_clear()
-  assert sources.scan_folder(bad_folder, cache_dir=str(cache)).train == first.train
+  for damaged in ('{"files": [1, 2', '{"files": {"train/dark/0.jpg": 5, "x": [1]}}', '[]'):
+    with open(path, 'w') as f:
+      f.write(damaged)
+    sources.scan_folder.cache_clear()
+    again = sources.scan_folder(bad_folder, cache_dir=str(cache))
+    assert again.train == first.train and again.skipped == first.skipped
 
 
 def test_empty_class_folder_is_refused_by_name(bad_folder, tmp_path):
@@ -209,3 +211,64 @@ def test_undecodable_tfds_records_are_dropped_and_counted(monkeypatch, caplog):
                 for l, m in zip(b['labels'], b['mask']) if m)
   assert seen == sorted(i % 3 for i in (0, 2, 3, 4, 5))
   assert 'skipped 1 of 4 record(s)' in caplog.text and 'skipped 1 of 3' in caplog.text
+
+
+
+def test_eval_where_nothing_decodes_still_gives_the_planned_batches(monkeypatch, caplog):
+  fake = _fake_tfds_source([b'', b'\x89PNG broken', b'x'], [0, 1, 2])
+  monkeypatch.setattr(sources, 'get_source', lambda cfg, split: fake)
+  cfg = data.default_config()
+  cfg.image_size, cfg.eval_size = 16, 12
+  with caplog.at_level(logging.WARNING):
+    out = list(data.build_eval_iter(cfg, 2, process_index=0, process_count=1))
+  assert len(out) == 2 and all(b['images'].shape == (2, 12, 12, 3) for b in out)
+  assert all(b['labels'].shape == (2, 3) and b['mask'].sum() == 0 for b in out)
+  assert 'skipped 3 of 3 record(s)' in caplog.text
+
+TINY = '''
+from nfnet_jax import configs
+
+
+def get_config(arg=''):
+  c = configs.base_config()
+  c.model = 'F0'
+  c.model_kwargs = dict(width=0.125, group_size=None, depths=(1, 1), stochdepth_rate=0.0,
+                        drop_rate=0.0)
+  c.data.source = 'folder'
+  c.data.image_size = c.data.eval_size = 16
+  c.data.randaugment.num_layers = 1
+  c.data.num_parallel_calls = 2
+  c.data.prefetch = 1
+  c.batch_size = 8
+  c.total_steps = 3
+  c.warmup_epochs = 0.0
+  c.compute_dtype = 'float32'
+  c.eval_batch_size = 4
+  c.log_every = 1
+  c.checkpoint_every_steps = 0
+  c.checkpoint_every_minutes = 0.0
+  return c
+'''
+
+
+@pytest.mark.slow
+def test_train_command_on_a_folder_with_bad_files(bad_folder, tmp_path):
+  """`python -m nfnet_jax.train ... --config.data.folder=DIR` (the path set on the
+  command line) trains and evaluates to the end over the bad folder."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  (tmp_path / 'tiny.py').write_text(TINY)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS='--xla_backend_optimization_level=0',  # compile time dominates
+             PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+  out = subprocess.run(
+      [sys.executable, '-m', 'nfnet_jax.train', f'--config={tmp_path / "tiny.py"}',
+       f'--workdir={tmp_path / "work"}', '--mode=train_and_eval',
+       f'--config.data.folder={bad_folder}',
+       f'--config.data.folder_cache_dir={tmp_path / "cache"}'],
+      cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  log = out.stdout + out.stderr
+  assert out.returncode == 0, log[-4000:]
+  assert 'skipped 10 file(s)' in log
+  assert f'on {GOOD_EVAL} examples' in log

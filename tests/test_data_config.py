@@ -134,3 +134,17 @@ def test_prepare_help_lists_flags_with_descriptions_and_defaults():
                         ('--file_format', 'default: array_record')):
     assert flag in text and default in text, (flag, text)
   assert 'ILSVRC2012_img_train.tar' in text
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('eval_crop', 'crop_resize', r"data.eval_crop 'crop_resize'; one of \('squash', 'center_crop'\)"),
+    ('crop', 'random', r"data.crop 'random'"),
+    ('folder_verify', 'full', r"data.folder_verify must be one of \('decode', 'open', 'none'\)"),
+    ('image_size', -1, r'must be positive'),
+])
+def test_bad_values_are_refused_before_reading_data(field, value, message):
+  cfg = data.default_config()
+  cfg.source, cfg.folder = 'folder', '/does/not/exist'   # would fail differently if read
+  cfg[field] = value
+  with pytest.raises(ValueError, match=message):
+    data.dataset_info(cfg)

@@ -141,6 +141,7 @@ def bw_folder(tmp_path_factory):
 def folder_cfg(root, **overrides):
   cfg = data.default_config()
   cfg.source, cfg.folder = 'folder', root
+  cfg.folder_cache_dir = os.path.join(os.path.dirname(root), 'verify_cache')
   cfg.image_size, cfg.eval_size = 24, 16
   for k, v in overrides.items():
     cfg[k] = v

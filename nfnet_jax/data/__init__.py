@@ -51,10 +51,23 @@ def imagenet_wnids() -> List[str]:
 
 
 def _validate(cfg) -> None:
-  if cfg.source not in ('tfds', 'folder', 'offline'):
+  """The data config's checks, before any data is read: one clear ValueError."""
+  from nfnet_jax.data import config as config_lib
+  if cfg.source not in config_lib.SOURCES:
     raise ValueError(f"data.source must be 'tfds', 'folder' or 'offline', got {cfg.source!r}")
-  if not cfg.use_tf and cfg.source != 'offline':
-    raise ValueError("data.use_tf=False (numpy path) only supports source='offline'.")
+  config_lib.resolve_crop(cfg)
+  config_lib.resolve_eval_crop(cfg)
+  if cfg.folder_verify not in config_lib.FOLDER_VERIFY:
+    raise ValueError(f'data.folder_verify must be one of {config_lib.FOLDER_VERIFY}, '
+                     f'got {cfg.folder_verify!r}')
+  config_lib.image_sizes(cfg)
+  if not cfg.use_tf:
+    if cfg.source != 'offline':
+      raise ValueError("data.use_tf=False (numpy path) only supports source='offline'; "
+                       'install tensorflow for the tfds and folder sources.')
+    if cfg.crop not in ('auto', 'pad_crop', 'none'):
+      raise ValueError("data.use_tf=False (numpy path) supports data.crop 'auto', "
+                       f"'pad_crop' or 'none', got {cfg.crop!r}")
 
 
 def dataset_info(cfg) -> Dict[str, int]:

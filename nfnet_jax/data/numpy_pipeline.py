@@ -68,11 +68,7 @@ def mix_pairs(images: np.ndarray, labels: np.ndarray, modes: np.ndarray,
 
 
 def _check_cfg(cfg) -> None:
-  if cfg.source != 'offline':
-    raise ValueError(f"use_tf=False only supports source='offline', got {cfg.source!r}; "
-                     'install tensorflow for tfds/folder sources.')
-  if cfg.crop not in ('auto', 'pad_crop', 'none'):
-    raise ValueError(f"use_tf=False supports crop 'auto'|'pad_crop'|'none', got {cfg.crop!r}")
+  """The config itself is checked by `nfnet_jax.data` (`_validate`) before this runs."""
   if cfg.randaugment.enabled:
     logging.warning('use_tf=False: RandAugment is not available in the numpy path; '
                     'skipped (set randaugment.enabled=False to silence).')

@@ -18,7 +18,7 @@ depend on the number of processes.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator
 
 import numpy as np
 
@@ -218,8 +218,9 @@ def eval_iter(cfg, global_batch_size: int, process_index: int,
   size on every process, whatever failed to decode. Short batches (records
   dropped) are padded with mask-0 rows; the count is logged at the end."""
   local = indexing.local_batch_size(global_batch_size, process_count)
-  n = sources.get_source(cfg, 'eval').num_examples
-  plan = list(indexing.eval_batches(n, global_batch_size, process_index, process_count))
+  src = sources.get_source(cfg, 'eval')
+  plan = list(indexing.eval_batches(src.num_examples, global_batch_size, process_index,
+                                    process_count))
   expected = int(sum(mask.sum() for _, mask in plan))
   pending, seen, batches = [], 0, 0
   ds = eval_dataset(cfg, global_batch_size, process_index, process_count)
@@ -234,11 +235,15 @@ def eval_iter(cfg, global_batch_size: int, process_index: int,
       seen += int(out['mask'].sum())
       batches += 1
       yield out
-  template = pending[0] if pending else None
+  if pending:
+    template = pending[0]
+  else:  # Nothing decoded at all: empty arrays of the right shapes.
+    size = image_sizes(cfg)[1]
+    image_dtype = tf.bfloat16.as_numpy_dtype if cfg.bfloat16 else np.float32
+    template = dict(images=np.zeros([0, size, size, 3], image_dtype),
+                    labels=np.zeros([0, src.num_classes], np.float32),
+                    mask=np.zeros([0], np.float32))
   while batches < len(plan):
-    if template is None:  # Everything failed to decode: shapes from the config.
-      raise ValueError(f'No eval record of {cfg.source}:{cfg.name or cfg.folder} '
-                       'could be decoded.')
     rows = len(template['mask'])
     out = {k: np.concatenate([v, np.zeros((local - rows,) + v.shape[1:], v.dtype)])
            for k, v in template.items()}

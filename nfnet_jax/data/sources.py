@@ -202,8 +202,9 @@ def verify_files(root: str, paths: Sequence[str], verify: str,
   cache_file = _cache_path(root, verify, cache_dir)
   cached = _load_cache(cache_file)
   rel = {p: os.path.relpath(p, root) for p in stats}
-  todo = [p for p in stats
-          if cached.get(rel[p], [None, None])[:2] != list(stats[p])]
+  valid = lambda e, st: (isinstance(e, list) and len(e) == 3 and e[:2] == list(st)
+                         and isinstance(e[2], str))
+  todo = [p for p in stats if not valid(cached.get(rel[p]), stats[p])]
   if todo:
     logging.info('Verifying %d image file(s) under %s (cached for the next run)...',
                  len(todo), _printable(root))

@@ -6,7 +6,7 @@ All randomness is stateless: every function takes a `seed` tensor of shape [2].
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence
 
 from nfnet_jax.data._tf import tf
 from nfnet_jax.data.normalize import MEAN_RGB, STDDEV_RGB
