@@ -79,8 +79,20 @@ def make_train_step(config, model, tx, schedule) -> Callable:
   def gradients(params, batch, rng, offset):
     """Local gradient of sum(local losses) / global batch, summed over micro-batches."""
     if config.sam.enabled:
+      # The ascent rows are strided over the batch: each row carries its global
+      # example index, so its dropout / stochastic-depth draws are the ones it gets
+      # in the descent pass, on any device count. (A zero-weight padding row may get
+      # a clipped index; it does not count.)
+      local = batch['images'].shape[0]
+      ids = offset + jnp.arange(local, dtype=jnp.int32)
+
+      def indexed_loss(p, b, r):
+        b = dict(b)
+        idx = b.pop('example_index')
+        return loss_fn(p, b, r, jnp.maximum(idx - jnp.arange(idx.shape[0]), 0))
+
       grads, (_, aux) = sam.sam_gradient(
-          lambda p, b, r: loss_fn(p, b, r, offset), params, batch, rng,
+          indexed_loss, params, dict(batch, example_index=ids), rng,
           rho=config.sam.rho, fraction=config.sam.fraction, axis_name=AXIS,
           perturbation=config.sam.perturbation)
       return grads, aux
