@@ -184,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {}
   finally:
     if mngr is not None:
-      mngr.close()  # Nothing in flight: checkpoints.save waits for every save.
+      checkpoints.close(mngr)
     writer.close()
 
 
@@ -213,7 +213,8 @@ def _start(config, workdir: str, mode: str, trainer: Trainer,
           logging.warning('The checkpoint was written with config.%s=%r, this run has '
                           '%r; the run is no longer the one the first command started',
                           key, meta[key], config[key])
-      if meta.get('schedule', run_meta['schedule']) != run_meta['schedule']:
+      if mode != 'eval' and meta.get('schedule', run_meta['schedule']) != run_meta[
+          'schedule']:
         logging.warning('The checkpoint was written with the schedule %s; this run has '
                         '%s: from step %d the learning rate follows this run\'s',
                         meta['schedule'], run_meta['schedule'], int(state['step']))
@@ -252,8 +253,9 @@ def _load_init(config, num_classes: int, trainer: Trainer, mode: str):
 
 
 def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[str, Any],
-                start_step: int, total_steps: int, train_iter: Iterator[Batch], caught: list[int],
-                eval_fn: Optional[Callable[[int, Any], Any]]) -> tuple[int, Any]:
+                start_step: int, total_steps: int, train_iter: Iterator[Batch],
+                caught: list[int], eval_fn: Optional[Callable[[int, Any], Any]]
+                ) -> tuple[int, Any]:
   """Steps until total_steps; returns (last step, state). Saves every N steps / minutes,
   at the end and on a signal (then raises Preempted)."""
   pidx = jax.process_index()
