@@ -343,6 +343,18 @@ def _log(step, total_steps, metrics, control, writer, ips: float, batch_size: in
   writer.write(step, last, prefix='train')
 
 
+def _exit(status: int, message: str) -> None:
+  """Prints `message` and exits. With several processes, at once: JAX's exit handler
+  would first wait (minutes) at a shutdown barrier for processes that may be gone,
+  then abort."""
+  logging.flush()
+  sys.stderr.write(message + '\n')
+  sys.stderr.flush()
+  if jax.process_count() > 1:
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
+
+
 def main(argv) -> None:
   logging.get_absl_handler().addFilter(checkpoints.QuietOrbax())
   if len(argv) > 1:
@@ -356,9 +368,14 @@ def main(argv) -> None:
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except errors.RunError as e:
-    logging.flush()
-    sys.stderr.write(f'Error: {e}\n')
-    sys.exit(1)
+    _exit(1, f'Error: {e}')
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    _exit(1, f'Error: process {jax.process_index()}: a step across the '
+          f'{jax.process_count()} processes failed, most likely because another process '
+          f'died ({str(e).splitlines()[0][:200]}). Restart the job with the same command '
+          'on every host: it resumes from the last complete checkpoint.')
   if jax.process_index() == 0 and 'raw_top1' in result:
     print(f'Final top-1: {100 * result["raw_top1"]:.2f}% (EMA {100 * result["ema_top1"]:.2f}%)'
           f' on {int(result["count"])} held-out examples', flush=True)
