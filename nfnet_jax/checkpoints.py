@@ -15,6 +15,7 @@ import json
 import logging as logging_std
 import os
 import sys
+import threading
 import time
 from typing import Any, Iterator, Optional
 
@@ -267,12 +268,25 @@ def save(mngr, state, step: int, meta: dict[str, Any]) -> None:
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   meta = dict(meta, step=step, checksum=checksum(state))
+  before = set(threading.enumerate())
   try:
     with _quiet():
       mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                               meta=ocp.args.JsonSave(meta)), force=True)
       mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
+    # A write that fails early can leave orbax's writer threads running, untracked by
+    # the manager: they end (and log) before the partial files are removed.
+    with _quiet():
+      with contextlib.suppress(Exception):
+        mngr.wait_until_finished()
+      for thread in set(threading.enumerate()) - before:
+        with contextlib.suppress(Exception):  # orbax's threads re-raise their error.
+          thread.join(timeout=60)
+      gc.collect()
+    # asyncio logs orbax's failed futures whenever they are collected, up to exit.
+    logging_std.getLogger('asyncio').addFilter(
+        lambda record: 'exception was never retrieved' not in record.getMessage())
     root = _path(str(mngr.directory))
     partial = [d for d in root.iterdir() if d.name.startswith(f'{step}{_TMP}')]
     if jax.process_index() == 0:
@@ -286,6 +300,13 @@ def save(mngr, state, step: int, meta: dict[str, Any]) -> None:
         f'Cannot save checkpoint {step} in {root}: {_first_line(e)}. Stopped at step '
         f'{step}; {kept}' + (', the partial one removed' if partial else '') +
         '. Fix the cause (e.g. free space) and re-run the same command to resume.') from None
+
+
+def close(mngr) -> None:
+  """Closes the manager. Each save waited for its write and reported its failure, so
+  an error orbax raises here repeats one already reported: it is not raised again."""
+  with _quiet(), contextlib.suppress(Exception):
+    mngr.close()
 
 
 def _verify(state, meta: dict[str, Any]) -> Optional[str]:

@@ -207,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {}
   finally:
     if mngr is not None:
-      mngr.close()  # Nothing in flight: checkpoints.save waits for every save.
+      checkpoints.close(mngr)
     writer.close()
 
 
@@ -236,7 +236,8 @@ def _start(config, workdir: str, mode: str, trainer: Trainer,
           logging.warning('The checkpoint was written with config.%s=%r, this run has '
                           '%r; the run is no longer the one the first command started',
                           key, meta[key], config[key])
-      if meta.get('schedule', run_meta['schedule']) != run_meta['schedule']:
+      if mode != 'eval' and meta.get('schedule', run_meta['schedule']) != run_meta[
+          'schedule']:
         logging.warning('The checkpoint was written with the schedule %s; this run has '
                         '%s: from step %d the learning rate follows this run\'s',
                         meta['schedule'], run_meta['schedule'], int(state['step']))
@@ -275,8 +276,9 @@ def _load_init(config, num_classes: int, trainer: Trainer, mode: str):
 
 
 def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[str, Any],
-                start_step: int, total_steps: int, train_iter: Iterator[Batch], caught: list[int],
-                eval_fn: Optional[Callable[[int, Any], Any]]) -> tuple[int, Any]:
+                start_step: int, total_steps: int, train_iter: Iterator[Batch],
+                caught: list[int], eval_fn: Optional[Callable[[int, Any], Any]]
+                ) -> tuple[int, Any]:
   """Steps until total_steps; returns (last step, state). Saves every N steps / minutes,
   at the end and on a signal (then raises Preempted)."""
   pidx = jax.process_index()
@@ -358,6 +360,18 @@ def _log(step, total_steps, metrics, control, writer, ips: float, batch_size: in
   writer.write(step, last, prefix='train')
 
 
+def _exit(status: int, message: str) -> None:
+  """Prints `message` and exits. With several processes, at once: JAX's exit handler
+  would first wait (minutes) at a shutdown barrier for processes that may be gone,
+  then abort."""
+  logging.flush()
+  sys.stderr.write(message + '\n')
+  sys.stderr.flush()
+  if jax.process_count() > 1:
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
+
+
 def main(argv) -> None:
   logging.get_absl_handler().addFilter(checkpoints.QuietOrbax())
   console.quiet_backend_probe()
@@ -380,9 +394,14 @@ def main(argv) -> None:
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except errors.RunError as e:
-    logging.flush()
-    sys.stderr.write(f'Error: {e}\n')
-    sys.exit(1)
+    _exit(1, f'Error: {e}')
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    _exit(1, f'Error: process {jax.process_index()}: a step across the '
+          f'{jax.process_count()} processes failed, most likely because another process '
+          f'died ({str(e).splitlines()[0][:200]}). Restart the job with the same command '
+          'on every host: it resumes from the last complete checkpoint.')
   if jax.process_index() == 0 and 'raw_top1' in result:
     print(f'Final top-1: {100 * result["raw_top1"]:.2f}% (EMA {100 * result["ema_top1"]:.2f}%)'
           f' on {int(result["count"])} held-out examples', flush=True)
