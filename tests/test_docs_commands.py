@@ -5,7 +5,9 @@ keywords, `configs.validate_config`; nothing is built or trained).
 
 The commands are read from the files when the test runs. Placeholders are filled in
 the way a reader would: `...` as a config is experiments/quickstart.py, `...` or a
-/path/to/... elsewhere is an existing temporary directory (or file, for *.npz)."""
+/path/to/... elsewhere is an existing temporary directory (or file, for *.npz). A
+synopsis (`--config=<experiment file>[:arg] ... [--mode=...]`: angle brackets or
+bracketed optional flags) is not a command and is left out."""
 from __future__ import annotations
 
 import ast
@@ -56,8 +58,13 @@ def extract_commands(text: str) -> list[str]:
   return commands
 
 
+def is_synopsis(command: str) -> bool:
+  return '<' in command or re.search(r'\s\[--', command) is not None
+
+
 def all_commands() -> list[tuple[str, str]]:
-  return [(name, c) for name, text in _sources() for c in extract_commands(text)]
+  return [(name, c) for name, text in _sources() for c in extract_commands(text)
+          if not is_synopsis(c)]
 
 
 def fill_placeholders(command: str, tmp: Path) -> list[str]:
@@ -105,6 +112,9 @@ def test_extraction_joins_continuations_and_drops_comments():
                   '--config.batch_size=64   # a comment',
                   'python -m nfnet_jax.train --config=b.py']
   assert shlex.split(cmds[0], comments=True)[-1] == '--config.batch_size=64'
+  assert is_synopsis('python -m nfnet_jax.train --config=<file>[:arg] --workdir=DIR')
+  assert is_synopsis('python -m nfnet_jax.train --config=F --workdir=D [--mode=...]')
+  assert not is_synopsis(cmds[0])
 
 
 def _check(command: str, tmp: Path) -> subprocess.CompletedProcess:
