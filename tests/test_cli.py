@@ -313,26 +313,27 @@ def write_png_folder(root: Path, num_classes: int, per_class: dict[str, int], si
 
 @pytest.mark.slow
 def test_short_run_on_a_png_folder_reaches_high_accuracy(tmp_path):
-  """4 classes of 16 px PNG shapes (60 train / 25 held-out images per class, the
-  held-out ones rendered from another seed stream), a width-1/8 two-block NFNet,
-  150 steps of 32 through the real CLI, TF input pipeline: held-out top-1 far above
-  chance (25%)."""
+  """4 classes of 16 px PNG shapes in root/{train,val}/<class>/ (250 train / 50
+  held-out images per class, the held-out ones rendered from the generator's other
+  split stream), the quickstart NFNet cut to two blocks, 400 steps of 32 through the
+  real CLI and the TF input pipeline: held-out top-1 far above chance (25%); it
+  reached 83% on the development machine. About a minute of CPU time, most of it
+  compiling. (File verification is off here; tests/test_data_bad_files.py covers it.)"""
   folder = tmp_path / 'images'
-  write_png_folder(folder, 4, {'train': 60, 'val': 25}, 16)
-  t0 = time.time()
+  write_png_folder(folder, 4, {'train': 250, 'val': 50}, 16)
   out = cli('--config=experiments/quickstart.py', f'--workdir={tmp_path / "w"}',
             '--config.data.source=folder', f'--config.data.folder={folder}',
-            '--config.data.crop=none', '--config.data.image_size=16',
-            '--config.data.eval_size=16', '--config.data.eval_resize_margin=0',
-            '--config.model_kwargs.depths=(1,1)', '--config.batch_size=32',
-            '--config.total_steps=150', '--config.warmup_epochs=0.5',
+            '--config.data.folder_verify=none', '--config.data.crop=none',
+            '--config.data.image_size=16', '--config.data.eval_size=16',
+            '--config.data.eval_resize_margin=0', '--config.model_kwargs.depths=(1,1)',
+            '--config.batch_size=32', '--config.total_steps=400',
+            '--config.optimizer.base_lr=1.6', '--config.warmup_epochs=0.2',
             '--config.ema_decay=0.9', '--config.eval_batch_size=100',
-            '--config.checkpoint_every_steps=0',
-            timeout=900, XLA_FLAGS='--xla_backend_optimization_level=0')
-  elapsed = time.time() - t0
+            '--config.checkpoint_every_steps=0', '--config.log_every=100',
+            timeout=1200, XLA_FLAGS='--xla_backend_optimization_level=0')
   assert out.returncode == 0, out.stderr[-4000:]
+  assert '4 classes, 1000 train and 200 eval images' in out.stderr, out.stderr[-4000:]
   m = re.search(r'Final top-1: ([\d.]+)% \(EMA ([\d.]+)%\) on (\d+) held-out', out.stdout)
   assert m, out.stdout + out.stderr[-3000:]
-  assert int(m.group(3)) == 100
-  assert float(m.group(1)) >= 80.0, (out.stdout, elapsed)
-  assert 'Folder dataset' in out.stderr and '4 classes, 240 train and 100 eval' in out.stderr
+  assert int(m.group(3)) == 200
+  assert float(m.group(1)) >= 70.0, out.stdout + out.stderr[-3000:]
