@@ -116,7 +116,8 @@ def _catch_signals():
       logging.flush()
       os._exit(128 + signum)  # pylint: disable=protected-access
     caught.append(signum)
-    logging.warning('Signal %d: saving a checkpoint after the next step', signum)
+    logging.warning('Signal %d: saving a checkpoint within two steps, then exiting',
+                    signum)
 
   previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
