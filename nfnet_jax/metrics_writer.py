@@ -4,6 +4,9 @@ TensorBoard's own writer imports TensorFlow when it is installed; the training l
 must not (TF belongs to the input pipeline only), so the event file is written here
 directly: TFRecord framing (length, masked CRC32C) around `Event` protos from the
 `tensorboard` package.
+
+Files are opened through `etils.epath`, so a `gs://bucket/run` workdir writes into
+the bucket (local paths use plain file I/O; the cloud backends are etils' own).
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ import os
 import socket
 import struct
 import time
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
+from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
 
 
@@ -49,14 +53,15 @@ class MetricsWriter:
   Only process 0 writes (pass `enabled=False` on the others).
   """
 
-  def __init__(self, logdir: str, enabled: bool = True):
+  def __init__(self, logdir: Union[str, os.PathLike], enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
-    os.makedirs(logdir, exist_ok=True)
-    self._jsonl = open(os.path.join(logdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
-    self._events = open(os.path.join(logdir, name), 'ab')
+    logdir = epath.Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = (logdir / 'metrics.jsonl').open('a', encoding='utf-8')
+    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
+    self._events = (logdir / name).open('wb')
     self._write_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write_event(self, event: event_pb2.Event) -> None:
