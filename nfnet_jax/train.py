@@ -39,7 +39,7 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 
-from nfnet_jax import configs, fast, layers, metrics_writer, models, optim, sam
+from nfnet_jax import configs, layers, metrics_writer, models, optim, sam
 from nfnet_jax import agc as agc_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -153,8 +153,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if mode not in MODES:
     raise ValueError(f'mode={mode!r}; valid: {", ".join(MODES)}')
   _check_model(config)
-  if config.get('remat', 'none') not in fast.REMAT_POLICIES:
-    raise ValueError(f'config.remat must be one of {fast.REMAT_POLICIES}, got '
+  if config.get('remat', 'none') not in models.REMAT_POLICIES:
+    raise ValueError(f'config.remat must be one of {models.REMAT_POLICIES}, got '
                      f'{config.remat!r}')
   if config.compute_dtype not in ('bfloat16', 'float32'):
     raise ValueError(f"config.compute_dtype must be 'bfloat16' or 'float32', got "
@@ -208,7 +208,7 @@ def create_model(config, num_classes: int):
   """The model of `config`; with config.remat set, the same function under remat."""
   kwargs = config.model_kwargs.to_dict()
   if config.get('remat', 'none') != 'none':
-    return fast.model(config.model, num_classes, remat=config.remat, **kwargs)
+    return models.create(config.model, num_classes, remat=config.remat, **kwargs)
   return models.create(config.model, num_classes, **kwargs)
 
 

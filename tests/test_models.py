@@ -4,15 +4,21 @@
 holds fixed parameters, images and logits of one small model per family; the models
 must reproduce those logits bit for bit and declare the same parameter tree.
 """
+import contextlib
+import functools
+import io
 import json
+import math
 import os
+import re
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnet_jax import models
+from nfnet_jax import layers, models
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'model_logits.npz')
 
@@ -58,3 +64,168 @@ def test_logits_match_fixture(case):
                                 c['logits_eval'])
   np.testing.assert_array_equal(np.asarray(f(c['params'], images, True)),
                                 c['logits_train'])
+
+
+# ---------------------------------------------------------------------------
+# Implementation options: remat policies and grouped-conv implementations.
+# ---------------------------------------------------------------------------
+# A tiny member of each family; stochastic depth and dropout on, so their masks must
+# be recomputed identically under remat. F0 at 1/8 width with 16-wide groups has
+# bottlenecks of 1, 2, 6 and 6 groups.
+TINY = {
+    'F0': dict(width=0.125, group_size=16, depths=(1, 1, 1, 1), stochdepth_rate=0.2,
+               drop_rate=0.2),
+    'nf_resnet26': dict(width=0.0625, stochdepth_rate=0.2, drop_rate=0.2),
+    'nf_regnet_b0': dict(width=0.1, group_size=4, stochdepth_rate=0.2, drop_rate=0.2),
+}
+NUM_CLASSES = 10
+# Tests compile whole networks on 2 CPU cores: LLVM's optimisation passes would take
+# longer than the few forward passes they speed up.
+JIT = dict(compiler_options={'xla_backend_optimization_level': 0})
+
+
+def _inputs(batch=2):
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3), jnp.float32)
+  ct = jax.random.normal(jax.random.PRNGKey(3), (batch, NUM_CLASSES), jnp.float32)
+  return x, ct
+
+
+@functools.lru_cache(maxsize=None)
+def _params(name):
+  x, _ = _inputs()
+  net = models.create(name, NUM_CLASSES, **TINY[name])
+  return jax.jit(lambda r, x: net.init(r, x, True), **JIT)(jax.random.PRNGKey(0), x)
+
+
+def _logits_and_grads(name, **options):
+  """Training-mode logits and d(sum(logits * ct))/dparams, same rng for every net."""
+  net = models.create(name, NUM_CLASSES, **TINY[name], **options)
+  x, ct = _inputs()
+
+  @functools.partial(jax.jit, **JIT)
+  def f(params):
+    def loss(p):
+      logits = net.apply(p, jax.random.PRNGKey(2), x, True)['logits']
+      return jnp.sum(logits * ct), logits
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return logits, grads
+
+  return f(_params(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name):
+  return _logits_and_grads(name)
+
+
+def _assert_trees_close(a, b, rtol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    err = float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12))
+    assert err <= rtol, (jax.tree_util.keystr(path), err)
+
+
+@pytest.mark.parametrize('remat', [r for r in models.REMAT_POLICIES if r != 'none'])
+@pytest.mark.parametrize('name', list(TINY))
+def test_remat_computes_the_same_function(name, remat):
+  logits, grads = _logits_and_grads(name, remat=remat)
+  ref_logits, ref_grads = _reference(name)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-6, atol=1e-7)
+  _assert_trees_close(grads, ref_grads, rtol=1e-5)
+
+
+def saved_residuals(net, params, x) -> list[tuple[int, str]]:
+  """[(bytes, why)] of the batch-sized arrays JAX's autodiff keeps for the backward
+  pass of sum(logits) in training mode (jax.ad_checkpoint.print_saved_residuals,
+  parsed). `x`'s batch size must differ from every parameter's leading dimension."""
+  f = lambda p, x: net.apply(p, jax.random.PRNGKey(0), x, True)['logits'].sum()
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    jax.ad_checkpoint.print_saved_residuals(f, params, x)
+  out = []
+  for line in buf.getvalue().splitlines():
+    m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line.strip())
+    assert m, f'unexpected print_saved_residuals line: {line!r}'
+    shape = tuple(int(d) for d in m.group(2).split(',') if d)
+    if shape and shape[0] == x.shape[0]:
+      out.append((jnp.dtype(_DTYPES[m.group(1)]).itemsize * math.prod(shape), m.group(3)))
+  return out
+
+
+_DTYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16,
+           'u32': jnp.uint32, 'i32': jnp.int32, 'bool': jnp.bool_}
+
+
+@pytest.mark.parametrize('name', list(TINY))
+def test_remat_changes_saved_residuals(name):
+  """What the backward pass keeps, as JAX hands it to XLA, per policy.
+
+  (XLA's own buffer sizes cannot be checked on CPU: XLA:CPU drops the optimisation
+  barriers of remat, so its CSE merges the recomputation back into the forward pass.
+  benchmarks/step_memory.py reports XLA's figure on a GPU.)
+  """
+  x = jax.ShapeDtypeStruct((3, 32, 32, 3), jnp.float32)
+  params = jax.eval_shape(lambda: _params(name))
+  kept, size = {}, {}
+  for remat in models.REMAT_POLICIES:
+    net = models.create(name, NUM_CLASSES, remat=remat, **TINY[name])
+    kept[remat] = saved_residuals(net, params, x)
+    size[remat] = sum(b for b, _ in kept[remat])
+  conv = f"named '{layers.CONV_NAME}'"
+  # Without remat, activation outputs and other elementwise intermediates are kept.
+  assert sum(conv not in why and 'argument' not in why for _, why in kept['none']) > 10
+  # 'convs': conv outputs and the input images, nothing else.
+  assert all(conv in why or 'argument' in why for _, why in kept['convs']), kept['convs']
+  assert size['convs'] < 0.5 * size['none'], size
+  # Per block: smaller than 'none'; 'blocks' keeps fewer conv outputs than
+  # 'block_convs' (only those outside the blocks).
+  assert size['block_convs'] < size['none'] and size['blocks'] < size['none'], size
+  count = {r: sum(conv in why for _, why in kept[r]) for r in kept}
+  assert count['blocks'] < count['block_convs'], count
+
+
+def test_remat_and_groups_errors():
+  with pytest.raises(ValueError, match=r"remat must be one of \('none', 'convs', "
+                     r"'block_convs', 'blocks'\), got 'all'"):
+    models.create('F0', remat='all')
+  with pytest.raises(ValueError, match=r"groups must be one of \('auto', 'lax', "
+                     r"'split'\), got 'dense'"):
+    models.create('nf_regnet_b0', groups='dense')
+  with pytest.raises(ValueError, match='NFResNet has no grouped convolutions'):
+    models.create('nf_resnet50', groups='split')
+  with pytest.raises(ValueError, match='remat must be one of'):  # the module itself
+    hk.transform(lambda: models.NFRegNet(10, remat='everything')).init(None)
+  with pytest.raises(ValueError, match=r"grouped conv impl must be one of \('auto', "
+                     r"'lax', 'split'\), got 'dense'"):
+    with layers.grouped_conv_impl('dense'):
+      pass
+
+
+@pytest.mark.parametrize('name', ['F0', 'nf_regnet_b0'])
+def test_grouped_conv_implementations_agree(name):
+  """Split per-group convs (the default on CPU from SPLIT_MIN_POSITIONS output
+  positions) == one XLA grouped conv ('lax', the default on GPU/TPU): logits and
+  every gradient."""
+  lax_logits, lax_grads = _logits_and_grads(name, groups='lax')
+  for logits, grads in (_reference(name), _logits_and_grads(name, groups='split')):
+    np.testing.assert_allclose(logits, lax_logits, rtol=1e-5, atol=1e-6)
+    _assert_trees_close(grads, lax_grads, rtol=1e-4)
+
+
+def test_grouped_conv_default_split_rule():
+  """Which form the default picks on CPU: split once a conv has SPLIT_MIN_POSITIONS
+  output positions (F0 at batch 16, 64 px: stage 2 has 16*8*8 = 1024, stage 3 256,
+  stage 4 64: left grouped), all grouped for tiny inputs (batch 4, 32 px)."""
+  def grouped_convs(groups, shape):
+    net = models.create('F0', NUM_CLASSES, groups=groups, **TINY['F0'])
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    params = jax.eval_shape(lambda: _params('F0'))
+    jaxpr = str(jax.make_jaxpr(lambda p, x: net.apply(p, None, x, False))(params, x))
+    return len(re.findall(r'feature_group_count=[2-9]', jaxpr))
+
+  n_lax = grouped_convs('lax', (16, 64, 64, 3))
+  assert n_lax == 6, n_lax  # two grouped 3x3 convs in each block with > 1 group (3)
+  assert grouped_convs('auto', (4, 32, 32, 3)) == n_lax
+  assert grouped_convs('auto', (16, 64, 64, 3)) == 2  # stage 4 only
+  assert grouped_convs('split', (16, 64, 64, 3)) == 0

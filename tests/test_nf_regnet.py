@@ -17,7 +17,7 @@ from nfnet_jax import layers, models
 from nfnet_jax.models import nf_regnet, registry
 
 ALPHA = 0.2
-# DESIGN.md: widths (before x0.75), depths, train px, test px, dropout.
+# DeepMind's table (docs/models.md): widths (before x0.75), depths, train px, test px, dropout.
 TABLE = {
     'B0': ([48, 104, 208, 440], [1, 3, 6, 6], 192, 224, 0.2),
     'B1': ([48, 104, 208, 440], [2, 4, 7, 7], 224, 256, 0.2),
@@ -36,7 +36,7 @@ JIT = dict(compiler_options={'xla_backend_optimization_level': 0})
 
 
 # ---------------------------------------------------------------------------
-# Independent hand computation of sizes (DESIGN.md's formulas).
+# Independent hand computation of sizes (the architecture of docs/models.md).
 # ---------------------------------------------------------------------------
 def _blocks(variant, width=0.75, expansion=2.25, group=8):
   """Per block: (in_ch, expanded width, out_ch, stride)."""
@@ -127,7 +127,7 @@ def make_params(shapes, skip_gain=1.0, seed=0):
 
 
 def expected_curve(depths, alpha=ALPHA):
-  """(expected input std, expected output std) per block, derived from DESIGN.md."""
+  """(expected input std, expected output std) per block, derived from docs/models.md."""
   e_in, e_out, s = [], [], 1.0
   for d in depths:
     for i in range(d):
@@ -272,7 +272,7 @@ def test_unknown_variant_lists_valid():
 @pytest.fixture(scope='module')
 def regnet_b0():
   make = registry.module_fn('nf_regnet_b0', 10, stochdepth_rate=0.0)
-  is_block = lambda ctx: (isinstance(ctx.module, nf_regnet.NFBlock)  # noqa: E731
+  is_block = lambda ctx: (isinstance(ctx.module, nf_regnet.NFRegNetBlock)  # noqa: E731
                           and ctx.method_name == '__call__')
   blocks_in, betas = [], []
 
@@ -331,7 +331,7 @@ def test_forward_float32_deterministic_and_mean_free(regnet_b0):
 
 def test_signal_propagation_whole_network(regnet_b0):
   """N(0,1) images. The stem keeps unit variance. On white noise the 2x2 average pool
-  of a transition shortcut quarters the variance (DESIGN.md's architecture: the
+  of a transition shortcut quarters the variance (the architecture: the
   expected_std bookkeeping assumes spatially smooth signals there; the block-level
   test checks the curve itself); identity blocks add alpha^2 * Var(residual)."""
   shapes, run, x, _, _ = regnet_b0
@@ -352,7 +352,7 @@ def test_signal_propagation_whole_network(regnet_b0):
 
 def test_signal_propagation_block_by_block(regnet_b0):
   """Each block fed N(0, expected_in^2) noise: beta = 1/expected_in and, with skip
-  gains 1, the output variance is the next expected_std^2 of DESIGN.md; with skip gains
+  gains 1, the output variance is the next expected_std^2 (docs/models.md); with skip gains
   0, identity blocks keep expected_in^2 and transitions give unit variance."""
   shapes, run, x, betas, strides = regnet_b0
   e_in, e_out = expected_curve(TABLE['B0'][1])
@@ -384,7 +384,7 @@ def test_stochastic_depth_only_in_training():
   """Block level: in training whole examples lose their residual branch (no rescaling);
   in evaluation nothing is dropped and the output is deterministic."""
   def fwd(x, is_training):
-    return nf_regnet.NFBlock(16, 16, stochdepth_rate=0.5, act=layers.activation('silu'),
+    return nf_regnet.NFRegNetBlock(16, 16, stochdepth_rate=0.5, act=layers.activation('silu'),
                              name='nf_block')(x, is_training)[0]
 
   f = hk.transform(fwd)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from nfnet_jax import layers, models
-from nfnet_jax.models import nf_resnet, registry
+from nfnet_jax.models import base, nf_resnet, registry
 
 ALPHA = 0.2
 DEPTHS = {'26': [2, 2, 2, 2], '50': [3, 4, 6, 3], '101': [3, 4, 23, 3],
@@ -105,7 +105,7 @@ def make_params(shapes, skip_gain=1.0, seed=0):
 
 
 def expected_curve(depths, alpha=ALPHA):
-  """(expected input std, expected output std) per block, derived from DESIGN.md."""
+  """(expected input std, expected output std) per block, derived from docs/models.md."""
   e_in, e_out, s = [], [], 1.0
   for d in depths:
     for i in range(d):
@@ -127,7 +127,7 @@ def test_variant_table():
     assert info['width'] == [256, 512, 1024, 2048]
     assert (info['train_imsize'], info['test_imsize'], info['drop_rate']) == (224, 224, 0.0)
     assert info['family'] == 'NFResNet'
-  assert nf_resnet.expected_stds([2, 2]) == pytest.approx(expected_curve([2, 2])[1])
+  assert base.expected_stds([2, 2]) == pytest.approx(expected_curve([2, 2])[1])
 
 
 def test_resnet50_params_and_flops_by_hand():
@@ -311,7 +311,7 @@ def test_forward_float32_deterministic_and_mean_free(resnet26):
 
 
 def test_signal_propagation_whole_network(resnet26):
-  """N(0,1) images, skip gains 1: block outputs follow expected_std^2 (DESIGN.md).
+  """N(0,1) images, skip gains 1: block outputs follow expected_std^2 (docs/models.md).
 
   Stages 1-2 within 5%; stages 3-4 (4x4 and 2x2 maps at 64 px) within 20%, where
   zero padding hides up to 5/9 of each 3x3 kernel and shrinks the residual branch.
@@ -335,7 +335,7 @@ def test_signal_propagation_whole_network(resnet26):
 
 def test_signal_propagation_block_by_block(resnet26):
   """Each block fed N(0, expected_in^2) noise: beta = 1/expected_in and, with skip
-  gains 1, the output variance is the next expected_std^2 of DESIGN.md; with skip gains
+  gains 1, the output variance is the next expected_std^2 (docs/models.md); with skip gains
   0, identity blocks keep expected_in^2 and projections give unit variance."""
   shapes, run, x, betas = resnet26
   e_in, e_out = expected_curve(DEPTHS['26'])
