@@ -22,7 +22,7 @@ import numpy as np
 # ---------------------------------------------------------------------------
 # act(z) * gamma has unit variance for z ~ N(0, 1). These constants are the ones the
 # released checkpoints were trained with (measured empirically; a hair above the exact
-# 1/std); they are kept verbatim for weight compatibility.
+# 1/std); they are kept verbatim for weight compatibility (docs/models.md).
 GAMMAS: dict[str, float] = {
     'gelu': 1.7015043497085571,
     'gelu_exact': 1.7015043497085571,  # timm's port: erf GELU with the same gamma.

@@ -18,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import nf_testing
+from nf_testing import JIT
 from nfnet_jax import layers, models
+from nfnet_jax.models import nf_regnet, nf_resnet, nfnet
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'model_logits.npz')
 
@@ -79,9 +82,6 @@ TINY = {
     'nf_regnet_b0': dict(width=0.1, group_size=4, stochdepth_rate=0.2, drop_rate=0.2),
 }
 NUM_CLASSES = 10
-# Tests compile whole networks on 2 CPU cores: LLVM's optimisation passes would take
-# longer than the few forward passes they speed up.
-JIT = dict(compiler_options={'xla_backend_optimization_level': 0})
 
 
 def _inputs(batch=2):
@@ -229,3 +229,94 @@ def test_grouped_conv_default_split_rule():
   assert grouped_convs('auto', (4, 32, 32, 3)) == n_lax
   assert grouped_convs('auto', (16, 64, 64, 3)) == 2  # stage 4 only
   assert grouped_convs('split', (16, 64, 64, 3)) == 0
+
+
+# ---------------------------------------------------------------------------
+# Behaviour every family shares (family-specific facts live in test_nfnet.py,
+# test_nf_resnet.py and test_nf_regnet.py).
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize('name,overrides,rate,num_blocks', [
+    ('F0', {}, 0.1, 12),
+    ('nf_resnet50', dict(stochdepth_rate=0.25), 0.25, 16),
+    ('nf_regnet_b0', {}, 0.1, 16),
+])
+def test_stochastic_depth_rates_grow_linearly(name, overrides, rate, num_blocks):
+  rates = []
+
+  def icpt(next_f, args, kwargs, ctx):
+    if isinstance(ctx.module, layers.StochDepth) and ctx.method_name == '__call__':
+      rates.append(ctx.module.drop_rate)
+    return next_f(*args, **kwargs)
+
+  nf_testing.trace(name, size=32, interceptor=icpt, **overrides)
+  assert rates == pytest.approx([rate * i / num_blocks for i in range(num_blocks)])
+
+
+@pytest.mark.parametrize('cls,bad,valid,bad_name,close', [
+    (models.NFNet, 'F9', r"valid: \['F0', 'F0\+', 'F1'", 'F9', 'F0'),
+    (models.NFResNet, '34', r"valid: \['26', '50', '101'", 'nf_resnet34', 'nf_resnet50'),
+    (models.NFRegNet, 'B9', r"valid: \['B0', 'B1'", 'nf_regnet_b9', 'nf_regnet_b0'),
+])
+def test_unknown_variant_lists_valid(cls, bad, valid, bad_name, close):
+  with pytest.raises(ValueError, match=valid):
+    hk.transform(lambda: cls(10, variant=bad)).init(None)
+  with pytest.raises(ValueError, match=close):
+    models.create(bad_name)
+
+
+@pytest.mark.parametrize('make_block,ch', [
+    (lambda: nfnet.NFNetBlock(32, 32, group_size=8, stochdepth_rate=0.5,
+                              act=layers.activation('gelu')), 32),
+    (lambda: nf_resnet.NFResBlock(32, 32, stochdepth_rate=0.5,
+                                  act=layers.activation('relu'), name='nf_res_block'), 32),
+    (lambda: nf_regnet.NFRegNetBlock(16, 16, stochdepth_rate=0.5,
+                                     act=layers.activation('silu')), 16),
+], ids=['NFNet', 'NFResNet', 'NFRegNet'])
+def test_stochastic_depth_only_in_training(make_block, ch):
+  """Block level: in training whole examples lose their residual branch (no rescaling);
+  in evaluation nothing is dropped and the output is deterministic."""
+  f = hk.transform(lambda x, is_training: make_block()(x, is_training)[0])
+  x = np.random.default_rng(0).standard_normal((32, 4, 4, ch)).astype(np.float32)
+  shapes = jax.eval_shape(lambda x: f.init(jax.random.PRNGKey(0), x, False), x)
+  params = nf_testing.make_params(shapes, skip_gain=1.0)
+  apply = jax.jit(f.apply, static_argnums=3, **JIT)
+  full = np.asarray(apply(params, None, x, False))
+  np.testing.assert_array_equal(full, apply(params, None, x, False))
+  assert not np.allclose(full, x)
+  a = np.asarray(apply(params, jax.random.PRNGKey(1), x, True))
+  b = np.asarray(apply(params, jax.random.PRNGKey(2), x, True))
+  for out in (a, b):
+    dropped = np.all(out == x, axis=(1, 2, 3))
+    kept = np.all(np.isclose(out, full, atol=1e-6), axis=(1, 2, 3))
+    assert np.all(dropped | kept) and dropped.any() and kept.any()
+  assert not np.array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['nf_resnet26', 'nf_regnet_b0'])
+def test_training_forward_uses_dropout_and_stochdepth(name):
+  m = models.create(name, 10, drop_rate=0.5, stochdepth_rate=0.5)
+  x = np.random.default_rng(3).standard_normal((2, 64, 64, 3)).astype(np.float32)
+  shapes, _ = nf_testing.trace(name, size=64, num_classes=10)
+  params = nf_testing.make_params(shapes, skip_gain=1.0)
+  train = jax.jit(lambda p, r, x: m.apply(p, r, x, is_training=True), **JIT)
+  a = train(params, jax.random.PRNGKey(0), x)['logits']
+  b = train(params, jax.random.PRNGKey(1), x)['logits']
+  assert np.all(np.isfinite(a)) and not np.allclose(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,replicate', [('nf_resnet26', False), ('nf_regnet_b0', True)])
+def test_forward_bfloat16_matches_float32(name, replicate):
+  shapes, run, x, _, _ = nf_testing.probe_model(name, replicate_strided=replicate)
+  params = nf_testing.make_params(shapes, skip_gain=1.0)
+  out32, _ = run(params, x)
+  out16, _ = run(params, x.astype(jnp.bfloat16))
+  assert out16['logits'].dtype == jnp.float32 and out16['pool'].dtype == jnp.bfloat16
+  l16, l32 = np.asarray(out16['logits']), np.asarray(out32['logits'])
+  assert np.all(np.isfinite(l16))
+  assert np.linalg.norm(l16 - l32) / np.linalg.norm(l32) < 0.05
+  # `dtype` casts float32 images inside the model.
+  m = models.create(name, 10, dtype=jnp.bfloat16)
+  out = jax.eval_shape(lambda p, x: m.apply(p, None, x, is_training=False), params, x)
+  assert out['pool'].dtype == jnp.bfloat16 and out['logits'].dtype == jnp.float32

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 
