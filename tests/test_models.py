@@ -97,6 +97,12 @@ def _params(name):
   return jax.jit(lambda r, x: net.init(r, x, True), **JIT)(jax.random.PRNGKey(0), x)
 
 
+def _param_shapes(name):
+  x, _ = _inputs()
+  net = models.create(name, NUM_CLASSES, **TINY[name])
+  return jax.eval_shape(lambda r, x: net.init(r, x, True), jax.random.PRNGKey(0), x)
+
+
 def _logits_and_grads(name, **options):
   """Training-mode logits and d(sum(logits * ct))/dparams, same rng for every net."""
   net = models.create(name, NUM_CLASSES, **TINY[name], **options)
@@ -126,8 +132,11 @@ def _assert_trees_close(a, b, rtol):
     assert err <= rtol, (jax.tree_util.keystr(path), err)
 
 
-@pytest.mark.parametrize('remat', [r for r in models.REMAT_POLICIES if r != 'none'])
-@pytest.mark.parametrize('name', list(TINY))
+# Each case compiles two gradients; one stays in the fast subset.
+@pytest.mark.parametrize('name,remat', [
+    (name, remat) if (name, remat) == ('nf_resnet26', 'block_convs') else
+    pytest.param(name, remat, marks=pytest.mark.slow)
+    for name in TINY for remat in models.REMAT_POLICIES if remat != 'none'])
 def test_remat_computes_the_same_function(name, remat):
   logits, grads = _logits_and_grads(name, remat=remat)
   ref_logits, ref_grads = _reference(name)
@@ -166,7 +175,7 @@ def test_remat_changes_saved_residuals(name):
   benchmarks/step_memory.py reports XLA's figure on a GPU.)
   """
   x = jax.ShapeDtypeStruct((3, 32, 32, 3), jnp.float32)
-  params = jax.eval_shape(lambda: _params(name))
+  params = _param_shapes(name)
   kept, size = {}, {}
   for remat in models.REMAT_POLICIES:
     net = models.create(name, NUM_CLASSES, remat=remat, **TINY[name])
@@ -202,6 +211,7 @@ def test_remat_and_groups_errors():
       pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['F0', 'nf_regnet_b0'])
 def test_grouped_conv_implementations_agree(name):
   """Split per-group convs (the default on CPU from SPLIT_MIN_POSITIONS output
@@ -220,7 +230,7 @@ def test_grouped_conv_default_split_rule():
   def grouped_convs(groups, shape):
     net = models.create('F0', NUM_CLASSES, groups=groups, **TINY['F0'])
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
-    params = jax.eval_shape(lambda: _params('F0'))
+    params = _param_shapes('F0')
     jaxpr = str(jax.make_jaxpr(lambda p, x: net.apply(p, None, x, False))(params, x))
     return len(re.findall(r'feature_group_count=[2-9]', jaxpr))
 

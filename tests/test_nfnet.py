@@ -58,6 +58,7 @@ def test_module_names_and_shapes_match_released_layout():
   assert set(shapes['NFNet/~/nf_block_4/~/conv1']) == {'w', 'gain', 'bias'}
 
 
+@pytest.mark.slow
 def test_forward_float32_bfloat16_and_determinism():
   m = models.create('F0', 10)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
