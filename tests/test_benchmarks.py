@@ -78,6 +78,7 @@ def _cosine(a, b):
   return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)))
 
 
+@pytest.mark.slow
 def test_plain_model_equals_reference_in_float32():
   import baselines  # benchmarks/baselines.py
   logits, grads = _logits_and_grads(baselines.naive_model('F0', NUM_CLASSES, jnp.float32, **KW),
@@ -87,6 +88,7 @@ def test_plain_model_equals_reference_in_float32():
   _assert_trees_close(grads, ref_grads, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_plain_model_matches_reference_to_bf16_precision():
   """In bf16 the two differ only by where weights are rounded: bf16-level noise."""
   import baselines  # benchmarks/baselines.py
