@@ -92,6 +92,21 @@ def expected_stds(depths: Sequence[int], alpha: float = 0.2) -> list[float]:
   return [std_out for _, std_out in _expected_stds(depths, alpha)]
 
 
+def ws_conv_maker(ws_eps: float, ws_eps_mode: str) -> Callable[..., layers.WSConv2D]:
+  """conv(ch, k, name, stride=1, groups=1) -> a WSConv2D with the model's eps."""
+  return lambda ch, k, name, stride=1, groups=1: layers.WSConv2D(
+      ch, k, stride=stride, feature_group_count=groups, eps=ws_eps, eps_mode=ws_eps_mode,
+      name=name)
+
+
+def grouped_width(width: float, group_size: int, what: str) -> tuple[int, int]:
+  """(groups, channels): `width` rounded down to a multiple of `group_size`."""
+  groups = int(width) // group_size
+  if groups < 1:
+    raise ValueError(f'{what} {width} is below the group width {group_size}')
+  return groups, group_size * groups
+
+
 class NFResidualBlock(hk.Module):
   """out = act(x) * beta; residual(out) -> stochastic depth -> * skip_gain (init 0)
   -> * alpha, added to the shortcut.

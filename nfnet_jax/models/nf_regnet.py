@@ -60,16 +60,11 @@ class NFRegNetBlock(base.NFResidualBlock):
                name: Optional[str] = 'nf_block'):
     super().__init__(in_ch, out_ch, stride=stride, beta=beta, alpha=alpha,
                      stochdepth_rate=stochdepth_rate, act=act, name=name)
-    groups = int(in_ch * expansion) // group_size
-    if groups < 1:
-      raise ValueError(f'Expanded width {in_ch * expansion} is below the group width '
-                       f'{group_size}')
+    groups, self.width = base.grouped_width(in_ch * expansion, group_size,
+                                            'Expanded width')
     self.groups = groups
-    self.width = group_size * groups
     self.se_ratio = se_ratio
-    conv = lambda ch, k, name, stride=1, groups=1: layers.WSConv2D(
-        ch, k, stride=stride, feature_group_count=groups, eps=ws_eps,
-        eps_mode=ws_eps_mode, name=name)
+    conv = base.ws_conv_maker(ws_eps, ws_eps_mode)
     self.conv0 = conv(self.width, 1, 'conv0')
     self.conv1 = conv(self.width, 3, 'conv1', stride, groups)
     self.conv2 = conv(out_ch, 1, 'conv2')

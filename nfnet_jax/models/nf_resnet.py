@@ -63,8 +63,7 @@ class NFResBlock(base.NFResidualBlock):
                      stochdepth_rate=stochdepth_rate, act=act, name=name)
     self.width = int(out_ch * bottleneck_ratio)
     self.use_se, self.se_ratio = use_se, se_ratio
-    conv = lambda ch, k, name, stride=1: layers.WSConv2D(
-        ch, k, stride=stride, eps=ws_eps, eps_mode=ws_eps_mode, name=name)
+    conv = base.ws_conv_maker(ws_eps, ws_eps_mode)
     self.conv0 = conv(self.width, 1, 'conv0')
     self.conv1 = conv(self.width, 3, 'conv1', stride)
     self.conv2 = conv(out_ch, 1, 'conv2')

@@ -63,16 +63,11 @@ class NFNetBlock(base.NFResidualBlock):
                      stochdepth_rate=stochdepth_rate, act=act, name=name)
     # group_size None: ordinary (ungrouped) 3x3 convs, for small models on CPU.
     group_size = group_size or int(out_ch * expansion)
-    groups = int(out_ch * expansion) // group_size
-    if groups < 1:
-      raise ValueError(f'Bottleneck width {out_ch * expansion} is below the group width '
-                       f'{group_size}')
+    groups, self.width = base.grouped_width(out_ch * expansion, group_size,
+                                            'Bottleneck width')
     self.groups = groups
-    self.width = group_size * groups
     self.se_ratio = se_ratio
-    conv = lambda ch, k, name, stride=1, groups=1: layers.WSConv2D(
-        ch, k, stride=stride, feature_group_count=groups, eps=ws_eps,
-        eps_mode=ws_eps_mode, name=name)
+    conv = base.ws_conv_maker(ws_eps, ws_eps_mode)
     self.conv0 = conv(self.width, 1, 'conv0')
     self.conv1 = conv(self.width, 3, 'conv1', stride, groups)
     self.conv1b = conv(self.width, 3, 'conv1b', 1, groups)
