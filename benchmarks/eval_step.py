@@ -11,8 +11,8 @@ Variants:
   ours    models.create(...).apply(params, None, images.astype(dtype), False) under
           jit, batch sharded over all devices: weight standardisation (float32, one
           cast per kernel) runs inside every call, as in the eval step of training.
-  folded  nfnet_jax.fast.fold_params once (standardised kernels stored in the compute
-          dtype), then fast.folded_model: the convs read them directly.
+  folded  nfnet_jax.inference.fold_params once (standardised kernels stored in the
+          compute dtype), then inference.folded_model: the convs read them directly.
   timm    timm dm_nfnet_f<k>.eval(), torch.inference_mode, bf16 autocast,
           channels_last (torch.compile with --torch-compile).
 Reported as in train_step.py, with model TFLOP/s = 2 x forward MACs x batch / time.
@@ -71,7 +71,7 @@ def run_jax(args, variant: str, first: bool, info: dict[str, Any]) -> dict[str, 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import fast, models  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import inference, models  # pylint: disable=g-import-not-at-top
 
   rec = base_record(args, f'ours {"folded WS" if variant == "folded" else "jit"}')
   rec.update(info)
@@ -88,10 +88,10 @@ def run_jax(args, variant: str, first: bool, info: dict[str, Any]) -> dict[str, 
       jax.random.PRNGKey(1), (args.batch, args.image, args.image, 3), jnp.float32), data)
 
   if variant == 'folded':
-    folded_net = fast.folded_model(args.model, args.num_classes, **kw)
+    folded_net = inference.folded_model(args.model, args.num_classes, **kw)
     t = time.perf_counter()
     params = jax.block_until_ready(jax.jit(
-        lambda p: fast.fold_params(p, cdt), out_shardings=rep)(params))
+        lambda p: inference.fold_params(p, cdt), out_shardings=rep)(params))
     rec['fold_s'] = time.perf_counter() - t
     fn = lambda p, x: folded_net.apply(p, None, x.astype(cdt), False)['logits']
   else:

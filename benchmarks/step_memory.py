@@ -1,6 +1,6 @@
 """Memory of the train step per remat policy, without running it.
 
-For each `--remat` policy of `nfnet_jax.fast.model`, compiles the real train step
+For each `remat` policy of `nfnet_jax.models.create`, compiles the real train step
 (`steps.Trainer`: jit(shard_map), donated state, AGC + SGD-Nesterov + EMA) on
 abstract inputs and reports
 
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--image', type=int, default=192)
   p.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'])
   p.add_argument('--remat', default='none,convs,block_convs',
-                 help='comma-separated policies of nfnet_jax.fast.REMAT_POLICIES')
+                 help='comma-separated policies of nfnet_jax.models.REMAT_POLICIES')
   p.add_argument('--num-classes', type=int, default=1000)
   p.add_argument('--width', type=float, default=None)
   p.add_argument('--depths', default=None, help='e.g. 1,1,2,1')
@@ -57,10 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--json', default=None)
   args = p.parse_args(argv)
   args.policies = [s.strip() for s in args.remat.split(',') if s.strip()]
-  from nfnet_jax import fast  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
   for s in args.policies:
-    if s not in fast.REMAT_POLICIES:
-      p.error(f'unknown remat policy {s!r}; choose from {fast.REMAT_POLICIES}')
+    if s not in models.REMAT_POLICIES:
+      p.error(f'unknown remat policy {s!r}; choose from {models.REMAT_POLICIES}')
   return args
 
 
@@ -90,11 +90,11 @@ def residual_bytes(residuals: list[tuple[str, tuple[int, ...], str]]) -> int:
 def analyse(args, policy: str) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import fast, optim, steps  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import models, optim, steps  # pylint: disable=g-import-not-at-top
 
   c = train_step.make_config(args)  # the benchmark's train config (AGC 0.01, ...)
   kw = c.model_kwargs.to_dict()
-  net = fast.model(args.model, args.num_classes, remat=policy, **kw)
+  net = models.create(args.model, args.num_classes, remat=policy, **kw)
   tx, schedule = optim.build_optimizer(c.optimizer, 10_000, 0, args.batch)
   trainer = steps.Trainer(c, net, tx, schedule, args.image)
   dt = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32

@@ -14,12 +14,12 @@ Variants (comma-separated, or 'both' = optimised,plain; 'all' = both,timm):
              image dtype with float32 master weights, WS in float32 and one cast
              of each kernel per step. --xla-preset/--xla-opt add XLA options.
   plain      the same make_train_step + shard_map with a naive mixed-precision model
-             (nfnet_jax.fast.naive_model: params cast to bf16 when read, WS in bf16
+             (baselines.naive_model: params cast to bf16 when read, WS in bf16
              via an f32 round trip per kernel) and no buffer donation.
   split      optimised with grouped convs forced to one dense conv per group (what
              "optimised" does on CPU already; on GPU/TPU it runs XLA grouped convs).
   remat      optimised with the network under remat saving only conv outputs
-             (fast.model(remat='convs')): elementwise work recomputed in the
+             (models.create(remat='convs')): elementwise work recomputed in the
              backward pass, no conv recomputed; for the peak-memory target.
   timm       timm dm_nfnet_f<k>, PyTorch eager (or --torch-compile), bf16 autocast,
              channels_last, SGD+Nesterov, timm.utils.adaptive_clip_grad(0.01).
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--depths', default=None, help='e.g. 1,1,2,1')
   p.add_argument('--group-size', type=int, default=None)
   p.add_argument('--xla-preset', default='none',
-                 help='XLA option set for optimised/split (nfnet_jax.fast.XLA_PRESETS)')
+                 help='XLA option set for optimised/split (baselines.XLA_PRESETS)')
   p.add_argument('--xla-opt', action='append', default=[],
                  help='extra XLA compile option key=value (repeatable)')
   p.add_argument('--profile', type=int, default=0,
@@ -114,10 +114,10 @@ def model_overrides(args) -> dict[str, Any]:
 
 
 def parse_xla_opts(args) -> dict[str, Any]:
-  from nfnet_jax import fast  # pylint: disable=g-import-not-at-top
-  if args.xla_preset not in fast.XLA_PRESETS:
-    raise SystemExit(f'--xla-preset must be one of {sorted(fast.XLA_PRESETS)}')
-  opts = dict(fast.XLA_PRESETS[args.xla_preset])
+  import baselines  # pylint: disable=g-import-not-at-top
+  if args.xla_preset not in baselines.XLA_PRESETS:
+    raise SystemExit(f'--xla-preset must be one of {sorted(baselines.XLA_PRESETS)}')
+  opts = dict(baselines.XLA_PRESETS[args.xla_preset])
   for kv in args.xla_opt:
     k, _, v = kv.partition('=')
     val: Any = v
@@ -200,7 +200,8 @@ def run_jax_variant(args, variant: str, first: bool, info: dict[str, Any],
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import fast, models, optim, train  # pylint: disable=g-import-not-at-top
+  import baselines  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import models, optim, train  # pylint: disable=g-import-not-at-top
 
   config = make_config(args)
   kw = config.model_kwargs.to_dict()
@@ -215,11 +216,11 @@ def run_jax_variant(args, variant: str, first: bool, info: dict[str, Any],
   rec.update(info)
   real = train.create_model(config, args.num_classes)
   if variant == 'plain':
-    model = fast.naive_model(config.model, args.num_classes, cdt, **kw)
+    model = baselines.naive_model(config.model, args.num_classes, cdt, **kw)
   elif variant == 'split':
-    model = fast.model(config.model, args.num_classes, groups='split', **kw)
+    model = models.create(config.model, args.num_classes, groups='split', **kw)
   elif variant == 'remat':
-    model = fast.model(config.model, args.num_classes, remat='convs', **kw)
+    model = models.create(config.model, args.num_classes, remat='convs', **kw)
   else:
     model = real
   tx, schedule = optim.build_optimizer(config.optimizer, 10_000, 0, args.batch)
@@ -244,7 +245,7 @@ def run_jax_variant(args, variant: str, first: bool, info: dict[str, Any],
   jax.block_until_ready((state, batch, extra))
 
   t = time.perf_counter()
-  compiled, used = fast.compile_step(step, (state, batch) + extra, xla_opts,
+  compiled, used = baselines.compile_step(step, (state, batch) + extra, xla_opts,
                                      log=lambda m: print(f'[{label}] {m}', flush=True))
   rec['compile_s'] = time.perf_counter() - t
   rec['xla_options'] = used
@@ -376,7 +377,7 @@ def run_timm(args, info_jax: Optional[dict[str, Any]] = None) -> dict[str, Any]:
 def run_micro(args, info: dict[str, Any], save=None) -> list[dict[str, Any]]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import fast, layers, models  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import layers, models  # pylint: disable=g-import-not-at-top
 
   cdt = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
   b = args.batch
@@ -472,7 +473,8 @@ def run_micro(args, info: dict[str, Any], save=None) -> list[dict[str, Any]]:
           'NHWC', 'HWIO', 'NHWC'), feature_group_count=g)
 
     def split_conv(x, k, g=g):
-      return fast.split_grouped_conv(x, k, 1, 'SAME', g)
+      with layers.grouped_conv_impl('split'):
+        return layers.conv2d(x, k, 1, 'SAME', g)
 
     for impl, conv in (('lax', lax_conv), ('split', split_conv)):
       def fwd_bwd(x, k, ct, conv=conv):

@@ -39,8 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.compute_dtype = 'bfloat16'  # activations; master weights are float32
   c.eval_dtype = 'float32'      # evaluation activations (the paper's evaluation: float32)
   # 'convs': recompute the elementwise work in the backward pass from saved conv
-  # outputs (F0 b256/192px: 28.3 -> 4.9 GiB of residuals; no conv recomputed).
-  # 'block_convs' / 'blocks': per block (see nfnet_jax.fast.model). Same results.
+  # outputs (no conv recomputed). 'block_convs' / 'blocks': per block. Same
+  # results; every family supports every policy (docs/models.md).
   c.remat = 'none'
   c.optimizer = optim.default_config()
   # SAM: the ascent gradient on `fraction` of the global batch (rows spread evenly
@@ -220,14 +220,14 @@ def unknown_override(argv: list[str]) -> Optional[str]:
 def validate_config(config: ml_collections.ConfigDict, num_devices: int,
                     num_processes: int, mode: str = 'train') -> None:
   """Raises ValueError naming the bad key and the valid choices. No compilation."""
-  from nfnet_jax import fast  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
   _check_keys(config, base_config(), 'config')
   if mode not in MODES:
     raise ValueError(errors.unknown_name('mode', mode, MODES))
   _check_model(config)
-  if config.get('remat', 'none') not in fast.REMAT_POLICIES:
+  if config.get('remat', 'none') not in models.REMAT_POLICIES:
     raise ValueError('config.remat: ' + errors.unknown_name(
-        'remat policy', config.remat, fast.REMAT_POLICIES))
+        'remat policy', config.remat, models.REMAT_POLICIES))
   for key in ('compute_dtype', 'eval_dtype'):
     if config[key] not in DTYPES:
       raise ValueError(f'config.{key}: ' + errors.unknown_name('dtype', config[key], DTYPES))

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import haiku as hk
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,7 +22,7 @@ import numpy as np
 # ---------------------------------------------------------------------------
 # act(z) * gamma has unit variance for z ~ N(0, 1). These constants are the ones the
 # released checkpoints were trained with (measured empirically; a hair above the exact
-# 1/std); they are kept verbatim for weight compatibility.
+# 1/std); they are kept verbatim for weight compatibility (docs/models.md).
 GAMMAS: dict[str, float] = {
     'gelu': 1.7015043497085571,
     'gelu_exact': 1.7015043497085571,  # timm's port: erf GELU with the same gamma.
@@ -77,8 +78,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 # Weight standardisation.
 # ---------------------------------------------------------------------------
 def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
-                       eps_mode: str = 'max') -> jax.Array:
-  """Scaled Weight Standardisation of an HWIO kernel, in float32.
+                       eps_mode: str = 'max', dtype=jnp.float32) -> jax.Array:
+  """Scaled Weight Standardisation of an HWIO kernel (docs/models.md).
 
   Args:
     w: [H, W, I, O] kernel (I is the per-group input width).
@@ -87,10 +88,12 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
     eps_mode: 'max' (DeepMind): w_hat = gain * (w - mean) * rsqrt(max(var * fan_in,
       eps)); 'add' (timm's port): w_hat = gain * (w - mean) * rsqrt(var + eps) /
       sqrt(fan_in).
+    dtype: the dtype the statistics are computed in. The model uses float32; a
+      lower precision reproduces ports that standardise rounded weights.
   Returns:
-    [H, W, I, O] standardised kernel, float32.
+    [H, W, I, O] standardised kernel in `dtype`.
   """
-  w = w.astype(jnp.float32)
+  w = w.astype(dtype)
   fan_in = math.prod(w.shape[:-1])
   mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
   var = jnp.var(w, axis=(0, 1, 2), keepdims=True)  # biased (ddof 0)
@@ -100,19 +103,16 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
     scale = jax.lax.rsqrt(var + eps) * (fan_in ** -0.5)
   else:
     raise ValueError(f"eps_mode must be 'max' or 'add', got {eps_mode!r}")
-  scale = scale * gain.astype(jnp.float32)
+  scale = scale * gain.astype(dtype)
   return w * scale - mean * scale
 
 
 # How grouped convolutions run: 'lax' (one feature-grouped XLA convolution), 'split'
 # (one dense convolution per group, concatenated: the same arithmetic) or 'auto':
-# split on CPU, lax elsewhere. XLA:CPU runs grouped convolutions far slower than
-# dense ones (F0's stage-3 3x3 conv, 6 groups of 128, batch 16 at 12 px, f32:
-# forward 154 vs 30 ms, forward + both gradients 1,529 vs 85 ms; benchmarks/RESULTS.md),
-# while cuDNN and the TPU run grouped convolutions natively. 'auto' leaves tiny convs
-# grouped (fewer than SPLIT_MIN_POSITIONS output positions N*H*W): there one conv per
-# group only adds compile time (F0 at batch 2, 4 px: same run time, 2x the forward's
-# compile time; at batch 16, 6 px = 576 positions the split form was 16x faster).
+# split on CPU, lax elsewhere. XLA:CPU runs grouped convolutions far slower than dense
+# ones, while cuDNN and the TPU run them natively; 'auto' leaves tiny convs (fewer
+# than SPLIT_MIN_POSITIONS output positions N*H*W) grouped, where one conv per group
+# only adds compile time. docs/models.md has the reasoning.
 GROUPED_CONV_IMPLS = ('auto', 'lax', 'split')
 SPLIT_MIN_POSITIONS = 256
 _GROUPED_CONV_IMPL: list[str] = ['auto']
@@ -149,13 +149,22 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: str,
                           for g in range(groups)], axis=-1)
 
 
+# checkpoint_name of every WSConv2D output: remat policies that keep conv outputs
+# save exactly these (an identity outside jax.checkpoint).
+CONV_NAME = 'nfnet_conv'
+
+
 class WSConv2D(hk.Module):
   """2D convolution with Scaled Weight Standardisation, a per-channel gain and bias.
 
-  Parameters: `w` [kh, kw, in/groups, out] (variance-scaling(1, fan_in, normal)),
-  `gain` [out] (ones), `bias` [out] (zeros). SAME padding (TF-style, asymmetric for
-  stride 2). Input [N, H, W, C] -> output [N, H', W', out] in the input's dtype; the
-  standardisation runs in float32 and the kernel is cast once to the input dtype.
+  Parameters (`params`): `w` [kh, kw, in/groups, out] (variance-scaling(1, fan_in,
+  normal)), `gain` [out] (ones), `bias` [out] (zeros). SAME padding (TF-style,
+  asymmetric for stride 2). Input [N, H, W, C] -> output [N, H', W', out] in the
+  input's dtype; the standardisation runs in float32 and the kernel is cast once to
+  the input dtype. Other implementations of the layer (folded inference, the plain
+  conv of the signal-propagation plots, benchmark baselines) intercept `__call__`
+  and reuse `params` and `conv`, so parameter names, shapes and initialisers have
+  this one home.
   """
 
   def __init__(self, output_channels: int, kernel_shape: Union[int, Sequence[int]] = 1,
@@ -171,19 +180,39 @@ class WSConv2D(hk.Module):
     self.eps = eps
     self.eps_mode = eps_mode
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    in_ch = x.shape[-1]
+  def params(self, in_ch: int, folded: bool = False,
+             dtype=jnp.float32) -> dict[str, jax.Array]:
+    """Gets (creating at init) this layer's parameters for `in_ch` input channels.
+
+    {'w' [kh, kw, in_ch/groups, out], 'gain' [out], 'bias' [out]}, float32. With
+    `folded=True` the inference form instead: {'kernel' [kh, kw, in_ch/groups, out]
+    (the standardised kernel, see nfnet_jax.inference.fold_params), 'bias' [out]}, in
+    `dtype`.
+    """
     if in_ch % self.feature_group_count:
       raise ValueError(f'{self.module_name}: {in_ch} input channels do not divide into '
                        f'{self.feature_group_count} groups')
     w_shape = (*self.kernel_shape, in_ch // self.feature_group_count, self.output_channels)
+    b_shape = (self.output_channels,)
+    if folded:
+      return {'kernel': hk.get_parameter('kernel', w_shape, dtype, init=jnp.zeros),
+              'bias': hk.get_parameter('bias', b_shape, dtype, init=jnp.zeros)}
     w_init = hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal')
-    w = hk.get_parameter('w', w_shape, jnp.float32, init=w_init)
-    gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32, init=jnp.ones)
-    bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32, init=jnp.zeros)
-    kernel = standardize_weight(w, gain, self.eps, self.eps_mode).astype(x.dtype)
-    out = conv2d(x, kernel, self.stride, self.padding, self.feature_group_count)
-    return out + bias.astype(x.dtype)
+    return {'w': hk.get_parameter('w', w_shape, jnp.float32, init=w_init),
+            'gain': hk.get_parameter('gain', b_shape, jnp.float32, init=jnp.ones),
+            'bias': hk.get_parameter('bias', b_shape, jnp.float32, init=jnp.zeros)}
+
+  def conv(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """x [N, H, W, C] * kernel [kh, kw, C/groups, out] + bias [out], in x's dtype,
+    named CONV_NAME for remat."""
+    out = conv2d(x, kernel.astype(x.dtype), self.stride, self.padding,
+                 self.feature_group_count)
+    return checkpoint_name(out + bias.astype(x.dtype), CONV_NAME)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.params(x.shape[-1])
+    kernel = standardize_weight(p['w'], p['gain'], self.eps, self.eps_mode)
+    return self.conv(x, kernel, p['bias'])
 
 
 class Linear(hk.Module):

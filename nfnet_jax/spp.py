@@ -192,14 +192,8 @@ def plain_conv_interceptor(next_f, args, kwargs, context):
   if context.method_name != '__call__' or not isinstance(mod, layers.WSConv2D):
     return next_f(*args, **kwargs)
   x = args[0] if args else kwargs['x']
-  groups = mod.feature_group_count
-  w_shape = (*mod.kernel_shape, x.shape[-1] // groups, mod.output_channels)
-  w = hk.get_parameter('w', w_shape, jnp.float32,
-                       init=hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal'))
-  gain = hk.get_parameter('gain', (mod.output_channels,), jnp.float32, init=jnp.ones)
-  bias = hk.get_parameter('bias', (mod.output_channels,), jnp.float32, init=jnp.zeros)
-  out = layers.conv2d(x, (w * gain).astype(x.dtype), mod.stride, mod.padding, groups)
-  return out + bias.astype(x.dtype)
+  p = mod.params(x.shape[-1])
+  return mod.conv(x, p['w'] * p['gain'], p['bias'])
 
 
 # ---------------------------------------------------------------------------

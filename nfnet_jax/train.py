@@ -28,7 +28,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from nfnet_jax import (checkpoints, configs, console, errors, fast, metrics_writer, models,
+from nfnet_jax import (checkpoints, configs, console, errors, metrics_writer, models,
                        optim)
 from nfnet_jax.steps import Batch, Trainer, evaluate
 
@@ -98,7 +98,7 @@ def create_model(config, num_classes: int):
   """The model of `config`; with config.remat set, the same function under remat."""
   kwargs = config.model_kwargs.to_dict()
   if config.get('remat', 'none') != 'none':
-    return fast.model(config.model, num_classes, remat=config.remat, **kwargs)
+    return models.create(config.model, num_classes, remat=config.remat, **kwargs)
   return models.create(config.model, num_classes, **kwargs)
 
 

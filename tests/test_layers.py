@@ -82,7 +82,7 @@ def test_gamma_gives_unit_variance(name):
 
 
 def test_compute_gamma_matches_exact_relu():
-  # Exact 1/std(relu(z)) = 1/sqrt(1/2 - 1/(2*pi)) = 1.712859 (DESIGN.md).
+  # Exact 1/std(relu(z)) = 1/sqrt(1/2 - 1/(2*pi)) = 1.712859 (docs/models.md).
   assert abs(layers.compute_gamma(jax.nn.relu) - 1.712859) < 2e-3
 
 
@@ -114,3 +114,60 @@ def test_per_example_masks_do_not_depend_on_split():
   with layers.example_offset(4):
     part = layers.per_example_uniform(key, 4, (5,))
   np.testing.assert_array_equal(full[4:], part)
+
+
+def test_standardize_weight_in_a_compute_dtype():
+  """`dtype` sets where the statistics run: float32 is the model's default; bfloat16
+  (what a naive mixed-precision port does on rounded weights) agrees to bf16
+  precision and returns bf16."""
+  w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 16, 8)) * 0.2 + 0.05
+  gain = jnp.linspace(0.5, 2.0, 8)
+  ref = layers.standardize_weight(w, gain)
+  np.testing.assert_array_equal(layers.standardize_weight(w, gain, dtype=jnp.float32), ref)
+  low = layers.standardize_weight(w, gain, dtype=jnp.bfloat16)
+  assert low.dtype == jnp.bfloat16
+  err = np.max(np.abs(np.asarray(low, np.float32) - np.asarray(ref)))
+  assert 0 < err <= 2 ** -6 * float(np.max(np.abs(ref))), err
+
+
+def test_wsconv_params_are_declared_once():
+  """`WSConv2D.params` declares w/gain/bias with their initialisers (and the folded
+  kernel/bias of inference); `__call__` uses exactly these."""
+  inits = {}
+
+  def creator(next_creator, shape, dtype, init, context):
+    inits[context.name] = (tuple(shape), dtype, init)
+    return next_creator(shape, dtype, init)
+
+  def f(x, folded=False):
+    conv = layers.WSConv2D(6, 3, feature_group_count=2, name='c')
+    with hk.custom_creator(creator):
+      return conv.params(x.shape[-1], folded, jnp.bfloat16) if folded else conv(x)
+
+  x = jnp.ones((1, 5, 5, 4))
+  params = hk.transform(f).init(jax.random.PRNGKey(0), x)
+  assert {k: v.shape for k, v in params['c'].items()} == {
+      'w': (3, 3, 2, 6), 'gain': (6,), 'bias': (6,)}
+  init = inits['w'][2]
+  assert isinstance(init, hk.initializers.VarianceScaling)
+  assert (init.scale, init.mode, init.distribution) == (1.0, 'fan_in', 'normal')
+  np.testing.assert_array_equal(params['c']['gain'], np.ones(6))
+  np.testing.assert_array_equal(params['c']['bias'], np.zeros(6))
+  folded = hk.transform(lambda x: f(x, True)).init(jax.random.PRNGKey(0), x)
+  assert {k: (v.shape, v.dtype) for k, v in folded['c'].items()} == {
+      'kernel': ((3, 3, 2, 6), jnp.bfloat16), 'bias': ((6,), jnp.bfloat16)}
+  with pytest.raises(ValueError, match='5 input channels do not divide into 2 groups'):
+    hk.transform(f).init(jax.random.PRNGKey(0), jnp.ones((1, 5, 5, 5)))
+
+
+def test_split_grouped_conv_equals_xla_grouped_conv():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 12))
+  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 6))
+  for stride in (1, 2):
+    ref = jax.lax.conv_general_dilated(x, k, (stride, stride), 'SAME', dimension_numbers=(
+        'NHWC', 'HWIO', 'NHWC'), feature_group_count=3)
+    with layers.grouped_conv_impl('split'):
+      jaxpr = str(jax.make_jaxpr(lambda x, k: layers.conv2d(x, k, stride, 'SAME', 3))(x, k))
+      out = layers.conv2d(x, k, stride, 'SAME', 3)
+    assert 'feature_group_count=3' not in jaxpr and jaxpr.count('conv_general') == 3
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nf_testing import ALPHA, count, expected_curve, make_params, probe_model, trace
 from nfnet_jax import layers, models
 from nfnet_jax.models import nf_regnet, registry
 
-ALPHA = 0.2
-# DESIGN.md: widths (before x0.75), depths, train px, test px, dropout.
+# DeepMind's table (docs/models.md): widths (before x0.75), depths, train/test px, dropout.
 TABLE = {
     'B0': ([48, 104, 208, 440], [1, 3, 6, 6], 192, 224, 0.2),
     'B1': ([48, 104, 208, 440], [2, 4, 7, 7], 224, 256, 0.2),
@@ -30,13 +30,10 @@ TABLE = {
     'B8': ([104, 232, 456, 968], [4, 11, 22, 22], 600, 672, 0.5),
 }
 FAST = ['B0', 'B1', 'B2']
-# Tests compile whole networks on 2 CPU cores: LLVM's optimisation passes would take
-# longer than the few forward passes they speed up.
-JIT = dict(compiler_options={'xla_backend_optimization_level': 0})
 
 
 # ---------------------------------------------------------------------------
-# Independent hand computation of sizes (DESIGN.md's formulas).
+# Independent hand computation of sizes (the architecture of docs/models.md).
 # ---------------------------------------------------------------------------
 def _blocks(variant, width=0.75, expansion=2.25, group=8):
   """Per block: (in_ch, expanded width, out_ch, stride)."""
@@ -84,60 +81,6 @@ def hand_macs(variant, num_classes=1000):
   return total + h * h * ch * fc + fc * num_classes
 
 
-def _trace(name, size=64, batch=2, num_classes=1000, interceptor=None, **overrides):
-  """(param shapes, output shapes) of a registered model, by eval_shape only."""
-  make = registry.module_fn(name, num_classes, **overrides)
-  outs = {}
-
-  def fwd(x):
-    if interceptor is None:
-      out = make()(x, is_training=False)
-    else:
-      with hk.intercept_methods(interceptor):
-        out = make()(x, is_training=False)
-    outs.update({k: (v.shape, v.dtype) for k, v in out.items()})
-
-  shapes = jax.eval_shape(hk.transform(fwd).init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32))
-  return shapes, outs
-
-
-def _count(shapes):
-  return sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(shapes))
-
-
-def make_params(shapes, skip_gain=1.0, seed=0):
-  """Concrete params: kernels N(0, 1/fan_in), gains 1, biases 0, skip gains given.
-
-  The classifier gets random weights too (its real init is zeros, which would make
-  every logit 0 and the forward tests vacuous)."""
-  rng = np.random.default_rng(seed)
-
-  def make(module, name, v):
-    if name == 'gain':
-      return np.ones(v.shape, np.float32)
-    if name in ('bias', 'b'):
-      return np.zeros(v.shape, np.float32)
-    if name == 'skip_gain':
-      return np.full(v.shape, skip_gain, np.float32)
-    return (rng.standard_normal(v.shape) / math.sqrt(math.prod(v.shape[:-1]))).astype(
-        np.float32)
-
-  return hk.data_structures.map(make, shapes)
-
-
-def expected_curve(depths, alpha=ALPHA):
-  """(expected input std, expected output std) per block, derived from DESIGN.md."""
-  e_in, e_out, s = [], [], 1.0
-  for d in depths:
-    for i in range(d):
-      e_in.append(s)
-      s = 1.0 if i == 0 else s
-      s = (s * s + alpha * alpha) ** 0.5
-      e_out.append(s)
-  return e_in, e_out
-
-
 # ---------------------------------------------------------------------------
 # Facts and sizes.
 # ---------------------------------------------------------------------------
@@ -159,11 +102,11 @@ def test_b0_params_and_flops_by_hand():
 @pytest.mark.parametrize('variant', [pytest.param(v, marks=[] if v in FAST else
                                                   pytest.mark.slow) for v in TABLE])
 def test_every_variant_shapes_and_params(variant):
-  shapes, outs = _trace(f'nf_regnet_{variant.lower()}', size=64, num_classes=10)
+  shapes, outs = trace(f'nf_regnet_{variant.lower()}', size=64, num_classes=10)
   assert outs['logits'] == ((2, 10), jnp.float32)
   last = int(TABLE[variant][0][-1] * 0.75)
   assert outs['pool'][0] == (2, 1280 * last // 440)
-  assert _count(shapes) == hand_params(variant, num_classes=10)
+  assert count(shapes) == hand_params(variant, num_classes=10)
   blocks = [m for m in shapes if m.count('/~/') == 1 and '/~/nf_block' in m]
   assert len(blocks) == sum(TABLE[variant][1])
 
@@ -178,7 +121,7 @@ def test_module_names_strides_and_shapes():
                                        args[0].shape[1:3], out.shape[1:])
     return out
 
-  shapes, _ = _trace('nf_regnet_b0', size=64, interceptor=icpt)
+  shapes, _ = trace('nf_regnet_b0', size=64, interceptor=icpt)
   assert len(shapes) == 1 + 16 * 6 + 4 + 2
   p = 'NF_RegNet/~/'
   # Stage widths int(0.75 * [48, 104, 208, 440]) = [36, 78, 156, 330]; expanded widths
@@ -245,74 +188,12 @@ def test_initialisers():
   assert np.all(run(('NF_RegNet/~/linear', 'b'), (4,)) == 0.0)
 
 
-def test_stochastic_depth_rates_grow_linearly():
-  rates = []
-
-  def icpt(next_f, args, kwargs, ctx):
-    if isinstance(ctx.module, layers.StochDepth) and ctx.method_name == '__call__':
-      rates.append(ctx.module.drop_rate)
-    return next_f(*args, **kwargs)
-
-  _trace('nf_regnet_b0', size=32, interceptor=icpt)
-  assert rates == pytest.approx([0.1 * i / 16 for i in range(16)])
-
-
-def test_unknown_variant_lists_valid():
-  with pytest.raises(ValueError, match=r"valid: \['B0', 'B1'"):
-    hk.transform(lambda: nf_regnet.NFRegNet(10, variant='B9')).init(None)
-  with pytest.raises(ValueError, match='nf_regnet_b0'):
-    models.create('nf_regnet_b9')
-
-
 # ---------------------------------------------------------------------------
-# Real forward passes on nf_regnet_b0. One compiled program serves every f32 test: the
-# model's forward with metrics, where a traced switch `inject` replaces each block's
-# input by given noise / beta (the block-by-block test) or leaves it alone.
+# Real forward passes on nf_regnet_b0 (nf_testing.probe_model).
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def regnet_b0():
-  make = registry.module_fn('nf_regnet_b0', 10, stochdepth_rate=0.0)
-  is_block = lambda ctx: (isinstance(ctx.module, nf_regnet.NFBlock)  # noqa: E731
-                          and ctx.method_name == '__call__')
-  blocks_in, betas = [], []
-
-  def record(next_f, args, kwargs, ctx):
-    if is_block(ctx):
-      blocks_in.append((args[0].shape, ctx.module.stride))
-    return next_f(*args, **kwargs)
-
-  def probe(x, noises, inject):
-    it, block_vars = iter(noises), []
-    betas.clear()
-
-    def icpt(next_f, args, kwargs, ctx):
-      if not is_block(ctx):
-        return next_f(*args, **kwargs)
-      betas.append(ctx.module.beta)
-      z = jnp.where(inject, (next(it) / ctx.module.beta).astype(args[0].dtype), args[0])
-      out, res_var = next_f(z, *args[1:], **kwargs)
-      block_vars.append(jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2),
-                                         ddof=1)))  # unbiased: few samples at 2x2
-      return out, res_var
-
-    with hk.intercept_methods(icpt):
-      out = make()(x, is_training=False, return_metrics=True)
-    return out, block_vars
-
-  x = np.random.default_rng(1).standard_normal((8, 64, 64, 3)).astype(np.float32)
-  with hk.intercept_methods(record):
-    shapes = jax.eval_shape(hk.transform(lambda x: make()(x, is_training=False)).init,
-                            jax.random.PRNGKey(0), x)
-  # Noise for strided blocks is 2x2-replicated: the signal the average-pooled shortcut
-  # is designed for (white noise would lose 3/4 of its variance in the pool).
-  rng = np.random.default_rng(2)
-  noises = []
-  for (n, h, w, c), stride in blocks_in:
-    z = rng.standard_normal((n, h // stride, w // stride, c)).astype(np.float32)
-    noises.append(np.repeat(np.repeat(z, stride, 1), stride, 2))
-  f = jax.jit(hk.transform(probe).apply, **JIT)
-  run = lambda params, x, inject=False: f(params, None, x, noises, inject)  # noqa: E731
-  return shapes, run, x, betas, [s for _, s in blocks_in]
+  return probe_model('nf_regnet_b0', replicate_strided=True)
 
 
 def test_forward_float32_deterministic_and_mean_free(regnet_b0):
@@ -331,7 +212,7 @@ def test_forward_float32_deterministic_and_mean_free(regnet_b0):
 
 def test_signal_propagation_whole_network(regnet_b0):
   """N(0,1) images. The stem keeps unit variance. On white noise the 2x2 average pool
-  of a transition shortcut quarters the variance (DESIGN.md's architecture: the
+  of a transition shortcut quarters the variance (the architecture: the
   expected_std bookkeeping assumes spatially smooth signals there; the block-level
   test checks the curve itself); identity blocks add alpha^2 * Var(residual)."""
   shapes, run, x, _, _ = regnet_b0
@@ -352,7 +233,7 @@ def test_signal_propagation_whole_network(regnet_b0):
 
 def test_signal_propagation_block_by_block(regnet_b0):
   """Each block fed N(0, expected_in^2) noise: beta = 1/expected_in and, with skip
-  gains 1, the output variance is the next expected_std^2 of DESIGN.md; with skip gains
+  gains 1, the output variance is the next expected_std^2 (docs/models.md); with skip gains
   0, identity blocks keep expected_in^2 and transitions give unit variance."""
   shapes, run, x, betas, strides = regnet_b0
   e_in, e_out = expected_curve(TABLE['B0'][1])
@@ -362,55 +243,3 @@ def test_signal_propagation_block_by_block(regnet_b0):
     target = np.square(e_out) if gain else np.array(
         [1.0 if s > 1 else e ** 2 for s, e in zip(strides, e_in)])
     np.testing.assert_allclose(np.array(out_vars), target, atol=0.06)
-
-
-@pytest.mark.slow
-def test_forward_bfloat16_matches_float32(regnet_b0):
-  shapes, run, x, _, _ = regnet_b0
-  params = make_params(shapes, skip_gain=1.0)
-  out32, _ = run(params, x)
-  out16, _ = run(params, x.astype(jnp.bfloat16))
-  assert out16['logits'].dtype == jnp.float32 and out16['pool'].dtype == jnp.bfloat16
-  l16, l32 = np.asarray(out16['logits']), np.asarray(out32['logits'])
-  assert np.all(np.isfinite(l16))
-  assert np.linalg.norm(l16 - l32) / np.linalg.norm(l32) < 0.05
-  # `dtype` casts float32 images inside the model.
-  m = models.create('nf_regnet_b0', 10, dtype=jnp.bfloat16)
-  out = jax.eval_shape(lambda p, x: m.apply(p, None, x, is_training=False), params, x)
-  assert out['pool'].dtype == jnp.bfloat16 and out['logits'].dtype == jnp.float32
-
-
-def test_stochastic_depth_only_in_training():
-  """Block level: in training whole examples lose their residual branch (no rescaling);
-  in evaluation nothing is dropped and the output is deterministic."""
-  def fwd(x, is_training):
-    return nf_regnet.NFBlock(16, 16, stochdepth_rate=0.5, act=layers.activation('silu'),
-                             name='nf_block')(x, is_training)[0]
-
-  f = hk.transform(fwd)
-  x = np.random.default_rng(0).standard_normal((32, 4, 4, 16)).astype(np.float32)
-  shapes = jax.eval_shape(lambda x: f.init(jax.random.PRNGKey(0), x, False), x)
-  params = make_params(shapes, skip_gain=1.0)
-  apply = jax.jit(f.apply, static_argnums=3, **JIT)
-  full = np.asarray(apply(params, None, x, False))
-  np.testing.assert_array_equal(full, apply(params, None, x, False))
-  assert not np.allclose(full, x)
-  a = np.asarray(apply(params, jax.random.PRNGKey(1), x, True))
-  b = np.asarray(apply(params, jax.random.PRNGKey(2), x, True))
-  for out in (a, b):
-    dropped = np.all(out == x, axis=(1, 2, 3))
-    kept = np.all(np.isclose(out, full, atol=1e-6), axis=(1, 2, 3))
-    assert np.all(dropped | kept) and dropped.any() and kept.any()
-  assert not np.array_equal(a, b)
-
-
-@pytest.mark.slow
-def test_training_forward_uses_dropout_and_stochdepth():
-  m = models.create('nf_regnet_b0', 10, drop_rate=0.5, stochdepth_rate=0.5)
-  x = np.random.default_rng(3).standard_normal((2, 64, 64, 3)).astype(np.float32)
-  shapes, _ = _trace('nf_regnet_b0', size=64, num_classes=10)
-  params = make_params(shapes, skip_gain=1.0)
-  train = jax.jit(lambda p, r, x: m.apply(p, r, x, is_training=True), **JIT)
-  a = train(params, jax.random.PRNGKey(0), x)['logits']
-  b = train(params, jax.random.PRNGKey(1), x)['logits']
-  assert np.all(np.isfinite(a)) and not np.allclose(a, b)

@@ -5,25 +5,20 @@ gives (WS convs standardise their kernels, so any N(0, 1/fan_in) draw is an hone
 init); running Haiku's initialisers eagerly costs a compile per parameter shape on CPU.
 The initialisers themselves are checked separately through `hk.custom_creator`.
 """
-import math
-
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nf_testing import count, expected_curve, make_params, probe_model, trace
 from nfnet_jax import layers, models
-from nfnet_jax.models import nf_resnet, registry
+from nfnet_jax.models import base, nf_resnet, registry
 
-ALPHA = 0.2
 DEPTHS = {'26': [2, 2, 2, 2], '50': [3, 4, 6, 3], '101': [3, 4, 23, 3],
           '152': [3, 8, 36, 3], '200': [3, 24, 36, 3], '288': [24, 24, 24, 24],
           '600': [50, 50, 50, 50]}
 FAST = ['26', '50', '101']
-# Tests compile whole networks on 2 CPU cores: LLVM's optimisation passes would take
-# longer than the few forward passes they speed up.
-JIT = dict(compiler_options={'xla_backend_optimization_level': 0})
 
 
 # ---------------------------------------------------------------------------
@@ -65,57 +60,6 @@ def hand_macs(depths, size=224, num_classes=1000):
   return total + ch * num_classes
 
 
-def _trace(name, size=64, batch=2, num_classes=1000, interceptor=None, **overrides):
-  """(param shapes, output shapes) of a registered model, by eval_shape only."""
-  make = registry.module_fn(name, num_classes, **overrides)
-  outs = {}
-
-  def fwd(x):
-    if interceptor is None:
-      out = make()(x, is_training=False)
-    else:
-      with hk.intercept_methods(interceptor):
-        out = make()(x, is_training=False)
-    outs.update({k: (v.shape, v.dtype) for k, v in out.items()})
-
-  shapes = jax.eval_shape(hk.transform(fwd).init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32))
-  return shapes, outs
-
-
-def _count(shapes):
-  return sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(shapes))
-
-
-def make_params(shapes, skip_gain=1.0, seed=0):
-  """Concrete params: kernels N(0, 1/fan_in), gains 1, biases 0, skip gains given."""
-  rng = np.random.default_rng(seed)
-
-  def make(module, name, v):
-    if name == 'gain':
-      return np.ones(v.shape, np.float32)
-    if name in ('bias', 'b'):
-      return np.zeros(v.shape, np.float32)
-    if name == 'skip_gain':
-      return np.full(v.shape, skip_gain, np.float32)
-    return (rng.standard_normal(v.shape) / math.sqrt(math.prod(v.shape[:-1]))).astype(
-        np.float32)
-
-  return hk.data_structures.map(make, shapes)
-
-
-def expected_curve(depths, alpha=ALPHA):
-  """(expected input std, expected output std) per block, derived from DESIGN.md."""
-  e_in, e_out, s = [], [], 1.0
-  for d in depths:
-    for i in range(d):
-      e_in.append(s)
-      s = 1.0 if i == 0 else s
-      s = (s * s + alpha * alpha) ** 0.5
-      e_out.append(s)
-  return e_in, e_out
-
-
 # ---------------------------------------------------------------------------
 # Facts and sizes.
 # ---------------------------------------------------------------------------
@@ -127,7 +71,7 @@ def test_variant_table():
     assert info['width'] == [256, 512, 1024, 2048]
     assert (info['train_imsize'], info['test_imsize'], info['drop_rate']) == (224, 224, 0.0)
     assert info['family'] == 'NFResNet'
-  assert nf_resnet.expected_stds([2, 2]) == pytest.approx(expected_curve([2, 2])[1])
+  assert base.expected_stds([2, 2]) == pytest.approx(expected_curve([2, 2])[1])
 
 
 def test_resnet50_params_and_flops_by_hand():
@@ -140,24 +84,24 @@ def test_resnet50_params_and_flops_by_hand():
 
 
 def test_se_and_width_options_by_hand():
-  shapes, _ = _trace('nf_resnet26', use_se=True)
-  assert _count(shapes) == hand_params(DEPTHS['26'], use_se=True)
+  shapes, _ = trace('nf_resnet26', use_se=True)
+  assert count(shapes) == hand_params(DEPTHS['26'], use_se=True)
   se = shapes['NF_ResNet/~/nf_res_block_2/~/squeeze_excite/~/linear']
   assert se['w'].shape == (512, 128)
   assert shapes['NF_ResNet/~/nf_res_block_2/~/squeeze_excite/~/linear_1']['w'].shape == (
       128, 512)
-  shapes, outs = _trace('nf_resnet26', num_classes=7, width=0.5)
-  assert _count(shapes) == hand_params(DEPTHS['26'], num_classes=7, width=0.5)
+  shapes, outs = trace('nf_resnet26', num_classes=7, width=0.5)
+  assert count(shapes) == hand_params(DEPTHS['26'], num_classes=7, width=0.5)
   assert outs['pool'][0] == (2, 1024)
 
 
 @pytest.mark.parametrize('variant', [pytest.param(v, marks=[] if v in FAST else
                                                   pytest.mark.slow) for v in DEPTHS])
 def test_every_variant_shapes_and_params(variant):
-  shapes, outs = _trace(f'nf_resnet{variant}', size=64, batch=2, num_classes=10)
+  shapes, outs = trace(f'nf_resnet{variant}', size=64, batch=2, num_classes=10)
   assert outs['logits'] == ((2, 10), jnp.float32)
   assert outs['pool'][0] == (2, 2048)
-  assert _count(shapes) == hand_params(DEPTHS[variant], num_classes=10)
+  assert count(shapes) == hand_params(DEPTHS[variant], num_classes=10)
   blocks = [m for m in shapes if m.count('/~/') == 1 and 'nf_res_block' in m]
   assert len(blocks) == sum(DEPTHS[variant])
 
@@ -171,7 +115,7 @@ def test_module_names_strides_and_shapes():
       convs[ctx.module.module_name] = (ctx.module.stride, args[0].shape[1:3], out.shape[1:])
     return out
 
-  shapes, _ = _trace('nf_resnet50', size=64, interceptor=icpt)
+  shapes, _ = trace('nf_resnet50', size=64, interceptor=icpt)
   assert len(shapes) == 1 + 16 * 4 + 4 + 1
   p = 'NF_ResNet/~/'
   exp = {'initial_conv': {'w': (7, 7, 3, 64), 'gain': (64,), 'bias': (64,)},
@@ -231,73 +175,16 @@ def test_initialisers():
   assert np.all(run(('NF_ResNet/~/linear', 'b'), (10,)) == 0.0)
 
 
-def test_stochastic_depth_rates_grow_linearly():
-  rates = []
-
-  def icpt(next_f, args, kwargs, ctx):
-    if isinstance(ctx.module, layers.StochDepth) and ctx.method_name == '__call__':
-      rates.append(ctx.module.drop_rate)
-    return next_f(*args, **kwargs)
-
-  _trace('nf_resnet50', size=32, interceptor=icpt, stochdepth_rate=0.25)
-  assert rates == pytest.approx([0.25 * i / 16 for i in range(16)])
-
-
-def test_unknown_variant_lists_valid():
-  with pytest.raises(ValueError, match=r"valid: \['26', '50', '101'"):
-    hk.transform(lambda: nf_resnet.NFResNet(10, variant='34')).init(None)
-  with pytest.raises(ValueError, match='nf_resnet50'):
-    models.create('nf_resnet34')
-
-
 # ---------------------------------------------------------------------------
-# Real forward passes on nf_resnet26. One compiled program serves every f32 test: the
-# model's forward with metrics, where a traced switch `inject` replaces each block's
-# input by given noise / beta (the block-by-block test) or leaves it alone.
+# Real forward passes on nf_resnet26 (nf_testing.probe_model).
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def resnet26():
-  make = registry.module_fn('nf_resnet26', 10, stochdepth_rate=0.0)
-  is_block = lambda ctx: (isinstance(ctx.module, nf_resnet.NFResBlock)  # noqa: E731
-                          and ctx.method_name == '__call__')
-  in_shapes, betas = [], []
-
-  def record(next_f, args, kwargs, ctx):
-    if is_block(ctx):
-      in_shapes.append(args[0].shape)
-    return next_f(*args, **kwargs)
-
-  def probe(x, noises, inject):
-    it, block_vars = iter(noises), []
-    betas.clear()
-
-    def icpt(next_f, args, kwargs, ctx):
-      if not is_block(ctx):
-        return next_f(*args, **kwargs)
-      betas.append(ctx.module.beta)
-      z = jnp.where(inject, (next(it) / ctx.module.beta).astype(args[0].dtype), args[0])
-      out, res_var = next_f(z, *args[1:], **kwargs)
-      block_vars.append(jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2),
-                                         ddof=1)))  # unbiased: few samples at 2x2
-      return out, res_var
-
-    with hk.intercept_methods(icpt):
-      out = make()(x, is_training=False, return_metrics=True)
-    return out, block_vars
-
-  x = np.random.default_rng(1).standard_normal((8, 64, 64, 3)).astype(np.float32)
-  with hk.intercept_methods(record):
-    shapes = jax.eval_shape(hk.transform(lambda x: make()(x, is_training=False)).init,
-                            jax.random.PRNGKey(0), x)
-  rng = np.random.default_rng(2)
-  noises = [rng.standard_normal(s).astype(np.float32) for s in in_shapes]
-  f = jax.jit(hk.transform(probe).apply, **JIT)
-  run = lambda params, x, inject=False: f(params, None, x, noises, inject)  # noqa: E731
-  return shapes, run, x, betas
+  return probe_model('nf_resnet26', replicate_strided=False)
 
 
 def test_forward_float32_deterministic_and_mean_free(resnet26):
-  shapes, run, x, _ = resnet26
+  shapes, run, x, _, _ = resnet26
   params = make_params(shapes, skip_gain=1.0)
   out, _ = run(params, x)
   assert out['logits'].shape == (8, 10) and out['logits'].dtype == jnp.float32
@@ -311,14 +198,14 @@ def test_forward_float32_deterministic_and_mean_free(resnet26):
 
 
 def test_signal_propagation_whole_network(resnet26):
-  """N(0,1) images, skip gains 1: block outputs follow expected_std^2 (DESIGN.md).
+  """N(0,1) images, skip gains 1: block outputs follow expected_std^2 (docs/models.md).
 
   Stages 1-2 within 5%; stages 3-4 (4x4 and 2x2 maps at 64 px) within 20%, where
   zero padding hides up to 5/9 of each 3x3 kernel and shrinks the residual branch.
   With skip gains 0 identity blocks change nothing, and each transition's projection
   gives Var(input) / expected_in^2 (beta assumes a growth that skip gain 0 removes).
   """
-  shapes, run, x, _ = resnet26
+  shapes, run, x, _, _ = resnet26
   e_in, e_out = expected_curve(DEPTHS['26'])
   out, _ = run(make_params(shapes, skip_gain=1.0), x)
   ratio = np.array([float(out[f'avg_var_{i + 1}']) / e ** 2 for i, e in enumerate(e_out)])
@@ -335,9 +222,9 @@ def test_signal_propagation_whole_network(resnet26):
 
 def test_signal_propagation_block_by_block(resnet26):
   """Each block fed N(0, expected_in^2) noise: beta = 1/expected_in and, with skip
-  gains 1, the output variance is the next expected_std^2 of DESIGN.md; with skip gains
+  gains 1, the output variance is the next expected_std^2 (docs/models.md); with skip gains
   0, identity blocks keep expected_in^2 and projections give unit variance."""
-  shapes, run, x, betas = resnet26
+  shapes, run, x, betas, _ = resnet26
   e_in, e_out = expected_curve(DEPTHS['26'])
   for gain in (1.0, 0.0):
     _, out_vars = run(make_params(shapes, gain), x, True)
@@ -345,55 +232,3 @@ def test_signal_propagation_block_by_block(resnet26):
     target = np.square(e_out) if gain else np.array(
         [1.0 if i % 2 == 0 else e ** 2 for i, e in enumerate(e_in)])
     np.testing.assert_allclose(np.array(out_vars), target, atol=0.06)
-
-
-@pytest.mark.slow
-def test_forward_bfloat16_matches_float32(resnet26):
-  shapes, run, x, _ = resnet26
-  params = make_params(shapes, skip_gain=1.0)
-  out32, _ = run(params, x)
-  out16, _ = run(params, x.astype(jnp.bfloat16))
-  assert out16['logits'].dtype == jnp.float32 and out16['pool'].dtype == jnp.bfloat16
-  l16, l32 = np.asarray(out16['logits']), np.asarray(out32['logits'])
-  assert np.all(np.isfinite(l16))
-  assert np.linalg.norm(l16 - l32) / np.linalg.norm(l32) < 0.05
-  # `dtype` casts float32 images inside the model.
-  m = models.create('nf_resnet26', 10, dtype=jnp.bfloat16)
-  out = jax.eval_shape(lambda p, x: m.apply(p, None, x, is_training=False), params, x)
-  assert out['pool'].dtype == jnp.bfloat16 and out['logits'].dtype == jnp.float32
-
-
-def test_stochastic_depth_only_in_training():
-  """Block level: in training whole examples lose their residual branch (no rescaling);
-  in evaluation nothing is dropped and the output is deterministic."""
-  def fwd(x, is_training):
-    return nf_resnet.NFResBlock(32, 32, stochdepth_rate=0.5, act=layers.activation('relu'),
-                                name='nf_res_block')(x, is_training)[0]
-
-  f = hk.transform(fwd)
-  x = np.random.default_rng(0).standard_normal((32, 4, 4, 32)).astype(np.float32)
-  shapes = jax.eval_shape(lambda x: f.init(jax.random.PRNGKey(0), x, False), x)
-  params = make_params(shapes, skip_gain=1.0)
-  apply = jax.jit(f.apply, static_argnums=3, **JIT)
-  full = np.asarray(apply(params, None, x, False))
-  np.testing.assert_array_equal(full, apply(params, None, x, False))
-  assert not np.allclose(full, x)
-  a = np.asarray(apply(params, jax.random.PRNGKey(1), x, True))
-  b = np.asarray(apply(params, jax.random.PRNGKey(2), x, True))
-  for out in (a, b):
-    dropped = np.all(out == x, axis=(1, 2, 3))
-    kept = np.all(np.isclose(out, full, atol=1e-6), axis=(1, 2, 3))
-    assert np.all(dropped | kept) and dropped.any() and kept.any()
-  assert not np.array_equal(a, b)
-
-
-@pytest.mark.slow
-def test_training_forward_uses_dropout_and_stochdepth():
-  m = models.create('nf_resnet26', 10, drop_rate=0.5, stochdepth_rate=0.5)
-  x = np.random.default_rng(3).standard_normal((2, 64, 64, 3)).astype(np.float32)
-  shapes, _ = _trace('nf_resnet26', size=64, num_classes=10)
-  params = make_params(shapes, skip_gain=1.0)
-  train = jax.jit(lambda p, r, x: m.apply(p, r, x, is_training=True), **JIT)
-  a = train(params, jax.random.PRNGKey(0), x)['logits']
-  b = train(params, jax.random.PRNGKey(1), x)['logits']
-  assert np.all(np.isfinite(a)) and not np.allclose(a, b)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 
 from nfnet_jax import layers
+from nfnet_jax.models import base
 
 # variant -> stage widths (before the 0.75 multiplier), depths, train/test resolution,
-# dropout before the classifier (DESIGN.md; identical to DeepMind's base.py).
+# dropout before the classifier, as DeepMind's released code (docs/models.md).
 VARIANTS: dict[str, dict[str, Any]] = {
     'B0': dict(width=[48, 104, 208, 440], depth=[1, 3, 6, 6], train_imsize=192,
                test_imsize=224, drop_rate=0.2),
@@ -44,42 +44,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-class NFBlock(hk.Module):
+class NFRegNetBlock(base.NFResidualBlock):
   """Normalizer-Free RegNet block (inverted bottleneck with grouped 3x3 conv and SE).
 
-  out = act(x) * beta; shortcut = 2x2 avg-pool then 1x1 WS conv of `out` when strided,
-  a 1x1 WS conv of `out` when only the width changes, else x; residual: 1x1 to the
-  expanded width (int(in_ch * expansion) rounded down to a multiple of `group_size`)
-  -> act -> grouped 3x3 (stride) -> SE (hidden = se_ratio * expanded width, gate x2)
-  -> act -> 1x1 to out_ch; stochastic depth; skip gain (init 0); residual * alpha +
-  shortcut.
-
-  x [N, H, W, in_ch] -> ([N, H/stride, W/stride, out_ch], residual-branch variance).
+  Residual: 1x1 to the expanded width (int(in_ch * expansion) rounded down to a
+  multiple of `group_size`) -> act -> grouped 3x3 (stride) -> SE (hidden = se_ratio *
+  expanded width, gate x2) -> act -> 1x1 to out_ch. Haiku name `nf_block` (as
+  DeepMind's code).
   """
 
   def __init__(self, in_ch: int, out_ch: int, *, expansion: float = 2.25,
                se_ratio: float = 0.5, group_size: int = 8, stride: int = 1,
                beta: float = 1.0, alpha: float = 0.2, stochdepth_rate: float = 0.0,
                act: Any = None, ws_eps: float = 1e-4, ws_eps_mode: str = 'max',
-               name: Optional[str] = None):
-    super().__init__(name=name)
-    self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
-    self.beta, self.alpha = beta, alpha
-    groups = int(in_ch * expansion) // group_size
-    if groups < 1:
-      raise ValueError(f'Expanded width {in_ch * expansion} is below the group width '
-                       f'{group_size}')
+               name: Optional[str] = 'nf_block'):
+    super().__init__(in_ch, out_ch, stride=stride, beta=beta, alpha=alpha,
+                     stochdepth_rate=stochdepth_rate, act=act, name=name)
+    groups, self.width = base.grouped_width(in_ch * expansion, group_size,
+                                            'Expanded width')
     self.groups = groups
-    self.width = group_size * groups
     self.se_ratio = se_ratio
-    self.stochdepth_rate = stochdepth_rate
-    self.act = act
-    self.use_projection = stride > 1 or in_ch != out_ch
-    # Submodules are built in __init__ so Haiku names them `nf_block/~/conv0` etc.
-    # (modules made in __call__ lose the `~`), as DeepMind's code does.
-    conv = lambda ch, k, name, stride=1, groups=1: layers.WSConv2D(
-        ch, k, stride=stride, feature_group_count=groups, eps=ws_eps,
-        eps_mode=ws_eps_mode, name=name)
+    conv = base.ws_conv_maker(ws_eps, ws_eps_mode)
     self.conv0 = conv(self.width, 1, 'conv0')
     self.conv1 = conv(self.width, 3, 'conv1', stride, groups)
     self.conv2 = conv(out_ch, 1, 'conv2')
@@ -88,102 +73,49 @@ class NFBlock(hk.Module):
     self.se = layers.SqueezeExcite(self.width, self.width, se_ratio)
     self.stoch_depth = layers.StochDepth(stochdepth_rate)
 
-  def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
-    out = self.act(x) * jnp.asarray(self.beta, x.dtype)
-    if self.stride > 1:
-      shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1),
-                             padding='SAME')
-      shortcut = self.conv_shortcut(shortcut)
-    elif self.use_projection:
-      shortcut = self.conv_shortcut(out)
-    else:
-      shortcut = x
+  def residual(self, out: jax.Array) -> jax.Array:
     out = self.conv0(out)
     out = self.conv1(self.act(out))
     out = out * (2 * self.se(out))
-    out = self.conv2(self.act(out))
-    res_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
-    out = self.stoch_depth(out, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
-    out = out * skip_gain.astype(out.dtype)
-    return out * jnp.asarray(self.alpha, out.dtype) + shortcut, res_var
+    return self.conv2(self.act(out))
 
 
-class NFRegNet(hk.Module):
-  """Normalizer-Free RegNet, variants B0..B8.
-
-  Call with images [N, H, W, 3] (NHWC, normalised floats). The images' dtype sets the
-  compute dtype (parameters stay float32) unless `dtype` is given, in which case images
-  are cast to it. Returns a dict with `logits` [N, num_classes] (float32) and `pool`
-  [N, final_conv channels]; with `return_metrics=True` also `avg_sq_mean_i`, `avg_var_i`
-  (i = 0 is the stem output, i = k the output of block k-1) and `res_avg_var_k` (the
-  residual branch of block k before the skip gain).
-  """
+class NFRegNet(base.NFNetwork):
+  """Normalizer-Free RegNet, variants B0..B8 (see base.NFNetwork for inputs, outputs,
+  `remat` and `groups`). `pool` is [N, final_conv channels]."""
 
   def __init__(self, num_classes: int, variant: str = 'B0', width: float = 0.75,
                expansion: float = 2.25, group_size: int = 8, se_ratio: float = 0.5,
                alpha: float = 0.2, stochdepth_rate: float = 0.1,
                drop_rate: Optional[float] = None, activation: str = 'silu',
                dtype: Any = None, ws_eps: float = 1e-4, ws_eps_mode: str = 'max',
-               name: str = 'NF_RegNet'):
-    super().__init__(name=name)
-    if variant not in VARIANTS:
-      raise ValueError(f'Unknown NF-RegNet variant {variant!r}; valid: {list(VARIANTS)}')
-    self.num_classes = num_classes
-    self.variant = variant
+               remat: str = 'none', groups: str = 'auto', name: str = 'NF_RegNet'):
+    super().__init__(VARIANTS, variant, drop_rate=drop_rate, activation=activation,
+                     dtype=dtype, remat=remat, groups=groups, name=name)
     params = VARIANTS[variant]
-    self.train_imsize, self.test_imsize = params['train_imsize'], params['test_imsize']
     self.widths = [int(w * width) for w in params['width']]
     self.stem_width = int(params['width'][0] * width)
     self.depths = params['depth']
-    self.drop_rate = params['drop_rate'] if drop_rate is None else drop_rate
-    self.alpha = alpha
-    self.stochdepth_rate = stochdepth_rate
-    self.act = layers.activation(activation)
-    self.dtype = dtype
     # Stem: one 3x3 stride-2 WS conv.
     self.initial_conv = layers.WSConv2D(self.stem_width, 3, stride=2, eps=ws_eps,
                                         eps_mode=ws_eps_mode, name='initial_conv')
-    self.blocks = []
     ch = self.stem_width
-    num_blocks = sum(self.depths)
-    expected_std = 1.0
-    for width, depth in zip(self.widths, self.depths):
-      for block_index in range(depth):
-        index = len(self.blocks)
-        self.blocks.append(NFBlock(
-            ch, width, expansion=1.0 if index == 0 else expansion, se_ratio=se_ratio,
-            group_size=group_size, stride=2 if block_index == 0 else 1,
-            beta=1.0 / expected_std, alpha=alpha,
-            stochdepth_rate=stochdepth_rate * index / num_blocks, act=self.act,
-            ws_eps=ws_eps, ws_eps_mode=ws_eps_mode))
-        ch = width
-        # Reset the expected std after a transition block, still giving it one growth.
-        if block_index == 0:
-          expected_std = 1.0
-        expected_std = (expected_std ** 2 + alpha ** 2) ** 0.5
+    for b in base.signal_schedule(self.depths, alpha, stochdepth_rate):
+      width = self.widths[b.stage]
+      self.blocks.append(NFRegNetBlock(
+          ch, width, expansion=1.0 if b.index == 0 else expansion, se_ratio=se_ratio,
+          group_size=group_size, stride=2 if b.first_in_stage else 1, beta=b.beta,
+          alpha=alpha, stochdepth_rate=b.stochdepth_rate, act=self.act, ws_eps=ws_eps,
+          ws_eps_mode=ws_eps_mode))
+      ch = width
     # Head (EfficientNet-like): 1x1 conv to 1280 * ch // 440, act, mean pool, dropout,
     # zero-initialised linear classifier.
     self.final_conv = layers.WSConv2D(int(1280 * ch // 440), 1, eps=ws_eps,
                                       eps_mode=ws_eps_mode, name='final_conv')
     self.fc = layers.Linear(num_classes, w_init=jnp.zeros)
 
-  def __call__(self, x: jax.Array, is_training: bool,
-               return_metrics: bool = False) -> dict[str, jax.Array]:
-    if self.dtype is not None:
-      x = x.astype(self.dtype)
-    outputs: dict[str, jax.Array] = {}
-    out = self.initial_conv(x)
-    if return_metrics:
-      outputs.update(layers.signal_metrics(out, 0))
-    for index, block in enumerate(self.blocks):
-      out, res_var = block(out, is_training)
-      if return_metrics:
-        outputs.update(layers.signal_metrics(out, index + 1))
-        outputs[f'res_avg_var_{index}'] = res_var
-    out = self.act(self.final_conv(out))
-    pool = jnp.mean(out.astype(jnp.float32), axis=(1, 2)).astype(out.dtype)
-    outputs['pool'] = pool
-    pool = layers.dropout(pool, self.drop_rate, is_training)
-    outputs['logits'] = self.fc(pool).astype(jnp.float32)
-    return outputs
+  def stem(self, x: jax.Array) -> jax.Array:
+    return self.initial_conv(x)
+
+  def head(self, out: jax.Array) -> jax.Array:
+    return self.act(self.final_conv(out))

@@ -6,7 +6,7 @@ from typing import Any, Callable
 import haiku as hk
 
 from nfnet_jax import errors
-from nfnet_jax.models import nf_regnet, nf_resnet, nfnet
+from nfnet_jax.models import base, nf_regnet, nf_resnet, nfnet
 
 
 def _table() -> dict[str, tuple[Callable[..., hk.Module], str, dict[str, Any]]]:
@@ -52,10 +52,13 @@ def create(name: str, num_classes: int = 1000, **overrides) -> hk.Transformed:
 
   `apply(params, rng, images, is_training, return_metrics=False)` gives a dict with
   `logits` [N, num_classes] and `pool` [N, C]. `overrides` go to the module's
-  constructor (e.g. stochdepth_rate, drop_rate, width, activation, dtype).
+  constructor (e.g. stochdepth_rate, drop_rate, width, activation, dtype, and the
+  implementation options `remat` (one of REMAT_POLICIES) and `groups` of
+  base.NFNetwork, which do not change the function).
   """
+  cls, _, _ = _lookup(name)
+  base.check_options(cls, overrides.get('remat', 'none'), overrides.get('groups', 'auto'))
   make = module_fn(name, num_classes, **overrides)
-  # Build once outside a transform to surface bad overrides early with a clear error.
   def forward(images, is_training: bool, return_metrics: bool = False):
     return make()(images, is_training=is_training, return_metrics=return_metrics)
 

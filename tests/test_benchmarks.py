@@ -1,15 +1,14 @@
-"""The benchmarked variants compute the same function as the reference (issue 7).
+"""benchmarks/: the baselines and the benchmark tooling (no GPU needed).
 
-"plain" (nfnet_jax.fast.naive_model: params cast on read, WS in the compute dtype),
-the optimised experiments (remat of the elementwise work, split grouped convs, folded
-WS for inference) and the
-optimised train step (Trainer: jit(shard_map), donated state) against the reference
-model and a plain non-donated step: logits and gradients, on CPU, small model.
+The naive mixed-precision baseline against the reference model (float32: the same
+function; bfloat16: bf16-level noise); the optimised train step (Trainer:
+jit(shard_map), donated state, and with remat) against a plain non-donated step of
+that baseline in float32;
+`compile_step`'s handling of XLA options; the tooling's arithmetic and reports.
 """
 import functools
 import json
 import os
-import re
 import sys
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnet_jax import fast, layers, models
+from nfnet_jax import models
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
 
@@ -79,18 +78,22 @@ def _cosine(a, b):
   return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)))
 
 
+@pytest.mark.slow
 def test_plain_model_equals_reference_in_float32():
-  logits, grads = _logits_and_grads(fast.naive_model('F0', NUM_CLASSES, jnp.float32, **KW),
+  import baselines  # benchmarks/baselines.py
+  logits, grads = _logits_and_grads(baselines.naive_model('F0', NUM_CLASSES, jnp.float32, **KW),
                                     jnp.float32)
   ref_logits, ref_grads = _reference('float32')
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
   _assert_trees_close(grads, ref_grads, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_plain_model_matches_reference_to_bf16_precision():
   """In bf16 the two differ only by where weights are rounded: bf16-level noise."""
+  import baselines  # benchmarks/baselines.py
   logits, grads = _logits_and_grads(
-      fast.naive_model('F0', NUM_CLASSES, jnp.bfloat16, **KW), jnp.bfloat16)
+      baselines.naive_model('F0', NUM_CLASSES, jnp.bfloat16, **KW), jnp.bfloat16)
   ref_logits, ref_grads = _reference('bfloat16')
   f32_logits, f32_grads = _reference('float32')
   noise = float(np.max(np.abs(np.asarray(ref_logits) - np.asarray(f32_logits))))
@@ -102,113 +105,28 @@ def test_plain_model_matches_reference_to_bf16_precision():
     assert leaf.dtype == jnp.float32 and np.all(np.isfinite(leaf))
 
 
-def test_grouped_conv_implementations_agree():
-  """Split per-group convs (the default on CPU, so models.create here) == one XLA
-  grouped conv ('lax', the default on GPU/TPU): logits and every gradient."""
-  lax_logits, lax_grads = _logits_and_grads(
-      fast.model('F0', NUM_CLASSES, groups='lax', **KW), jnp.float32)
-  ref_logits, ref_grads = _reference('float32')
-  split_logits, split_grads = _logits_and_grads(
-      fast.model('F0', NUM_CLASSES, groups='split', **KW), jnp.float32)
-  for logits, grads in ((ref_logits, ref_grads), (split_logits, split_grads)):
-    np.testing.assert_allclose(logits, lax_logits, rtol=1e-5, atol=1e-6)
-    _assert_trees_close(grads, lax_grads, rtol=1e-4)
-  # Which form the default picks on CPU: split once a conv has SPLIT_MIN_POSITIONS
-  # output positions (at batch 16, 64 px: stage 2 has 16*8*8 = 1024, stage 3 256,
-  # stage 4 64: left grouped), all grouped for tiny inputs (batch 4, 32 px).
-  def grouped_convs(groups, shape):
-    net = fast.model('F0', NUM_CLASSES, groups=groups, **KW)
-    x = jax.ShapeDtypeStruct(shape, jnp.float32)
-    jaxpr = str(jax.make_jaxpr(lambda p, x: net.apply(p, None, x, False))(_params(), x))
-    return len(re.findall(r'feature_group_count=[2-9]', jaxpr))
-
-  n_lax = grouped_convs('lax', (16, 64, 64, 3))
-  assert n_lax == 6, n_lax  # two grouped 3x3 convs in each block with > 1 group (3)
-  assert grouped_convs('auto', (4, 32, 32, 3)) == n_lax
-  assert grouped_convs('auto', (16, 64, 64, 3)) == 2  # stage 4 only
-  assert grouped_convs('split', (16, 64, 64, 3)) == 0
-  with pytest.raises(ValueError, match=r"grouped conv impl must be one of \('auto', "
-                     r"'lax', 'split'\), got 'dense'"):
-    with layers.grouped_conv_impl('dense'):
-      pass
-
-
-@pytest.mark.parametrize('remat', ['convs', 'block_convs'])
-def test_remat_equals_reference(remat):
-  logits, grads = _logits_and_grads(fast.model('F0', NUM_CLASSES, remat=remat, **KW),
-                                    jnp.float32)
-  ref_logits, ref_grads = _reference('float32')
-  np.testing.assert_allclose(logits, ref_logits, rtol=1e-6, atol=1e-7)
-  _assert_trees_close(grads, ref_grads, rtol=1e-5)
-
-
-def test_remat_saves_only_conv_outputs():
-  """What the backward pass keeps, as JAX hands it to XLA.
-
-  (XLA's own buffer sizes cannot be checked here: XLA:CPU drops the optimisation
-  barriers of remat, so its CSE merges the recomputation back into the forward pass
-  and every policy gets the same temp size on CPU. benchmarks/step_memory.py reports
-  XLA's figure on a GPU.)
-  """
-  x = jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.bfloat16)
-  import step_memory  # benchmarks/step_memory.py: parses print_saved_residuals
-  sizes = {}
-  for remat in ('none', 'convs'):
-    net = fast.model('F0', NUM_CLASSES, remat=remat, **KW)
-    kept = [r for r in step_memory.saved_residuals(net, _params(), x) if len(r[1]) == 4]
-    sizes[remat] = step_memory.residual_bytes(kept)
-    if remat == 'convs':  # conv outputs (named) and the input images, nothing else
-      assert kept and all(f"named '{fast.CONV_NAME}'" in why or 'argument' in why
-                          for _, _, why in kept), kept
-    else:
-      assert any('tanh' in why or 'erf' in why or 'mul' in why for _, _, why in kept)
-  assert sizes['convs'] < 0.4 * sizes['none'], sizes
-
-
-def test_split_grouped_conv_op():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 12))
-  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 6))
-  for stride in (1, 2):
-    ref = jax.lax.conv_general_dilated(x, k, (stride, stride), 'SAME', dimension_numbers=(
-        'NHWC', 'HWIO', 'NHWC'), feature_group_count=3)
-    out = fast.split_grouped_conv(x, k, stride, 'SAME', 3)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_folded_inference_equals_reference(dtype):
-  x, _ = _inputs()
-  params = _params()
-  ref = models.create('F0', NUM_CLASSES, **KW)
-  folded = fast.folded_model('F0', NUM_CLASSES, **KW)
-  fp = jax.jit(lambda p: fast.fold_params(p, dtype))(params)
-  conv = fp['NFNet/~/nf_block_2/~/conv1']
-  assert set(conv) == {'kernel', 'bias'} and conv['kernel'].dtype == dtype
-  assert set(fp['NFNet/~/linear']) == {'w', 'b'}
-  a = jax.jit(lambda p: ref.apply(p, None, x.astype(dtype), False)['logits'])(params)
-  b = jax.jit(lambda p: folded.apply(p, None, x.astype(dtype), False)['logits'])(fp)
-  np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32),
-                             rtol=1e-5, atol=1e-6)
-
-
 def test_compile_step_drops_unknown_xla_options():
+  import baselines  # benchmarks/baselines.py
   jitted = jax.jit(lambda x: jnp.tanh(x) * 2)
   logs = []
-  compiled, used = fast.compile_step(
+  compiled, used = baselines.compile_step(
       jitted, (jnp.ones(3),), {'xla_gpu_autotune_level': 4,
                                'xla_certainly_not_an_option_x': True}, log=logs.append)
   assert used == {'xla_gpu_autotune_level': 4}
   assert logs and 'xla_certainly_not_an_option_x' in logs[0]
   np.testing.assert_allclose(compiled(jnp.ones(3)), 2 * np.tanh(1.0), rtol=1e-6)
-  for preset in fast.XLA_PRESETS.values():  # every preset's keys are known to XLA
-    _, used = fast.compile_step(jitted, (jnp.ones(3),), preset, log=lambda m: None)
+  for preset in baselines.XLA_PRESETS.values():  # every preset's keys are known to XLA
+    _, used = baselines.compile_step(jitted, (jnp.ones(3),), preset, log=lambda m: None)
     assert used == preset
 
 
 @pytest.mark.slow
 def test_optimised_train_step_equals_plain_step():
   """Trainer's donated jit(shard_map) step == a plain non-donated step, float32; and
-  so does the step of a config with remat='convs' (train.create_model -> fast.model)."""
+  so does the step of a config with remat='convs' (train.create_model ->
+  models.create(remat=...)); the plain step runs benchmarks' naive baseline, which in
+  float32 computes the reference function."""
+  import baselines  # benchmarks/baselines.py
   import train_step  # benchmarks/train_step.py: wires steps as nfnet_jax.train does
   from nfnet_jax import configs, optim, train
   c = configs.base_config()
@@ -218,7 +136,7 @@ def test_optimised_train_step_equals_plain_step():
   tx, sched = optim.build_optimizer(c.optimizer, 100, 0, c.batch_size)
   opt = train_step.build_train_steps(c, net, tx, sched, 32)
   plain = train_step.build_train_steps(
-      c, net, tx, sched, 32, plain_model=fast.naive_model('F0', NUM_CLASSES, jnp.float32,
+      c, net, tx, sched, 32, plain_model=baselines.naive_model('F0', NUM_CLASSES, jnp.float32,
                                                           **KW))
   x, _ = _inputs()
   labels = jax.nn.one_hot(jnp.arange(4) % NUM_CLASSES, NUM_CLASSES)

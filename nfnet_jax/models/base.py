@@ -1,0 +1,227 @@
+"""The skeleton shared by every Normalizer-Free family (docs/models.md).
+
+- `signal_schedule`: per residual block, its beta (1 / expected std of its input) and
+  stochastic-depth rate; `expected_stds`: the expected std after each block.
+- `NFResidualBlock`: the block tail every family shares: pre-activation scaled by
+  beta, the shortcut, stochastic depth, the learned skip gain and alpha. A family's
+  block builds its convs in `__init__` and implements `residual`.
+- `NFNetwork`: stem -> blocks -> head -> pool -> dropout -> linear, the
+  signal-propagation metrics and the remat / grouped-conv options. A family builds
+  its stem, blocks and head modules in `__init__` and implements `stem` and `head`.
+
+Submodules are built in `__init__` so Haiku names them `<block>/~/conv0` etc. (modules
+made in `__call__` lose the `~`), as in DeepMind's released checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnet_jax import layers
+
+# 'none': autodiff stores what it needs; 'convs': the whole network under remat,
+# keeping only the conv outputs (the elementwise work is recomputed, no conv is);
+# 'block_convs': the same per residual block (the stem and head store as usual);
+# 'blocks': residual blocks recomputed entirely, convs included.
+REMAT_POLICIES = ('none', 'convs', 'block_convs', 'blocks')
+
+
+def check_options(family: type, remat: str = 'none', groups: str = 'auto') -> None:
+  """Raises ValueError for an unknown remat policy or grouped-conv implementation, or
+  a `groups` choice for a family without grouped convolutions."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat must be one of {REMAT_POLICIES}, got {remat!r}')
+  if groups not in layers.GROUPED_CONV_IMPLS:
+    raise ValueError(f'groups must be one of {layers.GROUPED_CONV_IMPLS}, got {groups!r}')
+  if groups != 'auto' and not family.HAS_GROUPED_CONVS:
+    raise ValueError(f'{family.__name__} has no grouped convolutions; groups={groups!r} '
+                     "applies to families with grouped convs only (use 'auto')")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSchedule:
+  """Where a residual block sits and the signal it expects."""
+  index: int             # position among all blocks
+  stage: int
+  first_in_stage: bool   # the stage's transition block
+  beta: float            # 1 / expected std of the block's input
+  stochdepth_rate: float
+
+
+def _expected_stds(depths: Sequence[int], alpha: float) -> list[tuple[float, float]]:
+  """[(expected input std, expected output std)] per block.
+
+  The expected std grows as sqrt(std^2 + alpha^2) after each block and is reset to 1
+  by each stage's transition block (whose shortcut re-normalises the stream) before
+  its own growth step.
+  """
+  stds, std = [], 1.0
+  for depth in depths:
+    for block_index in range(depth):
+      std_in = std
+      if block_index == 0:
+        std = 1.0
+      std = (std ** 2 + alpha ** 2) ** 0.5
+      stds.append((std_in, std))
+  return stds
+
+
+def signal_schedule(depths: Sequence[int], alpha: float = 0.2,
+                    stochdepth_rate: float = 0.0) -> list[BlockSchedule]:
+  """Per block, in order: beta = 1 / expected input std, and the stochastic-depth
+  rate, growing linearly: stochdepth_rate * index / num_blocks."""
+  num_blocks = sum(depths)
+  stds = iter(_expected_stds(depths, alpha))
+  schedule = []
+  for stage, depth in enumerate(depths):
+    for block_index in range(depth):
+      index = len(schedule)
+      schedule.append(BlockSchedule(
+          index=index, stage=stage, first_in_stage=block_index == 0,
+          beta=1.0 / next(stds)[0],
+          stochdepth_rate=stochdepth_rate * index / num_blocks))
+  return schedule
+
+
+def expected_stds(depths: Sequence[int], alpha: float = 0.2) -> list[float]:
+  """Expected output std after each block (the analytic signal-propagation curve)."""
+  return [std_out for _, std_out in _expected_stds(depths, alpha)]
+
+
+def ws_conv_maker(ws_eps: float, ws_eps_mode: str) -> Callable[..., layers.WSConv2D]:
+  """conv(ch, k, name, stride=1, groups=1) -> a WSConv2D with the model's eps."""
+  return lambda ch, k, name, stride=1, groups=1: layers.WSConv2D(
+      ch, k, stride=stride, feature_group_count=groups, eps=ws_eps, eps_mode=ws_eps_mode,
+      name=name)
+
+
+def grouped_width(width: float, group_size: int, what: str) -> tuple[int, int]:
+  """(groups, channels): `width` rounded down to a multiple of `group_size`."""
+  groups = int(width) // group_size
+  if groups < 1:
+    raise ValueError(f'{what} {width} is below the group width {group_size}')
+  return groups, group_size * groups
+
+
+class NFResidualBlock(hk.Module):
+  """out = act(x) * beta; residual(out) -> stochastic depth -> * skip_gain (init 0)
+  -> * alpha, added to the shortcut.
+
+  The shortcut is x when neither the stride nor the width changes, else a 1x1 WS conv
+  (`conv_shortcut`, built by the family) of `out`: after a 2x2 average pool when
+  `AVG_POOL_SHORTCUT` and strided (NFNet, NF-RegNet), or itself strided (NF-ResNet).
+  x [N, H, W, in_ch] -> ([N, H/stride, W/stride, out_ch], residual-branch variance).
+  """
+
+  AVG_POOL_SHORTCUT = True
+
+  def __init__(self, in_ch: int, out_ch: int, *, stride: int, beta: float, alpha: float,
+               stochdepth_rate: float, act: Callable[[jax.Array], jax.Array],
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
+    self.beta, self.alpha = beta, alpha
+    self.stochdepth_rate = stochdepth_rate
+    self.act = act
+    self.use_projection = stride > 1 or in_ch != out_ch
+
+  def residual(self, out: jax.Array) -> jax.Array:
+    """The residual branch of the pre-activated input, before stochastic depth."""
+    raise NotImplementedError
+
+  def _shortcut(self, out: jax.Array, x: jax.Array) -> jax.Array:
+    if not self.use_projection:
+      return x
+    if self.AVG_POOL_SHORTCUT and self.stride > 1:
+      out = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1),
+                        padding='SAME')
+    return self.conv_shortcut(out)
+
+  def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
+    out = self.act(x) * jnp.asarray(self.beta, x.dtype)
+    shortcut = self._shortcut(out, x)
+    out = self.residual(out)
+    res_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
+    out = self.stoch_depth(out, is_training)
+    skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
+    out = out * skip_gain.astype(out.dtype)
+    return out * jnp.asarray(self.alpha, out.dtype) + shortcut, res_var
+
+
+class NFNetwork(hk.Module):
+  """stem -> residual blocks -> head -> mean pool -> dropout -> linear.
+
+  Call with images [N, H, W, 3] (NHWC, normalised floats). The images' dtype sets the
+  compute dtype (pass bfloat16 for mixed precision; parameters stay float32), unless
+  `dtype` is given, in which case images are cast to it. Returns a dict with `logits`
+  [N, num_classes] (float32) and `pool` [N, C]; with `return_metrics=True` also
+  `avg_sq_mean_i`, `avg_var_i` (i = 0 is the stem output, i = k the output of block
+  k-1) and `res_avg_var_k` (the residual branch of block k before the skip gain).
+
+  `remat` (one of REMAT_POLICIES) trades recomputation for activation memory without
+  changing the function; `groups` picks how grouped convs run
+  (`layers.GROUPED_CONV_IMPLS`; 'auto' = split on CPU, one XLA grouped conv elsewhere).
+  """
+
+  HAS_GROUPED_CONVS = True
+
+  def __init__(self, variants: dict[str, dict[str, Any]], variant: str, *,
+               drop_rate: Optional[float], activation: str, dtype: Any, remat: str,
+               groups: str, name: str):
+    super().__init__(name=name)
+    if variant not in variants:
+      raise ValueError(f'Unknown {type(self).__name__} variant {variant!r}; valid: '
+                       f'{list(variants)}')
+    check_options(type(self), remat, groups)
+    self.variant = variant
+    self.drop_rate = variants[variant]['drop_rate'] if drop_rate is None else drop_rate
+    self.act = layers.activation(activation)
+    self.dtype = dtype
+    self.remat, self.groups = remat, groups
+    self.blocks: list[NFResidualBlock] = []
+
+  def stem(self, x: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def head(self, out: jax.Array) -> jax.Array:
+    """The last block's output -> the features that are pooled."""
+    raise NotImplementedError
+
+  def __call__(self, x: jax.Array, is_training: bool,
+               return_metrics: bool = False) -> dict[str, jax.Array]:
+    forward = lambda x: self._forward(x, is_training, return_metrics)
+    with layers.grouped_conv_impl(self.groups):
+      if self.remat == 'convs':
+        return hk.remat(forward, policy=_SAVE_CONVS)(x)
+      return forward(x)
+
+  def _forward(self, x: jax.Array, is_training: bool,
+               return_metrics: bool) -> dict[str, jax.Array]:
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    outputs: dict[str, jax.Array] = {}
+    out = self.stem(x)
+    if return_metrics:
+      outputs.update(layers.signal_metrics(out, 0))
+    for index, block in enumerate(self.blocks):
+      call = lambda x, block=block: block(x, is_training)
+      if self.remat in ('block_convs', 'blocks'):
+        policy = _SAVE_CONVS if self.remat == 'block_convs' else None
+        call = hk.remat(call, policy=policy)
+      out, res_var = call(out)
+      if return_metrics:
+        outputs.update(layers.signal_metrics(out, index + 1))
+        outputs[f'res_avg_var_{index}'] = res_var
+    out = self.head(out)
+    pool = jnp.mean(out.astype(jnp.float32), axis=(1, 2)).astype(out.dtype)
+    outputs['pool'] = pool
+    pool = layers.dropout(pool, self.drop_rate, is_training)
+    outputs['logits'] = self.fc(pool).astype(jnp.float32)
+    return outputs
+
+
+_SAVE_CONVS = jax.checkpoint_policies.save_only_these_names(layers.CONV_NAME)
