@@ -196,7 +196,7 @@ def test_module_counts_from_the_architecture():
 def test_model_init_has_released_modules_and_shapes(variant):
   """Every released (module, leaf, shape) of F0..F6 is exactly the model's init."""
   shapes = pretrained.model_shapes(variant)
-  assert len(shapes) == mk.DESIGN_MODULE_COUNTS[variant]
+  assert len(shapes) == mk.RELEASED_MODULE_COUNTS[variant]
   expected = {}
   for module, leaf, shape in mk.released_table(variant):
     expected.setdefault(pretrained.canonical_name(module), {})[leaf] = tuple(shape)
