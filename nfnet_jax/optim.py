@@ -17,7 +17,7 @@ done (0 at the first update), so the very first update uses lr = 0.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +28,12 @@ from nfnet_jax import errors
 from nfnet_jax.agc import agc, nfnet_mask
 
 __all__ = [
-    "lr_schedule", "decay_mask", "add_weight_decay", "default_config",
-    "build_optimizer", "softmax_cross_entropy", "ema_decay", "ema_update",
+    'lr_schedule', 'decay_mask', 'add_weight_decay', 'default_config',
+    'build_optimizer', 'softmax_cross_entropy', 'ema_decay', 'ema_update',
 ]
 
 PyTree = Any
-NO_DECAY_NAMES: Tuple[str, ...] = ("gain", "skip_gain", "bias", "b")
+NO_DECAY_NAMES: tuple[str, ...] = ('gain', 'skip_gain', 'bias', 'b')
 
 
 def lr_schedule(base_lr: float,
@@ -63,7 +63,7 @@ def lr_schedule(base_lr: float,
 
 def _leaf_name(path) -> str:
   k = path[-1] if path else None
-  for attr in ("key", "name", "idx"):
+  for attr in ('key', 'name', 'idx'):
     if hasattr(k, attr):
       return str(getattr(k, attr))
   return str(k)
@@ -87,7 +87,7 @@ def add_weight_decay(
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError("add_weight_decay needs params: tx.update(g, state, params)")
+      raise ValueError('add_weight_decay needs params: tx.update(g, state, params)')
     mask = mask_fn(params)
 
     def leaf(g, m, p):
@@ -104,7 +104,7 @@ def add_weight_decay(
 def default_config() -> ml_collections.ConfigDict:
   """Optimizer fields of the NFNet recipe (ImageNet, batch 4096)."""
   return ml_collections.ConfigDict(dict(
-      name="sgd",               # 'sgd' | 'adamw' | 'adam'
+      name='sgd',               # 'sgd' | 'adamw' | 'adam'
       base_lr=0.1,              # per 256 examples when scale_lr_by_batch
       scale_lr_by_batch=True,
       end_lr=0.0,
@@ -118,18 +118,18 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
   """``cfg[key]`` for a ConfigDict / mapping / object, ``default`` if missing."""
-  if hasattr(cfg, "get"):
+  if hasattr(cfg, 'get'):
     return cfg.get(key, default)
   return getattr(cfg, key, default)
 
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
 
 
 def check_name(name: str) -> str:
   """The optimizer ``name`` in lower case; ValueError if it is not in OPTIMIZERS."""
   if str(name).lower() not in OPTIMIZERS:
-    raise ValueError(errors.unknown_name("optimizer", name, OPTIMIZERS))
+    raise ValueError(errors.unknown_name('optimizer', name, OPTIMIZERS))
   return str(name).lower()
 
 
@@ -138,7 +138,7 @@ def build_optimizer(cfg: Any,
                     warmup_steps: int,
                     batch_size: int,
                     agc_mask: Optional[Callable[[PyTree], PyTree]] = nfnet_mask,
-                    ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer of :func:`default_config`-like ``cfg`` and its lr schedule.
 
   Chains (each part only if enabled):
@@ -157,19 +157,19 @@ def build_optimizer(cfg: Any,
   """
   d = default_config()
   g = lambda k: _get(cfg, k, d[k])
-  schedule = lr_schedule(g("base_lr"), batch_size, total_steps, warmup_steps,
-                         g("end_lr"), g("scale_lr_by_batch"))
+  schedule = lr_schedule(g('base_lr'), batch_size, total_steps, warmup_steps,
+                         g('end_lr'), g('scale_lr_by_batch'))
   parts = []
-  clipping = g("agc_clipping")
+  clipping = g('agc_clipping')
   if clipping:
-    parts.append(agc(clipping, g("agc_eps"), mask=agc_mask))
-  name, wd = check_name(g("name")), g("weight_decay")
-  if name in ("sgd", "adam") and wd:
+    parts.append(agc(clipping, g('agc_eps'), mask=agc_mask))
+  name, wd = check_name(g('name')), g('weight_decay')
+  if name in ('sgd', 'adam') and wd:
     parts.append(add_weight_decay(wd))
-  if name == "sgd":
-    parts.append(optax.sgd(schedule, momentum=g("momentum") or None,
-                           nesterov=g("nesterov")))
-  elif name == "adam":
+  if name == 'sgd':
+    parts.append(optax.sgd(schedule, momentum=g('momentum') or None,
+                           nesterov=g('nesterov')))
+  elif name == 'adam':
     parts.append(optax.adam(schedule))
   else:
     parts.append(optax.adamw(schedule, weight_decay=wd or 0.0, mask=decay_mask))

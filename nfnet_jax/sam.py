@@ -22,16 +22,16 @@ Perturbation:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sam_gradient", "ascent_size", "ascent_rows", "PERTURBATIONS"]
+__all__ = ['sam_gradient', 'ascent_size', 'ascent_rows', 'PERTURBATIONS']
 
 PyTree = Any
-LossFn = Callable[[PyTree, PyTree, jax.Array], Tuple[jax.Array, Any]]
-PERTURBATIONS = ("global", "per_device")
+LossFn = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, Any]]
+PERTURBATIONS = ('global', 'per_device')
 
 
 def ascent_size(batch_size: int, fraction: float) -> int:
@@ -40,7 +40,7 @@ def ascent_size(batch_size: int, fraction: float) -> int:
 
 
 def ascent_rows(local_size: int, fraction: float, num_shards: int = 1,
-                shard_index: Any = 0) -> Tuple[jax.Array, jax.Array]:
+                shard_index: Any = 0) -> tuple[jax.Array, jax.Array]:
   """This shard's ascent rows: (local row indices [M] int32, valid [M] float32).
 
   The global batch is `num_shards` shards of `local_size` rows, shard d holding global
@@ -64,7 +64,7 @@ def ascent_rows(local_size: int, fraction: float, num_shards: int = 1,
 
 
 def _axis_size(axis_name: str) -> int:
-  if hasattr(jax.lax, "axis_size"):
+  if hasattr(jax.lax, 'axis_size'):
     return int(jax.lax.axis_size(axis_name))
   return int(jax.lax.psum(1, axis_name))
 
@@ -77,9 +77,9 @@ def sam_gradient(loss_fn: LossFn,
                  rho: float = 0.05,
                  fraction: float = 1.0,
                  axis_name: Optional[str] = None,
-                 perturbation: str = "global",
-                 mask_key: str = "mask",
-                 ) -> Tuple[PyTree, Tuple[jax.Array, Any]]:
+                 perturbation: str = 'global',
+                 mask_key: str = 'mask',
+                 ) -> tuple[PyTree, tuple[jax.Array, Any]]:
   """The SAM descent gradient for one (per-device) step.
 
   Args:
@@ -110,10 +110,10 @@ def sam_gradient(loss_fn: LossFn,
     axis size).
   """
   if perturbation not in PERTURBATIONS:
-    raise ValueError(f"sam_gradient: perturbation={perturbation!r}, one of {PERTURBATIONS}")
+    raise ValueError(f'sam_gradient: perturbation={perturbation!r}, one of {PERTURBATIONS}')
   leaves = jax.tree.leaves(batch)
   if not leaves:
-    raise ValueError("sam_gradient: batch has no arrays")
+    raise ValueError('sam_gradient: batch has no arrays')
   local = leaves[0].shape[0]
   n = _axis_size(axis_name) if axis_name is not None else 1
   d = jax.lax.axis_index(axis_name) if axis_name is not None else 0
@@ -125,14 +125,14 @@ def sam_gradient(loss_fn: LossFn,
     if ascent_size(n * local, fraction) % n:
       if not (isinstance(sub, Mapping) and mask_key in sub):
         raise ValueError(
-            f"sam_gradient: {ascent_size(n * local, fraction)} ascent rows do not split "
-            f"evenly over {n} devices; the batch needs a per-example weight "
-            f"batch[{mask_key!r}] for the padding rows")
+            f'sam_gradient: {ascent_size(n * local, fraction)} ascent rows do not split '
+            f'evenly over {n} devices; the batch needs a per-example weight '
+            f'batch[{mask_key!r}] for the padding rows')
       sub = dict(sub)
       sub[mask_key] = sub[mask_key] * valid.astype(sub[mask_key].dtype)
 
   g_asc = jax.grad(lambda p: loss_fn(p, sub, rng)[0])(params)
-  if axis_name is not None and perturbation == "global":
+  if axis_name is not None and perturbation == 'global':
     g_asc = jax.lax.pmean(g_asc, axis_name)
   sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(g_asc))
   scale = rho / (jnp.sqrt(sq) + 1e-12)
