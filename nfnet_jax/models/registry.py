@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import haiku as hk
 
-from nfnet_jax.models import nf_regnet, nf_resnet, nfnet
+from nfnet_jax.models import bn_resnet, nf_regnet, nf_resnet, nfnet
 
 
 def _table() -> dict[str, tuple[Callable[..., hk.Module], str, dict[str, Any]]]:
@@ -18,6 +18,8 @@ def _table() -> dict[str, tuple[Callable[..., hk.Module], str, dict[str, Any]]]:
     table[f'nf_resnet{v}'] = (nf_resnet.NFResNet, v, facts)
   for v, facts in nf_regnet.VARIANTS.items():
     table[f'nf_regnet_{v.lower()}'] = (nf_regnet.NFRegNet, v, facts)
+  for v, facts in bn_resnet.VARIANTS.items():  # Stateful (BatchNorm): see create().
+    table[f'bn_resnet{v}'] = (bn_resnet.BNResNet, v, facts)
   return table
 
 
@@ -49,16 +51,25 @@ def module_fn(name: str, num_classes: int = 1000, **overrides) -> Callable[..., 
   return lambda: cls(num_classes=num_classes, variant=variant, **overrides)
 
 
-def create(name: str, num_classes: int = 1000, **overrides) -> hk.Transformed:
-  """Returns hk.transform of the model.
+def is_stateful(name: str) -> bool:
+  """True for models with state besides parameters (BatchNorm statistics)."""
+  return bool(info(name).get('stateful', False))
+
+
+def create(name: str, num_classes: int = 1000,
+           **overrides) -> hk.Transformed | hk.TransformedWithState:
+  """Returns hk.transform of the model, or hk.transform_with_state if it is stateful
+  (`is_stateful(name)`, `info(name)['stateful']`: the BatchNorm baselines).
 
   `apply(params, rng, images, is_training, return_metrics=False)` gives a dict with
-  `logits` [N, num_classes] and `pool` [N, C]. `overrides` go to the module's
-  constructor (e.g. stochdepth_rate, drop_rate, width, activation, dtype).
+  `logits` [N, num_classes] and `pool` [N, C]; a stateful model's `init` returns
+  (params, state) and its `apply(params, state, rng, images, is_training)` returns
+  (that dict, new state). `overrides` go to the module's constructor (e.g.
+  stochdepth_rate, drop_rate, width, activation, dtype).
   """
   make = module_fn(name, num_classes, **overrides)
   # Build once outside a transform to surface bad overrides early with a clear error.
   def forward(images, is_training: bool, return_metrics: bool = False):
     return make()(images, is_training=is_training, return_metrics=return_metrics)
 
-  return hk.transform(forward)
+  return hk.transform_with_state(forward) if is_stateful(name) else hk.transform(forward)
