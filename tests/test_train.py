@@ -550,13 +550,14 @@ def no_compilation():
     (lambda c: setattr(c.optimizer, 'learning_rate', 0.1),
      'Unknown config key config.optimizer.learning_rate'),
     (lambda c: setattr(c.data, 'sorce', 'tfds'), 'Did you mean source?'),
-    (lambda c: setattr(c, 'model', 'F9'), "config.model='F9' is not a model"),
+    (lambda c: setattr(c, 'model', 'F9'), "config.model: Unknown model 'F9'"),
     (lambda c: setattr(c, 'model', 'nf_resnet_50'), 'Did you mean nf_resnet50'),
     (lambda c: c.model_kwargs.__setattr__('widht', 0.5), "Valid keys: width"),
     (lambda c: setattr(c, 'compute_dtype', 'float16'), "'bfloat16' or 'float32'"),
     (lambda c: setattr(c, 'batch_size', 0), 'config.batch_size=0 must be a positive'),
     (lambda c: setattr(c, 'grad_accum_steps', 3), 'config.grad_accum_steps=3 must divide'),
-    (lambda c: setattr(c.optimizer, 'name', 'lamb'), "'sgd', 'adam', 'adamw'"),
+    (lambda c: setattr(c.optimizer, 'name', 'lamb'),
+     "config.optimizer.name: Unknown optimizer 'lamb'. Valid: sgd, adam, adamw"),
     (lambda c: setattr(c, 'log_every', 0), 'config.log_every=0 must be >= 1'),
     (lambda c: setattr(c.data, 'source', 'imagenet'), "'tfds', 'folder' or 'offline'"),
 ], ids=['key', 'nested_key', 'data_key', 'model', 'model_close', 'model_kwargs', 'dtype',
@@ -572,33 +573,34 @@ def test_bad_config_refused_before_compilation(edit, message, tmp_path, no_compi
 
 
 def test_valid_choices_are_listed():
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.model = 'F9'
   with pytest.raises(ValueError, match=r'Valid: F0, F0\+, F1, .*nf_resnet50.*nf_regnet_b0'):
-    train.validate_config(config, 1, 1)
+    configs.validate_config(config, 1, 1)
   config = tiny_config()
   with pytest.raises(ValueError, match=r'config.batch_size=12 must be a positive multiple '
                      r'of the 8 devices \(2 hosts\)'):
     config.batch_size = 12
-    train.validate_config(config, 8, 2)
+    configs.validate_config(config, 8, 2)
   config.batch_size = 16
   config.grad_accum_steps = 4
   with pytest.raises(ValueError, match=r'config.grad_accum_steps=4 must divide the '
                      r'per-device batch 2 \(config.batch_size=16 / 8 devices\)'):
-    train.validate_config(config, 8, 2)
-  with pytest.raises(ValueError, match="mode='test'; valid: train, eval, train_and_eval"):
-    train.validate_config(tiny_config(), 1, 1, mode='test')
+    configs.validate_config(config, 8, 2)
+  with pytest.raises(ValueError, match="Unknown mode 'test'. Valid: train, eval, "
+                     "train_and_eval"):
+    configs.validate_config(tiny_config(), 1, 1, mode='test')
   config = tiny_config()
   config.remat = 'conv'
-  with pytest.raises(ValueError, match=r"config.remat must be one of \('none', 'convs', "
-                     r"'block_convs', 'blocks'\), got 'conv'"):
-    train.validate_config(config, 1, 1)
+  with pytest.raises(ValueError, match=r"config.remat: Unknown remat policy 'conv'. Did "
+                     r"you mean convs\? Valid: none, convs, block_convs, blocks"):
+    configs.validate_config(config, 1, 1)
 
 
 def test_unknown_command_line_key_is_refused(tmp_path):
   """--config.<key>=... overrides (absl + ml_collections, as train.py defines them)."""
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   (tmp_path / 'tiny.py').write_text(TINY_CONFIG)
@@ -617,13 +619,13 @@ def test_unknown_command_line_key_is_refused(tmp_path):
   with pytest.raises(AttributeError, match='learning_rate'):
     parse(*bad)  # ml_collections' own error: an AttributeError naming just the key.
   # What train.py's flag parser reports instead:
-  assert train.unknown_override(['prog', '--config=x.py', *bad]) == (
+  assert configs.unknown_override(['prog', '--config=x.py', *bad]) == (
       'Unknown config key config.optimizer.learning_rate (from '
-      '--config.optimizer.learning_rate=1). Valid keys of config.optimizer: agc_clipping, '
+      '--config.optimizer.learning_rate=1). Valid: agc_clipping, '
       'agc_eps, base_lr, end_lr, momentum, name, nesterov, scale_lr_by_batch, '
       'weight_decay')
-  assert 'Did you mean batch_size' in train.unknown_override(['--config.batchsize=8'])
-  assert train.unknown_override(['--config.data.offline.seed=3', '--config.seed=1',
+  assert 'Did you mean batch_size' in configs.unknown_override(['--config.batchsize=8'])
+  assert configs.unknown_override(['--config.data.offline.seed=3', '--config.seed=1',
                                  '--config.model_kwargs.anything=1']) is None
 
 
@@ -633,13 +635,13 @@ def test_unknown_command_line_key_is_refused(tmp_path):
     ('finetune_folder.py', ['F0'])])
 def test_experiment_configs_are_valid(path, args):
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('exp', REPO / 'experiments' / path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   for arg in args:
     config = module.get_config(arg)
-    train.validate_config(config, num_devices=8, num_processes=1)
+    configs.validate_config(config, num_devices=8, num_processes=1)
 
 
 def test_eval_mode_needs_a_checkpoint_or_weights(tmp_path, no_compilation):
@@ -650,7 +652,7 @@ def test_eval_mode_needs_a_checkpoint_or_weights(tmp_path, no_compilation):
 
 
 def test_incomplete_checkpoints_are_set_aside(tmp_path):
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
   ckpts = tmp_path / 'checkpoints'
   good = ckpts / '4'
   for item in ('state', 'meta'):
@@ -662,7 +664,7 @@ def test_incomplete_checkpoints_are_set_aside(tmp_path):
   (legacy / '_CHECKPOINT_METADATA').write_text('{"commit_timestamp_nsecs": 1}')
   (ckpts / '8' / 'state').mkdir(parents=True)  # Killed mid-save.
   (ckpts / '9.orbax-checkpoint-tmp').mkdir()
-  moved = train.set_aside_incomplete(str(ckpts))
+  moved = checkpoints.set_aside_incomplete(str(ckpts))
   assert len(moved) == 1 and moved[0].startswith('incomplete-8-')
   assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ['4', '6']
 
@@ -692,3 +694,22 @@ def test_numpy_pipeline_gives_each_process_its_own_rows():
     for key in w:
       np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
     assert not np.array_equal(a['images'], b['images'])
+
+
+def test_eta_shows_days(caplog):
+  """The paper's recipe runs for days: the ETA must not wrap at 24 h."""
+  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  fmt = train.format_duration
+  assert fmt(59) == '00:00:59' and fmt(86399) == '23:59:59'
+  assert fmt(40.7 * 3600) == '1d 16:42:00' and fmt(86400) == '1d 00:00:00'
+  assert fmt(12 * 86400 + 3661) == '12d 01:01:01' and fmt(float('nan')) == '?'
+
+  class Writer:
+    def write(self, *args, **kwargs):
+      pass
+
+  # 1000 steps of 64 images at 0.5 img/s: 128,000 s = 1 d 11:33:20.
+  metrics = dict(loss=1.0, top1=0.5, lr=0.1)
+  with caplog.at_level('INFO'):
+    train._log(0, 1000, metrics, dict(skipped=0), Writer(), 0.5, 64)  # pylint: disable=protected-access
+  assert 'ETA 1d 11:33:20' in caplog.text
