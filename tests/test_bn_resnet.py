@@ -254,3 +254,117 @@ def test_cross_replica_statistics_over_a_mapped_axis():
 def test_unknown_variant_is_a_clear_error():
   with pytest.raises(ValueError, match='Unknown BN-ResNet variant'):
     hk.transform(lambda: bn_resnet.BNResNet(10, variant='51')).init(None)
+
+
+# ---------------------------------------------------------------------------
+# Training through `python -m nfnet_jax.train` (the runs of tests/test_train.py's
+# harness, with a BatchNorm model).
+# ---------------------------------------------------------------------------
+BN_STEPS = 200
+BN_CONFIG = '''
+from nfnet_jax import configs
+
+
+def get_config(arg=''):
+  c = configs.base_config()
+  c.model = 'bn_resnet26'
+  c.model_kwargs = dict(width=0.125, depths=(1, 1), stochdepth_rate=0.0)
+  c.data.source = 'offline'
+  c.data.use_tf = False
+  c.data.randaugment.enabled = False
+  c.data.mix.enabled = False
+  c.data.offline.num_classes = 5
+  c.data.offline.num_train = 1024
+  c.data.offline.num_eval = 200
+  c.data.offline.image_size = 32
+  c.data.prefetch = 1
+  c.batch_size = 32
+  c.total_steps = %d
+  c.warmup_epochs = 0.1
+  c.optimizer.base_lr = 1.6
+  c.optimizer.agc_clipping = 0.0
+  c.compute_dtype = 'float32'
+  c.ema_decay = 0.9
+  c.eval_batch_size = 100
+  c.log_every = 1
+  c.checkpoint_every_steps = 0
+  c.checkpoint_every_minutes = 0.0
+  return c
+''' % BN_STEPS
+
+
+@pytest.fixture(scope='module')
+def bn_runs(tmp_path_factory):
+  """Started together: 'one' (1 device), 'preempted' (SIGTERM at step 7, then
+  'resumed' by the same command), 'cross4' (4 devices, cross-device statistics),
+  'dev4' (4 devices, per-device statistics) and 'accum4' (1 device, 4 micro-batches)."""
+  import test_train  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('bn_runs')
+  (root / 'tiny.py').write_text(BN_CONFIG)
+  cache = root / 'xla_cache'
+  run = lambda name, devices, *flags, **kw: test_train.Run(
+      root, cache, name, devices, *flags, **kw)
+  one = run('one', 1).start()
+  no_eval = '--config.data.offline.num_eval=0'
+  others = dict(
+      cross4=run('cross4', 4, no_eval, '--config.bn_cross_device=True').start(),
+      dev4=run('dev4', 4, no_eval).start())
+  one.ok()  # The next share its compiled programs.
+  others['accum4'] = run('accum4', 1, no_eval, '--config.grad_accum_steps=4').start()
+  preempted = run('preempted', 1, hook=('sigterm', '7')).start().wait()
+  others['preempted_rc'] = preempted.rc
+  others['resumed'] = run('resumed', 1, workdir=preempted.workdir).start()
+  runs = dict(one=one, **others)
+  yield runs
+  for r in runs.values():
+    if hasattr(r, 'proc') and r.proc is not None and r.proc.poll() is None:
+      r.proc.kill()
+
+
+@pytest.mark.slow
+def test_bn_model_trains_through_the_cli_above_chance(bn_runs):
+  out = bn_runs['one'].ok().output
+  final = [l for l in out.splitlines() if l.startswith('Final top-1:')]
+  assert final, out[-3000:]
+  top1 = float(final[0].split()[2].rstrip('%')) / 100
+  assert top1 >= 0.4, final  # 5 classes: chance is 0.2
+  state = bn_runs['one'].state()
+  # The checkpoint holds the BN statistics and their EMA, updated once per step.
+  counters = {k: v for k, v in _leaves(state).items() if k.endswith("['counter']")}
+  assert counters and all(int(v) == BN_STEPS for v in counters.values())
+  assert any("['model_state']" in k for k in counters)
+  assert any("['ema_model_state']" in k for k in counters)
+
+
+@pytest.mark.slow
+def test_bn_sigterm_then_rerun_equals_uninterrupted_run_bitwise(bn_runs):
+  import test_train  # pylint: disable=g-import-not-at-top
+  assert bn_runs['preempted_rc'] == 128 + 15
+  resumed = bn_runs['resumed'].ok()
+  assert 'Resumed from checkpoint' in resumed.output
+  test_train.assert_trees_equal(resumed.state(BN_STEPS), bn_runs['one'].state(BN_STEPS))
+
+
+@pytest.mark.slow
+def test_bn_device_equivalence(bn_runs):
+  """Cross-device statistics: 4 devices normalize with the whole batch's statistics,
+  as 1 device does, so parameters and BN state match the 1-device run. Per-device
+  statistics: each of 4 devices normalizes its 8 examples alone, the same groups of 8
+  as 1 device with 4 micro-batches, so the parameters match that run; the moving
+  averages do not (4 sequential micro-batch updates vs the mean of 4 updates)."""
+  import test_train  # pylint: disable=g-import-not-at-top
+  one, cross4 = bn_runs['one'].state(BN_STEPS), bn_runs['cross4'].ok().state(BN_STEPS)
+  test_train.assert_trees_close(cross4['params'], one['params'], rtol=2e-3, atol=2e-5)
+  test_train.assert_trees_close(cross4['model_state'], one['model_state'], rtol=2e-3,
+                                atol=2e-5)
+  dev4, accum4 = bn_runs['dev4'].ok().state(BN_STEPS), bn_runs['accum4'].ok().state(BN_STEPS)
+  test_train.assert_trees_close(dev4['params'], accum4['params'], rtol=2e-3, atol=2e-5)
+  # Per-device statistics differ from whole-batch ones: the runs are distinguishable.
+  diff = max(np.abs(a - b).max() for a, b in zip(
+      jax.tree.leaves(dev4['params']), jax.tree.leaves(one['params'])))
+  assert diff > 1e-3
+
+
+def _leaves(tree):
+  import test_train  # pylint: disable=g-import-not-at-top
+  return test_train.leaves(tree)

@@ -43,8 +43,8 @@ def test_every_run_of_every_claim_is_a_valid_config(scale):
         assert config.batch_size == spec.labels['x']
         micro = config.batch_size // config.grad_accum_steps
         assert micro <= claims._max_micro_batch(scale)
-        # lr = 0.1 * B / 256, as the paper scales it.
-        assert config.optimizer.base_lr == 0.1 and config.optimizer.scale_lr_by_batch
+        # lr = base_lr * B / 256: linear in B, as the paper scales it.
+        assert config.optimizer.scale_lr_by_batch
         assert (config.optimizer.agc_clipping > 0) == (spec.labels['arm'] == 'nf_agc')
 
 
@@ -53,7 +53,7 @@ def test_both_arms_share_the_recipe():
   specs = claims.CLAIMS['nf_vs_bn'].runs('cpu', [0])
   assert {tuple(sorted(s.overrides)) for s in specs} == {('model', 'seed')}
   assert {s.overrides['model'] for s in specs} == {
-      'nf_resnet26', 'bn_resnet26', 'nf_resnet50', 'bn_resnet50'}
+      'nf_resnet26', 'bn_resnet26'}
 
 
 def test_summaries():
@@ -112,7 +112,7 @@ def test_dry_run_prints_the_train_commands(tmp_path):
   r = _cli('--claim', 'batch_size_agc', '--out', str(tmp_path), '--dry_run')
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
-  assert len(lines) == 9
+  assert len(lines) == 6
   assert all(' -m nfnet_jax.train --config=' in l and 'claims.py:cpu ' in l for l in lines)
   assert any('--config.batch_size=1024 --config.grad_accum_steps=4' in l for l in lines)
   assert not list(tmp_path.iterdir())  # nothing run, nothing written
@@ -153,3 +153,47 @@ def test_reduced_sweep_end_to_end(tmp_path):
   assert json.loads((tmp_path / 'nf_vs_bn.json').read_text())['runs'] == report['runs']
   for n, text in logs.items():
     assert (tmp_path / 'nf_vs_bn' / n / 'train.log').read_text() == text
+
+
+FAKE_TRAIN = '''
+import json, sys
+workdir, mode = sys.argv[1], sys.argv[2]
+with open(workdir + '/metrics.jsonl', 'a') as f:
+  f.write(json.dumps({'step': 4, 'train/loss': 1.0, 'train/images_per_sec': 10.0}) + '\\n')
+  if mode == 'ok':
+    f.write(json.dumps({'step': 4, 'eval/raw_top1': 0.75, 'eval/ema_top1': 0.5,
+                        'eval/raw_loss': 0.9}) + '\\n')
+if mode == 'diverged':
+  print('nfnet_jax.train.NonFiniteError: 10 consecutive non-finite losses')
+  sys.exit(1)
+sys.exit(0 if mode == 'ok' else 3)
+'''
+
+
+def test_run_one_records_status_and_skips_finished_runs(tmp_path, monkeypatch):
+  """With the train command replaced by a script: a finished run's row holds its
+  metrics and is read back without running again; a diverged run scores chance; a
+  failed run leaves no result (so the next invocation retries it)."""
+  calls = []
+
+  def fake_command(spec, scale, workdir):
+    calls.append(spec.name)
+    return [sys.executable, '-c', FAKE_TRAIN, str(workdir), spec.name]
+
+  monkeypatch.setattr(claims, 'command', fake_command)
+  env = dict(os.environ)
+  for mode in ('ok', 'diverged', 'failed'):
+    spec = claims.RunSpec(mode, {'model': 'nf_resnet26', 'seed': 3},
+                          dict(arm='nf', x=26, seed=3))
+    row = claims.run_one(spec, 'tiny', tmp_path, env, chance=0.2)
+    assert row['status'] == mode and row['seed'] == 3 and row['model'] == 'nf_resnet26'
+    result = tmp_path / mode / claims.RESULT_FILE
+    if mode == 'ok':
+      assert row['top1'] == 0.75 and row['ema_top1'] == 0.5 and row['train_loss'] == 1.0
+      assert json.loads(result.read_text()) == row
+      assert claims.run_one(spec, 'tiny', tmp_path, env, chance=0.2) == row
+    elif mode == 'diverged':
+      assert row['top1'] == row['ema_top1'] == 0.2 and result.exists()
+    else:
+      assert row['rc'] == 3 and not result.exists()
+  assert calls == ['ok', 'diverged', 'failed']  # the finished 'ok' ran once

@@ -171,7 +171,8 @@ class BNResNet(hk.Module):
   [N, 2048 * width]; with `return_metrics=True` also `avg_sq_mean_i`, `avg_var_i` and
   `res_avg_var_k`, indexed as in `NFResNet`.
 
-  `cross_replica_axis`: a mapped axis name (e.g. the training loop's data axis) over
+  `depths`: blocks per stage instead of the variant's (1 to 4 stages; fewer stages
+  end at a narrower width). `cross_replica_axis`: a mapped axis name (e.g. the training loop's data axis) over
   which training batch statistics are averaged; None (default): each device
   normalizes with its own batch's statistics.
   """
@@ -182,7 +183,7 @@ class BNResNet(hk.Module):
                use_se: bool = False, se_ratio: float = 0.25,
                bottleneck_ratio: float = 0.25, dtype: Any = None,
                cross_replica_axis: Union[str, Sequence[str], None] = None,
-               name: str = 'BN_ResNet'):
+               depths: Optional[Sequence[int]] = None, name: str = 'BN_ResNet'):
     super().__init__(name=name)
     if variant not in VARIANTS:
       raise ValueError(f'Unknown BN-ResNet variant {variant!r}; valid: {list(VARIANTS)}')
@@ -192,7 +193,11 @@ class BNResNet(hk.Module):
     self.train_imsize, self.test_imsize = params['train_imsize'], params['test_imsize']
     self.widths = [int(w * width) for w in params['width']]
     self.stem_width = int(nf_resnet._STEM_WIDTH * width)
-    self.depths = params['depth']
+    # `depths` (blocks per stage, up to 4 stages) overrides the variant's: small test
+    # models.
+    self.depths = list(params['depth'] if depths is None else depths)
+    if not 1 <= len(self.depths) <= 4 or min(self.depths) < 1:
+      raise ValueError(f'depths={depths!r}: 1 to 4 stages of at least one block each')
     self.drop_rate = params['drop_rate'] if drop_rate is None else drop_rate
     self.preactivation = preactivation
     if activation not in layers.BASE_ACTIVATIONS:  # Plain (BN needs no gamma scaling).
