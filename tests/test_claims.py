@@ -51,7 +51,9 @@ def test_every_run_of_every_claim_is_a_valid_config(scale):
 def test_both_arms_share_the_recipe():
   """nf_vs_bn runs differ in the model (and seed) only."""
   specs = claims.CLAIMS['nf_vs_bn'].runs('cpu', [0])
-  assert {tuple(sorted(s.overrides)) for s in specs} == {('model', 'seed')}
+  assert {tuple(sorted(s.overrides)) for s in specs} == {
+      ('model', 'optimizer.base_lr', 'seed')}
+  assert {s.overrides['optimizer.base_lr'] for s in specs} == {0.1}
   assert {s.overrides['model'] for s in specs} == {
       'nf_resnet26', 'bn_resnet26'}
 
