@@ -1,5 +1,6 @@
-"""One wording for "unknown name" errors across the package (config keys, models,
-optimizers, remat policies): the closest matches first, then every valid name."""
+"""Errors a user acts on: one wording for unknown names across the package (config
+keys, models, optimizers, remat policies), and `RunError` for a run that cannot go
+on for a reason the command line states in one line."""
 from __future__ import annotations
 
 import difflib
@@ -17,3 +18,9 @@ def unknown_name(kind: str, name: str, choices: Iterable[str],
   close = difflib.get_close_matches(str(name), choices, n=3)
   hint = f' Did you mean {" or ".join(close)}?' if close else ''
   return f'Unknown {kind} {shown or repr(name)}.{hint} Valid: {", ".join(choices)}'
+
+
+class RunError(RuntimeError):
+  """The run cannot start or go on (a full disk, a workdir of another model, nothing
+  to evaluate...). The command line prints the message alone, without a traceback,
+  and exits with status 1; nothing already written is lost."""

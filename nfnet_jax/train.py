@@ -28,7 +28,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from nfnet_jax import checkpoints, configs, fast, metrics_writer, models, optim, steps
+from nfnet_jax import (checkpoints, configs, errors, fast, metrics_writer, models, optim,
+                       steps)
 from nfnet_jax.steps import Batch, Trainer, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -92,10 +93,12 @@ def _catch_signals():
   caught: list[int] = []
 
   def handle(signum, frame):  # pylint: disable=unused-argument
-    if caught:
-      raise KeyboardInterrupt
+    if caught:  # Exits now: the last complete checkpoint stays the one to resume.
+      logging.warning('Signal %d again: exiting now, without saving', signum)
+      logging.flush()
+      os._exit(128 + signum)  # pylint: disable=protected-access
     caught.append(signum)
-    logging.warning('Signal %d: saving a checkpoint after the current step', signum)
+    logging.warning('Signal %d: saving a checkpoint after the next step', signum)
 
   previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
@@ -149,25 +152,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Gradient accumulation: %d micro-batches of %d per device',
                  config.grad_accum_steps, local // config.grad_accum_steps)
 
-  mngr = checkpoints.manager(workdir, config.keep_checkpoints)
-  state, meta = checkpoints.restore(mngr, trainer.abstract_state)
-  if state is not None:
-    logging.info('Resumed from checkpoint at step %d (%s)', int(state['step']), meta)
-    for key in ('seed', 'model', 'batch_size'):
-      if key in meta and meta[key] != config[key]:
-        logging.warning('The checkpoint was written with config.%s=%r, this run has %r; '
-                        'the run is no longer the one the first command started',
-                        key, meta[key], config[key])
-  elif config.init_from:
-    from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
-    state = trainer.init_state(pretrained.load(config.init_from, model=config.model,
-                                               num_classes=num_classes, rng=config.seed))
-    logging.info('Starting from %s', config.init_from)
-  elif mode == 'eval':
-    raise ValueError(f'--mode=eval needs a checkpoint in {checkpoints.checkpoint_dir(workdir)} or '
-                     'config.init_from (a released weights file)')
-  else:
-    state = trainer.init_state()
+  run_meta = checkpoints.run_meta(config, num_classes, total_steps, warmup_steps,
+                                  trainer.abstract_state)
+  mngr, state = _start(config, workdir, mode, trainer, run_meta)
   start_step = int(jax.device_get(state['step']))
   writer = metrics_writer.MetricsWriter(workdir, enabled=pidx == 0)
 
@@ -192,20 +179,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       train_iter = data.build_train_iter(config.data, config.batch_size, config.seed,
                                          start_step=start_step, process_index=pidx,
                                          process_count=nproc)
-      step, state = _train_loop(config, trainer, mngr, writer, state, start_step,
-                                total_steps, train_iter, caught,
+      step, state = _train_loop(config, trainer, mngr, writer, state, run_meta,
+                                start_step, total_steps, train_iter, caught,
                                 eval_now if mode == 'train_and_eval' else None)
     if info['num_eval']:
       return eval_now(step, state)
     return {}
   finally:
-    mngr.wait_until_finished()
+    if mngr is not None:
+      checkpoints.close(mngr)
     writer.close()
 
 
-def _train_loop(config, trainer: Trainer, mngr, writer, state, start_step: int,
-                total_steps: int, train_iter: Iterator[Batch], caught: list[int],
-                eval_fn: Optional[Callable[[int, Any], Any]]) -> tuple[int, Any]:
+def _start(config, workdir: str, mode: str, trainer: Trainer,
+           run_meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """(checkpoint manager or None, state): the workdir's latest good checkpoint, else
+  config.init_from, else a fresh initialisation."""
+  found = checkpoints.has_checkpoint(workdir)
+  if found:
+    checkpoints.check_same_layout(workdir, run_meta)
+  elif mode == 'eval' and not config.init_from:
+    raise errors.RunError(
+        f'--mode=eval: no checkpoint in {checkpoints.checkpoint_dir(workdir)} and no '
+        'config.init_from, so nothing to evaluate (nothing was created). Train in this '
+        'workdir first, or pass --config.init_from=<weights file>.')
+  mngr = None
+  if found or mode != 'eval':
+    mngr = checkpoints.manager(workdir, config.keep_checkpoints)
+    state, meta = checkpoints.restore(mngr, trainer.abstract_state)
+    if state is not None:
+      logging.info('Resumed from checkpoint at step %d (%s)', int(state['step']),
+                   ', '.join(f'{k} {meta[k]}' for k in ('model', 'seed', 'batch_size')
+                             if k in meta))
+      for key in ('seed', 'model', 'batch_size'):
+        if key in meta and meta[key] != config[key]:
+          logging.warning('The checkpoint was written with config.%s=%r, this run has '
+                          '%r; the run is no longer the one the first command started',
+                          key, meta[key], config[key])
+      if mode != 'eval' and meta.get('schedule', run_meta['schedule']) != run_meta[
+          'schedule']:
+        logging.warning('The checkpoint was written with the schedule %s; this run has '
+                        '%s: from step %d the learning rate follows this run\'s',
+                        meta['schedule'], run_meta['schedule'], int(state['step']))
+      return mngr, state
+  if config.init_from:
+    state = trainer.init_state(_load_init(config, run_meta['num_classes'], trainer, mode))
+    logging.info('Starting from %s', config.init_from)
+  elif mode == 'eval':
+    raise errors.RunError(f'--mode=eval: no usable checkpoint in '
+                          f'{checkpoints.checkpoint_dir(workdir)} and no config.init_from')
+  else:
+    state = trainer.init_state()
+  return mngr, state
+
+
+def _load_init(config, num_classes: int, trainer: Trainer, mode: str):
+  """config.init_from's params; for training, with the classifier resized to the
+  data's classes. --mode=eval refuses weights whose classifier does not fit the data
+  (it would score an untrained classifier)."""
+  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  if mode != 'eval':
+    return pretrained.load(config.init_from, model=config.model,
+                           num_classes=num_classes, rng=config.seed)
+  params = pretrained.load(config.init_from, model=config.model)
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  got, want = shapes(params), shapes(trainer.abstract_state['params'])
+  for key in sorted(set(got) | set(want)):
+    if got.get(key) != want.get(key):
+      raise errors.RunError(
+          f'--mode=eval: config.init_from={config.init_from} does not fit this data\'s '
+          f'{num_classes} classes ({key}: {got.get(key)} in the file, {want.get(key)} '
+          'here), so it would score an untrained classifier. Evaluate on data with the '
+          'classes the weights were trained on, or fine-tune first (--mode=train).')
+  return params
+
+
+def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[str, Any],
+                start_step: int, total_steps: int, train_iter: Iterator[Batch],
+                caught: list[int], eval_fn: Optional[Callable[[int, Any], Any]]
+                ) -> tuple[int, Any]:
   """Steps until total_steps; returns (last step, state). Saves every N steps / minutes,
   at the end and on a signal (then raises Preempted)."""
   pidx = jax.process_index()
@@ -213,8 +266,6 @@ def _train_loop(config, trainer: Trainer, mngr, writer, state, start_step: int,
   if sys.stderr.isatty() and pidx == 0:
     import tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm.tqdm(total=total_steps, initial=start_step, unit='step')
-  meta = lambda step: dict(step=step, seed=config.seed, model=config.model,
-                           batch_size=config.batch_size)
   max_bad = config.max_consecutive_nonfinite
   last_save, t0, seen = time.time(), None, 0
   pending = None  # Control outputs of the previous step, read one step late.
@@ -252,10 +303,9 @@ def _train_loop(config, trainer: Trainer, mngr, writer, state, start_step: int,
       every = config.checkpoint_every_steps
       if stop or save or step == total_steps or (every and step % every == 0):
         _check_nonfinite(jax.device_get(control), step, max_bad)
-        checkpoints.save(mngr, state, step, meta(step))
+        checkpoints.save(mngr, state, step, run_meta)
         last_save = time.time()
         if stop:
-          mngr.wait_until_finished()
           logging.warning('Signal %s: checkpoint saved at step %d; exiting. Re-run the '
                           'same command to resume.', caught[0] if caught else '(another '
                           'host)', step)
@@ -306,7 +356,12 @@ def main(argv) -> None:
   logging.info('JAX %s, %d devices (%s), process %d/%d', jax.__version__,
                jax.device_count(), jax.devices()[0].platform, jax.process_index(),
                jax.process_count())
-  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  try:
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except errors.RunError as e:
+    logging.flush()
+    sys.stderr.write(f'Error: {e}\n')
+    sys.exit(1)
   if jax.process_index() == 0 and 'raw_top1' in result:
     print(f'Final top-1: {100 * result["raw_top1"]:.2f}% (EMA {100 * result["ema_top1"]:.2f}%)'
           f' on {int(result["count"])} held-out examples', flush=True)

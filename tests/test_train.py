@@ -85,9 +85,11 @@ TINY_CONFIG = textwrap.dedent('''
 
 # Runs the real entry point after wrapping the input pipeline: 'nan' puts a NaN into
 # the batches of the given steps (comma-separated), 'sigterm' sends this process a
-# real SIGTERM while the batch of that step is being fetched.
+# real SIGTERM while the batch of that step is being fetched, 'fill' fills the
+# workdir's file system to 16 KiB free then, 'slow' takes 1 s for each of those
+# batches.
 HOOK = textwrap.dedent('''
-    import os, signal, sys
+    import os, signal, sys, time
     import numpy as np
     what, steps = sys.argv[1], {int(s) for s in sys.argv[2].split(',')}
     del sys.argv[1:3]
@@ -103,6 +105,14 @@ HOOK = textwrap.dedent('''
             batch['images'][0, 0, 0, 0] = np.nan
           elif what == 'sigterm':
             os.kill(os.getpid(), signal.SIGTERM)
+          elif what == 'fill':
+            workdir = next(a.split('=', 1)[1] for a in sys.argv
+                           if a.startswith('--workdir='))
+            st = os.statvfs(workdir)
+            with open(os.path.join(workdir, 'filler'), 'wb') as f:
+              f.write(bytes(max(st.f_bavail * st.f_frsize - 16384, 0)))
+          elif what == 'slow':
+            time.sleep(1.0)
         yield batch
 
     data.build_train_iter = hooked
@@ -235,6 +245,8 @@ class Runs:
     # k + 2 < STEPS: the save lands at k..k+2 and must come before the last step.
     self.sigterm_step = random.Random().randint(1, STEPS - 3)
     self.nan_steps = (2, 4, 5)
+    self.tmpfs: Path | None = None
+    self.tmpfs_error = ''
     self.done = threading.Event()
     self.error: BaseException | None = None
 
@@ -268,6 +280,18 @@ class Runs:
           shutil.copytree(one.workdir, self.root / 'evaluate')
           self._run('evaluate', 1, '--mode=eval', workdir=self.root / 'evaluate')
         self._run('tf', 1, '--mode=train_and_eval', '--config.eval_every=2', arg='tf')
+        if one.rc == 0:  # Resumed with a longer schedule.
+          shutil.copytree(one.workdir, self.root / 'longer')
+          self._run('longer', 1, no_eval, '--config.total_steps=6',
+                    workdir=self.root / 'longer')
+        self.start_disk_full(no_eval)
+        four = self.runs['four'].wait()
+        if four.rc == 0:  # Its last checkpoint damaged, then the same command again.
+          shutil.copytree(four.workdir, self.root / 'damaged')
+          self.damaged_file = damage_array_file(self.root / 'damaged' / 'checkpoints' /
+                                                str(STEPS))
+          self._run('damaged', 4, no_eval, '--config.grad_accum_steps=2',
+                    '--config.checkpoint_every_steps=1', workdir=self.root / 'damaged')
         preempted.wait()
         self.preempted_steps = preempted.steps()  # Before the rerun adds its own.
         if preempted.rc == 128 + signal.SIGTERM:
@@ -280,6 +304,20 @@ class Runs:
 
     threading.Thread(target=warm, daemon=True).start()
     return self
+
+  def start_disk_full(self, no_eval: str) -> None:
+    """'one' with a checkpoint every 2 steps into a 64 MiB tmpfs that fills up while
+    step 3's batch is fetched: step 2's save succeeds, step 4's fails."""
+    mnt = self.root / 'tmpfs'
+    mnt.mkdir()
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(mnt)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+      self.tmpfs_error = done.stderr.strip() or f'mount exited {done.returncode}'
+      return
+    self.tmpfs = mnt
+    self._run('disk_full', 1, no_eval, '--config.checkpoint_every_steps=2',
+              hook=('fill', '3'), workdir=mnt / 'run')
 
   @staticmethod
   def simulate_half_written(workdir: Path) -> dict[str, Path]:
@@ -297,7 +335,8 @@ class Runs:
     return dict(partial=partial, tmp=tmp, last=last)
 
   def get(self, name: str) -> Run:
-    if name in ('preempted', 'nan', 'evaluate', 'resumed', 'tf'):
+    if name in ('preempted', 'nan', 'evaluate', 'resumed', 'tf', 'longer', 'damaged',
+                'disk_full'):
       self.done.wait(TIMEOUT)
       if self.error:
         raise self.error
@@ -311,6 +350,21 @@ class Runs:
       if run.proc is not None and run.proc.poll() is None:
         run.proc.kill()
       run.wait()
+    if self.tmpfs is not None:
+      subprocess.run(['umount', '-l', str(self.tmpfs)], check=False)
+
+
+def damage_array_file(step_dir: Path) -> tuple[Path, int]:
+  """Inverts 4 KiB (or the middle half of a smaller file) in the middle of the largest
+  file of a checkpoint's state, keeping its size; returns (file, size)."""
+  path = max((p for p in (step_dir / 'state').rglob('*') if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  n = min(4096, len(data) // 2)
+  mid = (len(data) - n) // 2
+  data[mid:mid + n] = bytes(255 - b for b in data[mid:mid + n])
+  path.write_bytes(bytes(data))
+  return path, len(data)
 
 
 @pytest.fixture(scope='module')
@@ -427,6 +481,97 @@ def test_sigterm_then_rerun_equals_uninterrupted_run_bitwise(runs):
   assert_trees_equal(res.state(), one.state())  # params, opt_state, EMA, counters
   # metrics.jsonl holds the interrupted run's steps, then the resumed ones.
   np.testing.assert_array_equal(res.losses(), one.losses())
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_is_set_aside_and_rerun_equals_uninterrupted_run(runs):
+  four, run = runs.get('four').ok(), runs.get('damaged')
+  assert run.rc == 0, run.output[-4000:]
+  path, size = runs.damaged_file
+  lines = [l for l in run.output.splitlines() if f'Checkpoint {STEPS} is damaged' in l]
+  assert len(lines) == 1, run.output[-4000:]
+  moved = list((run.workdir / 'checkpoints').glob(f'damaged-{STEPS}-*'))
+  assert len(moved) == 1 and f'moved to {moved[0].name}, trying the one before' in lines[0]
+  # Set aside whole, never deleted: the damaged file is still there, as damaged.
+  kept = moved[0] / path.relative_to(run.workdir / 'checkpoints' / str(STEPS))
+  assert kept.stat().st_size == size
+  assert f'Resumed from checkpoint at step {STEPS - 1} ' in run.output
+  assert run.steps()[-1] == STEPS
+  assert_trees_equal(run.state(), four.state())  # params, opt_state, EMA, counters
+
+
+@pytest.mark.slow
+def test_workdir_of_another_width_is_refused_untouched(runs, tmp_path):
+  one = runs.get('one').ok()
+  workdir = tmp_path / 'wd'
+  shutil.copytree(one.workdir, workdir)
+  (workdir / 'checkpoints' / '9' / 'state').mkdir(parents=True)  # would be set aside
+  snapshot = lambda: sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                            for p in workdir.rglob('*'))
+  before = snapshot()
+  done = _cli(runs.root, workdir, '--config.model_kwargs.width=0.25', cache=runs.cache)
+  assert done.returncode == 1, done.stderr[-4000:]
+  out = done.stdout + done.stderr
+  assert 'Traceback' not in out and len(out.splitlines()) < 15, out
+  assert out.strip().splitlines()[-1] == (
+      f'Error: {workdir}/checkpoints holds checkpoints of another run: step {STEPS} was '
+      'written with model_kwargs.width=0.125; this run has model_kwargs.width=0.25. '
+      'Nothing was changed: re-run with the config that wrote it, or use a new '
+      '--workdir.')
+  assert snapshot() == before
+
+
+@pytest.mark.slow
+def test_resume_with_another_schedule_warns_once(runs):
+  run = runs.get('longer').ok()
+  warned = [l for l in run.output.splitlines() if 'written with the schedule' in l]
+  assert len(warned) == 1, run.output[-4000:]
+  assert "'total_steps': 5" in warned[0] and "'total_steps': 6" in warned[0]
+  assert warned[0].endswith(f'from step {STEPS} the learning rate follows this run\'s')
+  assert run.steps()[-1] == 6
+  assert 'written with the schedule' not in runs.get('resumed').output  # same schedule
+
+
+@pytest.mark.slow
+def test_full_disk_stops_at_the_failed_save_with_one_message(runs):
+  if runs.tmpfs is None:
+    pytest.skip(f'cannot mount a small tmpfs here: {runs.tmpfs_error}')
+  run = runs.get('disk_full')
+  assert run.rc == 1, run.output[-4000:]
+  assert 'Traceback' not in run.output and 'ERROR' not in run.output, run.output[-4000:]
+  errors = [l for l in run.output.splitlines() if 'Cannot save' in l]
+  assert len(errors) == 1 and errors[0].startswith(
+      f'Error: Cannot save checkpoint 4 in {run.workdir}/checkpoints: '), run.output[-3000:]
+  assert ('Stopped at step 4; the last good checkpoint, step 2, is kept, the partial one '
+          'removed.') in errors[0]
+  assert sorted(p.name for p in (run.workdir / 'checkpoints').iterdir()) == ['2']
+  assert int(run.state(2)['step']) == 2  # The kept checkpoint restores.
+  assert sorted(run.metrics()) == [1, 2, 3, 4]  # Nothing after the failed save.
+
+
+@pytest.mark.slow
+def test_second_sigterm_exits_at_once(runs, tmp_path):
+  runs.get('one').ok()  # Its programs are in the cache.
+  run = Run(tmp_path, runs.cache, 'twice', 1, '--config.data.offline.num_eval=0',
+            hook=('slow', '2,3,4,5'))
+  (tmp_path / 'tiny.py').write_text(TINY_CONFIG)
+  run.start()
+  deadline = time.time() + TIMEOUT
+  while 'step 1/5' not in run.output and run.proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  run.proc.send_signal(signal.SIGTERM)
+  time.sleep(0.3)
+  t0 = time.time()
+  run.proc.send_signal(signal.SIGTERM)
+  rc = run.proc.wait(timeout=60)
+  elapsed = time.time() - t0
+  run.rc = rc
+  run._out.close()  # pylint: disable=protected-access
+  assert rc == 128 + signal.SIGTERM, run.output[-4000:]
+  assert elapsed < 3, elapsed
+  assert 'Signal 15: saving a checkpoint after the next step' in run.output
+  assert 'Signal 15 again: exiting now, without saving' in run.output
+  assert 'Traceback' not in run.output
 
 
 @pytest.mark.slow
@@ -644,29 +789,44 @@ def test_experiment_configs_are_valid(path, args):
     configs.validate_config(config, num_devices=8, num_processes=1)
 
 
-def test_eval_mode_needs_a_checkpoint_or_weights(tmp_path, no_compilation):
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match='--mode=eval needs a checkpoint in .* or '
-                     'config.init_from'):
-    train.train_and_evaluate(tiny_config(), str(tmp_path), mode='eval')
+def _cli(tmp_path: Path, workdir: Path, *flags: str, devices: int = 1,
+         cache: Path | None = None) -> subprocess.CompletedProcess:
+  """`python -m nfnet_jax.train` with the tiny config (written to tmp_path)."""
+  (tmp_path / 'tiny.py').write_text(TINY_CONFIG)
+  run = Run(tmp_path, cache or tmp_path / 'xla_cache', 'cli', devices, *flags,
+            workdir=workdir)
+  return subprocess.run(run.cmd, cwd=REPO, env=run.env, capture_output=True, text=True,
+                        timeout=TIMEOUT, check=False)
 
 
-def test_incomplete_checkpoints_are_set_aside(tmp_path):
-  from nfnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  ckpts = tmp_path / 'checkpoints'
-  good = ckpts / '4'
-  for item in ('state', 'meta'):
-    (good / item).mkdir(parents=True)
-  (good / 'commit_success.txt').write_text('ok')
-  legacy = ckpts / '6'  # Committed, with the commit time in its metadata only.
-  for item in ('state', 'meta'):
-    (legacy / item).mkdir(parents=True)
-  (legacy / '_CHECKPOINT_METADATA').write_text('{"commit_timestamp_nsecs": 1}')
-  (ckpts / '8' / 'state').mkdir(parents=True)  # Killed mid-save.
-  (ckpts / '9.orbax-checkpoint-tmp').mkdir()
-  moved = checkpoints.set_aside_incomplete(str(ckpts))
-  assert len(moved) == 1 and moved[0].startswith('incomplete-8-')
-  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ['4', '6']
+def test_eval_mode_on_an_empty_workdir_says_so_and_creates_nothing(tmp_path):
+  workdir = tmp_path / 'empty'
+  done = _cli(tmp_path, workdir, '--mode=eval')
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert 'Traceback' not in done.stderr
+  assert done.stderr.strip().splitlines()[-1] == (
+      f'Error: --mode=eval: no checkpoint in {workdir}/checkpoints and no '
+      'config.init_from, so nothing to evaluate (nothing was created). Train in this '
+      'workdir first, or pass --config.init_from=<weights file>.')
+  assert not workdir.exists()
+
+
+def test_eval_mode_refuses_weights_for_another_class_count(tmp_path):
+  """Released weights (1000 classes) on 10-class data: --mode=eval would score a
+  random classifier; training would replace it (fine-tuning)."""
+  from nfnet_jax import errors, pretrained, train  # pylint: disable=g-import-not-at-top
+  weights = tmp_path / 'b0_1000.npz'
+  shapes = pretrained.model_shapes('nf_regnet_b0', 1000)
+  pretrained.save({m: {k: np.zeros(v, np.float32) for k, v in leaves.items()}
+                   for m, leaves in shapes.items()}, weights)
+  config = tiny_config()
+  config.model, config.model_kwargs, config.init_from = 'nf_regnet_b0', {}, str(weights)
+  with pytest.raises(errors.RunError, match=r"--mode=eval: config.init_from=.*b0_1000.npz "
+                     r"does not fit this data's 10 classes \(\['.*linear'\]\['b'\]: "
+                     r"\(1000,\) in the file, \(10,\) here\), so it would score an "
+                     r"untrained classifier"):
+    train.train_and_evaluate(config, str(tmp_path / 'w'), mode='eval')
+  assert not (tmp_path / 'w').exists()
 
 
 def test_signal_handlers_are_restored():
