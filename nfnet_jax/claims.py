@@ -386,17 +386,24 @@ def run_claim(name: str, out: Path, scale: str, seeds: Sequence[int],
   for i, spec in enumerate(specs):
     log(f'[{name} {i + 1}/{len(specs)}] {spec.name}')
     row = run_one(spec, scale, claim_dir, env, chance)
-    log(f'  {row["status"]}: top-1 {row.get("top1")}, {row["seconds"]} s'
-        if 'seconds' in row else f'  {row["status"]}')
+    log(f'  {row["status"]}: top-1 {row.get("top1")}, {row["seconds"]} s')
     rows.append(row)
-  report = dict(claim=name, scale=scale, seeds=list(seeds), paper=claim.paper,
-                config=f'experiments/claims.py:{scale}',
-                chance=chance, summary=claim.summarize(rows), runs=rows)
+    # After every run, so an interrupted sweep leaves what it has (complete: false).
+    report = _write_report(claim, rows, out, scale, seeds, chance, len(specs))
+  return report
+
+
+def _write_report(claim: Claim, rows: list[dict], out: Path, scale: str,
+                  seeds: Sequence[int], chance: float, num_runs: int) -> dict[str, Any]:
+  report = dict(claim=claim.name, scale=scale, seeds=list(seeds), paper=claim.paper,
+                config=f'experiments/claims.py:{scale}', chance=chance,
+                complete=len(rows) == num_runs, runs_done=len(rows), runs_planned=num_runs,
+                summary=claim.summarize(rows), runs=rows)
   out.mkdir(parents=True, exist_ok=True)
-  tmp = out / f'{name}.json.tmp'
+  tmp = out / f'{claim.name}.json.tmp'
   tmp.write_text(json.dumps(report, indent=1))
-  os.replace(tmp, out / f'{name}.json')
-  _write_plot(claim, rows, out / f'{name}.png')
+  os.replace(tmp, out / f'{claim.name}.json')
+  _write_plot(claim, rows, out / f'{claim.name}.png')
   return report
 
 

@@ -130,6 +130,7 @@ def test_reduced_sweep_end_to_end(tmp_path):
   assert r.returncode == 0, r.stdout + r.stderr
   report = json.loads((tmp_path / 'nf_vs_bn.json').read_text())
   assert report['claim'] == 'nf_vs_bn' and report['scale'] == 'tiny'
+  assert report['complete'] and report['runs_done'] == report['runs_planned'] == 2
   runs = {row['name']: row for row in report['runs']}
   assert set(runs) == {'nf_resnet26_s0', 'bn_resnet26_s0'}
   for name, row in runs.items():
