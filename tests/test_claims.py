@@ -28,6 +28,8 @@ def _experiment_config(arg: str):
 @pytest.mark.parametrize('scale', claims.SCALES)
 def test_every_run_of_every_claim_is_a_valid_config(scale):
   from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
+  if scale != 'imagenet':  # chance level of the plots and of diverged runs
+    assert claims._num_classes(scale) == _experiment_config(scale).data.offline.num_classes
   for name, claim in claims.CLAIMS.items():
     specs = claim.runs(scale, [0, 1])
     assert len({s.name for s in specs}) == len(specs), name  # one workdir per run
