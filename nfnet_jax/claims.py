@@ -288,7 +288,9 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in (
 def command(spec: RunSpec, scale: str, workdir: Path) -> list[str]:
   """The train command of one run (argv)."""
   arg = f'{scale},{spec.variant}' if spec.variant else scale
-  return [sys.executable, '-m', 'nfnet_jax.train', f'--config={CONFIG}:{arg}',
+  # Relative to the repository root, where the run starts (cwd).
+  return [sys.executable, '-m', 'nfnet_jax.train',
+          f'--config={CONFIG.relative_to(REPO)}:{arg}',
           f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in spec.overrides.items()]]
 
 
