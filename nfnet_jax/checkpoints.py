@@ -1,5 +1,6 @@
 """Checkpoints (orbax): atomic, verified on restore, the last k kept, never with NaN,
-incomplete or damaged ones set aside (renamed, never deleted).
+incomplete or damaged ones set aside (renamed, never deleted); and `start`, the state
+a run starts from.
 
 A checkpoint is `workdir/checkpoints/<step>/` with two items: `state` (the training
 state, see `steps.make_init_fn`) and `meta` (JSON: the step, what wrote it, and a
@@ -22,6 +23,7 @@ from typing import Any, Iterator, Optional
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nfnet_jax import errors
 
@@ -159,7 +161,8 @@ def _leaf_sums(tree):
   def sums(x):
     w = _words(x)
     weight = 2 * jnp.arange(w.size, dtype=jnp.uint32) + 1
-    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * weight, dtype=jnp.uint32)])
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32),
+                      jnp.sum(w * weight, dtype=jnp.uint32)])
   return jax.tree.map(sums, tree)
 
 
@@ -299,7 +302,8 @@ def save(mngr, state, step: int, meta: dict[str, Any]) -> None:
     raise errors.RunError(
         f'Cannot save checkpoint {step} in {root}: {_first_line(e)}. Stopped at step '
         f'{step}; {kept}' + (', the partial one removed' if partial else '') +
-        '. Fix the cause (e.g. free space) and re-run the same command to resume.') from None
+        '. Fix the cause (e.g. free space) and re-run the same command to resume.'
+    ) from None
 
 
 def close(mngr) -> None:
@@ -364,3 +368,71 @@ def restore(mngr, abstract_state) -> tuple[Optional[dict[str, Any]], Optional[di
         'nothing to resume from. Move one back by hand to use it anyway, or start over '
         'with a new --workdir.')
   return None, None
+
+
+# ---------------------------------------------------------------------------
+# Where a run starts.
+# ---------------------------------------------------------------------------
+def start(config, workdir: str, mode: str, trainer, run_meta: dict[str, Any]
+          ) -> tuple[Any, dict[str, Any]]:
+  """(checkpoint manager or None, state) a run starts from: the workdir's newest good
+  checkpoint, else config.init_from, else a fresh initialisation (`trainer` is a
+  `steps.Trainer`). Raises errors.RunError when there is nothing to evaluate."""
+  found = has_checkpoint(workdir)
+  if found:
+    check_same_layout(workdir, run_meta)
+  elif mode == 'eval' and not config.init_from:
+    raise errors.RunError(
+        f'--mode=eval: no checkpoint in {checkpoint_dir(workdir)} and no '
+        'config.init_from, so nothing to evaluate (nothing was created). Train in this '
+        'workdir first, or pass --config.init_from=<weights file>.')
+  mngr = None
+  if found or mode != 'eval':
+    mngr = manager(workdir, config.keep_checkpoints)
+    state, meta = restore(mngr, trainer.abstract_state)
+    if state is not None:
+      logging.info('Resumed from checkpoint at step %d (%s)', int(state['step']),
+                   ', '.join(f'{k} {meta[k]}' for k in ('model', 'seed', 'batch_size')
+                             if k in meta))
+      for key in ('seed', 'model', 'batch_size'):
+        if key in meta and meta[key] != config[key]:
+          logging.warning('The checkpoint was written with config.%s=%r, this run has '
+                          '%r; the run is no longer the one the first command started',
+                          key, meta[key], config[key])
+      if mode != 'eval' and meta.get('schedule', run_meta['schedule']) != run_meta[
+          'schedule']:
+        logging.warning('The checkpoint was written with the schedule %s; this run has '
+                        '%s: from step %d the learning rate follows this run\'s',
+                        meta['schedule'], run_meta['schedule'], int(state['step']))
+      return mngr, state
+  if config.init_from:
+    state = trainer.init_state(_load_init(config, run_meta['num_classes'], trainer, mode))
+    logging.info('Starting from %s', config.init_from)
+  elif mode == 'eval':
+    raise errors.RunError(f'--mode=eval: no usable checkpoint in '
+                          f'{checkpoint_dir(workdir)} and no config.init_from')
+  else:
+    state = trainer.init_state()
+  return mngr, state
+
+
+def _load_init(config, num_classes: int, trainer, mode: str):
+  """config.init_from's params; for training, with the classifier resized to the
+  data's classes. --mode=eval refuses weights whose classifier does not fit the data
+  (it would score an untrained classifier)."""
+  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  if mode != 'eval':
+    return pretrained.load(config.init_from, model=config.model,
+                           num_classes=num_classes, rng=config.seed)
+  params = pretrained.load(config.init_from, model=config.model)
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  got, want = shapes(params), shapes(trainer.abstract_state['params'])
+  for key in sorted(set(got) | set(want)):
+    if got.get(key) != want.get(key):
+      raise errors.RunError(
+          f'--mode=eval: config.init_from={config.init_from} does not fit this data\'s '
+          f'{num_classes} classes ({key}: {got.get(key)} in the file, {want.get(key)} '
+          'here), so it would score an untrained classifier. Evaluate on data with the '
+          'classes the weights were trained on, or fine-tune first (--mode=train).')
+  return params

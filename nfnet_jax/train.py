@@ -98,7 +98,8 @@ def _catch_signals():
       logging.flush()
       os._exit(128 + signum)  # pylint: disable=protected-access
     caught.append(signum)
-    logging.warning('Signal %d: saving a checkpoint after the next step', signum)
+    logging.warning('Signal %d: saving a checkpoint within two steps, then exiting',
+                    signum)
 
   previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
@@ -154,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   run_meta = checkpoints.run_meta(config, num_classes, total_steps, warmup_steps,
                                   trainer.abstract_state)
-  mngr, state = _start(config, workdir, mode, trainer, run_meta)
+  mngr, state = checkpoints.start(config, workdir, mode, trainer, run_meta)
   start_step = int(jax.device_get(state['step']))
   writer = metrics_writer.MetricsWriter(workdir, enabled=pidx == 0)
 
@@ -189,70 +190,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if mngr is not None:
       checkpoints.close(mngr)
     writer.close()
-
-
-def _start(config, workdir: str, mode: str, trainer: Trainer,
-           run_meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-  """(checkpoint manager or None, state): the workdir's latest good checkpoint, else
-  config.init_from, else a fresh initialisation."""
-  found = checkpoints.has_checkpoint(workdir)
-  if found:
-    checkpoints.check_same_layout(workdir, run_meta)
-  elif mode == 'eval' and not config.init_from:
-    raise errors.RunError(
-        f'--mode=eval: no checkpoint in {checkpoints.checkpoint_dir(workdir)} and no '
-        'config.init_from, so nothing to evaluate (nothing was created). Train in this '
-        'workdir first, or pass --config.init_from=<weights file>.')
-  mngr = None
-  if found or mode != 'eval':
-    mngr = checkpoints.manager(workdir, config.keep_checkpoints)
-    state, meta = checkpoints.restore(mngr, trainer.abstract_state)
-    if state is not None:
-      logging.info('Resumed from checkpoint at step %d (%s)', int(state['step']),
-                   ', '.join(f'{k} {meta[k]}' for k in ('model', 'seed', 'batch_size')
-                             if k in meta))
-      for key in ('seed', 'model', 'batch_size'):
-        if key in meta and meta[key] != config[key]:
-          logging.warning('The checkpoint was written with config.%s=%r, this run has '
-                          '%r; the run is no longer the one the first command started',
-                          key, meta[key], config[key])
-      if mode != 'eval' and meta.get('schedule', run_meta['schedule']) != run_meta[
-          'schedule']:
-        logging.warning('The checkpoint was written with the schedule %s; this run has '
-                        '%s: from step %d the learning rate follows this run\'s',
-                        meta['schedule'], run_meta['schedule'], int(state['step']))
-      return mngr, state
-  if config.init_from:
-    state = trainer.init_state(_load_init(config, run_meta['num_classes'], trainer, mode))
-    logging.info('Starting from %s', config.init_from)
-  elif mode == 'eval':
-    raise errors.RunError(f'--mode=eval: no usable checkpoint in '
-                          f'{checkpoints.checkpoint_dir(workdir)} and no config.init_from')
-  else:
-    state = trainer.init_state()
-  return mngr, state
-
-
-def _load_init(config, num_classes: int, trainer: Trainer, mode: str):
-  """config.init_from's params; for training, with the classifier resized to the
-  data's classes. --mode=eval refuses weights whose classifier does not fit the data
-  (it would score an untrained classifier)."""
-  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
-  if mode != 'eval':
-    return pretrained.load(config.init_from, model=config.model,
-                           num_classes=num_classes, rng=config.seed)
-  params = pretrained.load(config.init_from, model=config.model)
-  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
-                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-  got, want = shapes(params), shapes(trainer.abstract_state['params'])
-  for key in sorted(set(got) | set(want)):
-    if got.get(key) != want.get(key):
-      raise errors.RunError(
-          f'--mode=eval: config.init_from={config.init_from} does not fit this data\'s '
-          f'{num_classes} classes ({key}: {got.get(key)} in the file, {want.get(key)} '
-          'here), so it would score an untrained classifier. Evaluate on data with the '
-          'classes the weights were trained on, or fine-tune first (--mode=train).')
-  return params
 
 
 def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[str, Any],
@@ -346,6 +283,18 @@ def _log(step, total_steps, metrics, control, writer, ips: float, batch_size: in
   writer.write(step, last, prefix='train')
 
 
+def _exit(status: int, message: str) -> None:
+  """Prints `message` and exits. With several processes, at once: JAX's exit handler
+  would first wait (minutes) at a shutdown barrier for processes that may be gone,
+  then abort."""
+  logging.flush()
+  sys.stderr.write(message + '\n')
+  sys.stderr.flush()
+  if jax.process_count() > 1:
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
+
+
 def main(argv) -> None:
   logging.get_absl_handler().addFilter(checkpoints.QuietOrbax())
   if len(argv) > 1:
@@ -359,9 +308,14 @@ def main(argv) -> None:
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except errors.RunError as e:
-    logging.flush()
-    sys.stderr.write(f'Error: {e}\n')
-    sys.exit(1)
+    _exit(1, f'Error: {e}')
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    _exit(1, f'Error: process {jax.process_index()}: a step across the '
+          f'{jax.process_count()} processes failed, most likely because another process '
+          f'died ({str(e).splitlines()[0][:200]}). Restart the job with the same command '
+          'on every host: it resumes from the last complete checkpoint.')
   if jax.process_index() == 0 and 'raw_top1' in result:
     print(f'Final top-1: {100 * result["raw_top1"]:.2f}% (EMA {100 * result["ema_top1"]:.2f}%)'
           f' on {int(result["count"])} held-out examples', flush=True)

@@ -569,7 +569,7 @@ def test_second_sigterm_exits_at_once(runs, tmp_path):
   run._out.close()  # pylint: disable=protected-access
   assert rc == 128 + signal.SIGTERM, run.output[-4000:]
   assert elapsed < 3, elapsed
-  assert 'Signal 15: saving a checkpoint after the next step' in run.output
+  assert 'Signal 15: saving a checkpoint within two steps, then exiting' in run.output
   assert 'Signal 15 again: exiting now, without saving' in run.output
   assert 'Traceback' not in run.output
 
