@@ -238,7 +238,7 @@ def _plot_nf_vs_bn(ax, rows):
 
 
 def _plot_batch(ax, rows):
-  _line_plot(ax, _summarize_batch(rows)['top1'], 'batch size (lr = 0.1 * B / 256)',
+  _line_plot(ax, _summarize_batch(rows)['top1'], 'batch size (lr = base_lr * B / 256)',
              log2=True, chance=rows[0].get('chance') if rows else None)
   for r in rows:
     if r['status'] == 'diverged':
