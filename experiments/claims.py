@@ -16,9 +16,10 @@ recipe and one budget. Scales:
   schedule of DeepMind's code), bfloat16; what a pod user runs.
 
 Recipe of all scales: SGD + Nesterov 0.9, lr = base_lr * batch / 256 (base_lr 0.1,
-the paper's scaling; 0.4 at 'cpu' scale), linear warmup then cosine decay, label smoothing 0.1, weight
-decay 5e-5, no AGC unless a claim turns it on, no stochastic depth or dropout (the BN
-baseline has neither), EMA of the weights (and BN statistics) evaluated beside them.
+the paper's scaling; 0.4 at 'cpu' scale), linear warmup then cosine decay, label
+smoothing 0.1, weight decay 5e-5, no AGC unless a claim turns it on, no stochastic
+depth or dropout (the BN baseline has neither), EMA of the weights (and BN
+statistics) evaluated beside them.
 """
 from nfnet_jax import configs
 

@@ -172,9 +172,9 @@ class BNResNet(hk.Module):
   `res_avg_var_k`, indexed as in `NFResNet`.
 
   `depths`: blocks per stage instead of the variant's (1 to 4 stages; fewer stages
-  end at a narrower width). `cross_replica_axis`: a mapped axis name (e.g. the training loop's data axis) over
-  which training batch statistics are averaged; None (default): each device
-  normalizes with its own batch's statistics.
+  end at a narrower width). `cross_replica_axis`: a mapped axis name (e.g. the
+  training loop's data axis) over which training batch statistics are averaged; None
+  (default): each device normalizes with its own batch's statistics.
   """
 
   def __init__(self, num_classes: int, variant: str = '50', width: float = 1.0,
