@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_minutes = 30.0
   c.keep_checkpoints = 3
   c.max_consecutive_nonfinite = 10
+  # Models with BatchNorm (bn_resnet*): False normalizes with each device's own batch
+  # statistics (the paper's TPU baselines); True averages them over all devices.
+  c.bn_cross_device = False
   return c
 
 
@@ -96,7 +99,8 @@ def model_kwarg_names(model: str) -> list[str]:
     family = models.info(model)['family']
   except ValueError as e:
     raise ValueError(f'config.model: {e}') from None
-  module = {m.__name__: m for m in (models.NFNet, models.NFResNet, models.NFRegNet)}[family]
+  module = {m.__name__: m for m in (models.NFNet, models.NFResNet, models.NFRegNet,
+                                    models.BNResNet)}[family]
   return [p for p in inspect.signature(module.__init__).parameters
           if p not in ('self', 'num_classes', 'variant', 'name')]
 
@@ -199,6 +203,25 @@ def _check_model(config, num_classes: int = 10) -> None:
                      f'{config.model!r}: {e}. Valid keys: {", ".join(valid)}') from None
 
 
+def _check_stateful(config) -> None:
+  """What models with state (BatchNorm) cannot combine with."""
+  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
+  if not models.registry.is_stateful(config.model):
+    if config.bn_cross_device:
+      raise ValueError(f'config.bn_cross_device=True, but {config.model!r} has no '
+                       'BatchNorm (only the bn_resnet* models do)')
+    return
+  if 'cross_replica_axis' in config.model_kwargs:
+    raise ValueError('config.model_kwargs.cross_replica_axis is set by the training '
+                     'loop; use config.bn_cross_device=True instead')
+  if config.sam.enabled:
+    raise ValueError(f'config.sam.enabled with the BatchNorm model {config.model!r} is '
+                     'not supported (the perturbed pass would update its statistics)')
+  if config.get('remat', 'none') != 'none':
+    raise ValueError(f'config.remat={config.remat!r} with the BatchNorm model '
+                     f'{config.model!r} is not supported; use remat=\'none\'')
+
+
 def unknown_override(argv: list[str]) -> Optional[str]:
   """Message for the first `--config.a.b=...` whose key is not a config key, or None."""
   reference = base_config()
@@ -228,6 +251,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if config.get('remat', 'none') not in models.REMAT_POLICIES:
     raise ValueError('config.remat: ' + errors.unknown_name(
         'remat policy', config.remat, models.REMAT_POLICIES))
+  _check_stateful(config)
   for key in ('compute_dtype', 'eval_dtype'):
     if config[key] not in DTYPES:
       raise ValueError(f'config.{key}: ' + errors.unknown_name('dtype', config[key], DTYPES))

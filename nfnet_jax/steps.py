@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Iterator, Optional
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -25,22 +26,50 @@ AXIS = 'data'
 Batch = dict[str, np.ndarray]
 
 
+# ---------------------------------------------------------------------------
+# Models with state (BatchNorm statistics). A stateless model runs through the same
+# code as hk.with_empty_state(model); only a stateful one adds `model_state` and
+# `ema_model_state` to the training state, so NF checkpoints keep their layout.
+# ---------------------------------------------------------------------------
+def with_state(model) -> tuple[hk.TransformedWithState, bool]:
+  """(the model as init/apply with state, whether it has state of its own)."""
+  if isinstance(model, hk.TransformedWithState):
+    return model, True
+  return hk.with_empty_state(model), False
+
+
+def model_variables(state, ema: bool = False) -> tuple[Any, Any]:
+  """(params, model state) of a training state; ema=True: their EMAs."""
+  if ema:
+    return state['ema_params'], state.get('ema_model_state', {})
+  return state['params'], state.get('model_state', {})
+
+
 def make_init_fn(config, model, tx, image_size: int) -> Callable:
   """params (or None: fresh init) -> the training state.
 
   State: params, opt_state, ema_params (float32), step, nonfinite (consecutive
-  non-finite steps), skipped (all of them), rng.
+  non-finite steps), skipped (all of them), rng; for a model with state (BatchNorm)
+  also model_state and its EMA ema_model_state (the model's own initial state also
+  when `params` are given).
   """
+  model, stateful = with_state(model)
+
   def init(params=None):
     rng = jax.random.PRNGKey(config.seed)
-    if params is None:
-      dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-      params = model.init(jax.random.fold_in(rng, 1), dummy, is_training=True)
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    init_params, model_state = model.init(jax.random.fold_in(rng, 1), dummy,
+                                          is_training=True)
+    params = init_params if params is None else params
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    return dict(params=params, opt_state=tx.init(params),
-                ema_params=jax.tree.map(lambda x: x, params),
-                step=jnp.zeros((), jnp.int32), nonfinite=jnp.zeros((), jnp.int32),
-                skipped=jnp.zeros((), jnp.int32), rng=rng)
+    out = dict(params=params, opt_state=tx.init(params),
+               ema_params=jax.tree.map(lambda x: x, params),
+               step=jnp.zeros((), jnp.int32), nonfinite=jnp.zeros((), jnp.int32),
+               skipped=jnp.zeros((), jnp.int32), rng=rng)
+    if stateful:
+      out.update(model_state=model_state,
+                 ema_model_state=jax.tree.map(lambda x: x, model_state))
+    return out
   return init
 
 
@@ -59,26 +88,35 @@ def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def make_train_step(config, model, tx, schedule) -> Callable:
-  """Per device: (state, local batch, host flags) -> (state, metrics, control)."""
+  """Per device: (state, local batch, host flags) -> (state, metrics, control).
+
+  A model with BatchNorm normalizes each micro-batch of each device with its own
+  statistics (config.bn_cross_device: of all devices' micro-batches) and updates its
+  moving averages once per micro-batch; the new moving averages are then averaged over
+  devices (the mean of per-device statistics), so the state stays replicated.
+  """
+  model, stateful = with_state(model)
   global_batch = config.batch_size
   accum = config.grad_accum_steps
   cdt = jnp.bfloat16 if config.compute_dtype == 'bfloat16' else jnp.float32
   ls = config.label_smoothing
 
-  def loss_fn(params, batch, rng, offset):
+  def loss_fn(params, model_state, batch, rng, offset):
     """Sum of the local examples' losses divided by the *global* batch size."""
     with layers.example_offset(offset):
-      out = model.apply(params, rng, batch['images'].astype(cdt), True)
+      out, model_state = model.apply(params, model_state, rng,
+                                     batch['images'].astype(cdt), True)
     logits = out['logits']
     per_example = optim.softmax_cross_entropy(logits, batch['labels'], ls)
     mask = batch['mask']
     loss_sum = jnp.sum(per_example * mask)
     top1 = jnp.sum(_top_k_correct(logits, batch['labels'], 1) * mask)
-    return loss_sum / global_batch, (loss_sum, top1)
+    return loss_sum / global_batch, ((loss_sum, top1), model_state)
 
-  def gradients(params, batch, rng, offset):
-    """Local gradient of sum(local losses) / global batch, summed over micro-batches."""
-    if config.sam.enabled:
+  def gradients(params, model_state, batch, rng, offset):
+    """Local gradient of sum(local losses) / global batch, summed over micro-batches;
+    returns (grads, (loss_sum, top1), new model state)."""
+    if config.sam.enabled:  # Stateless models only (configs.validate_config).
       # The ascent rows are strided over the batch: each row carries its global
       # example index, so its dropout / stochastic-depth draws are the ones it gets
       # in the descent pass, on any device count. (A zero-weight padding row may get
@@ -89,34 +127,39 @@ def make_train_step(config, model, tx, schedule) -> Callable:
       def indexed_loss(p, b, r):
         b = dict(b)
         idx = b.pop('example_index')
-        return loss_fn(p, b, r, jnp.maximum(idx - jnp.arange(idx.shape[0]), 0))
+        return loss_fn(p, model_state, b, r,
+                       jnp.maximum(idx - jnp.arange(idx.shape[0]), 0))
 
-      grads, (_, aux) = sam.sam_gradient(
+      grads, (_, (aux, _)) = sam.sam_gradient(
           indexed_loss, params, dict(batch, example_index=ids), rng,
           rho=config.sam.rho, fraction=config.sam.fraction, axis_name=AXIS,
           perturbation=config.sam.perturbation)
-      return grads, aux
+      return grads, aux, model_state
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accum == 1:
-      return grad_fn(params, batch, rng, offset)
+      grads, (aux, model_state) = grad_fn(params, model_state, batch, rng, offset)
+      return grads, aux, model_state
     micro = batch['images'].shape[0] // accum
     split = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
 
     def body(carry, xs):
       i, mb = xs  # Micro-batch i holds this device's examples [i * micro, (i+1) * micro).
-      g, aux = grad_fn(params, mb, rng, offset + i * micro)
-      acc_g, acc_aux = carry
-      return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_aux, aux)), None
+      acc_g, acc_aux, ms = carry
+      g, (aux, ms) = grad_fn(params, ms, mb, rng, offset + i * micro)
+      return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_aux, aux),
+              ms), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()), jnp.zeros(())))
-    (grads, aux), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), split))
-    return grads, aux
+    zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()), jnp.zeros(())),
+             model_state)
+    (grads, aux, model_state), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), split))
+    return grads, aux, model_state
 
   def step_fn(state, batch, flags_in):
     local = batch['images'].shape[0]
     offset = jax.lax.axis_index(AXIS) * local  # Global index of this device's row 0.
     rng = jax.random.fold_in(state['rng'], state['step'])
-    grads, (loss_sum, top1) = gradients(state['params'], batch, rng, offset)
+    grads, (loss_sum, top1), model_state = gradients(
+        state['params'], state.get('model_state', {}), batch, rng, offset)
     # The whole update (AGC included) sees the gradient of the global batch.
     grads = jax.lax.psum(grads, AXIS)
     loss_sum, top1, count = jax.lax.psum(
@@ -127,8 +170,12 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     params = optax.apply_updates(state['params'], updates)
     # A non-finite loss, gradient or new state skips the update: the state (and so
     # every checkpoint) stays finite. (The EMA mixes finite params, so it is too.)
+    if stateful:  # Per-device moving averages -> their mean (counters are equal).
+      model_state = jax.tree.map(
+          lambda x: jax.lax.pmean(x, AXIS) if jnp.issubdtype(x.dtype, jnp.floating)
+          else x, model_state)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & all_finite((params, opt_state)))
+              & all_finite((params, opt_state, model_state)))
     ema = optim.ema_update(state['ema_params'], params, state['step'] - state['skipped'],
                            config.ema_decay)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -141,6 +188,11 @@ def make_train_step(config, model, tx, schedule) -> Callable:
         nonfinite=nonfinite,
         skipped=state['skipped'] + (~finite).astype(jnp.int32),
         rng=state['rng'])
+    if stateful:  # The parameters' EMA covers the BatchNorm statistics too.
+      ema_ms = optim.ema_update(state['ema_model_state'], model_state,
+                                state['step'] - state['skipped'], config.ema_decay)
+      new_state.update(model_state=keep(model_state, state['model_state']),
+                       ema_model_state=keep(ema_ms, state['ema_model_state']))
     metrics = dict(loss=loss, top1=top1 / jnp.maximum(count, 1.0), grad_norm=grad_norm,
                    lr=schedule(state['step'] - state['skipped']),
                    finite=finite.astype(jnp.float32))
@@ -164,15 +216,20 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_eval_step(config, model) -> Callable:
-  """Per-device eval: sums of loss, top-1, top-5, count for raw and EMA params.
+  """Per-device eval: sums of loss, top-1, top-5, count for raw and EMA variables,
+  each `model_variables(state)`: (params, model state); BatchNorm normalizes with the
+  moving averages of its state.
 
   Activations in config.eval_dtype (float32 by default, as the paper evaluates;
   config.compute_dtype is the training precision only).
   """
+  model, _ = with_state(model)
   cdt = jnp.dtype(config.get('eval_dtype', 'float32'))
 
-  def one(params, batch):
-    logits = model.apply(params, None, batch['images'].astype(cdt), False)['logits']
+  def one(variables, batch):
+    params, model_state = variables
+    logits = model.apply(params, model_state, None, batch['images'].astype(cdt),
+                         False)[0]['logits']
     mask = batch['mask']
     loss = optim.softmax_cross_entropy(logits, batch['labels'], 0.0)
     return dict(loss=jnp.sum(loss * mask),
@@ -239,7 +296,7 @@ def evaluate(trainer: Trainer, state, eval_iter: Iterator[Batch]) -> dict[str, f
   """Top-1, top-5, loss of raw and EMA params over the whole eval split."""
   totals = None
   for batch in eval_iter:
-    sums = trainer.eval_step(state['params'], state['ema_params'],
+    sums = trainer.eval_step(model_variables(state), model_variables(state, ema=True),
                              trainer.global_batch(batch))
     sums = jax.device_get(sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)

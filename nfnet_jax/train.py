@@ -29,7 +29,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from nfnet_jax import (checkpoints, configs, console, errors, metrics_writer, models,
-                       optim)
+                       optim, steps)
 from nfnet_jax.steps import Batch, Trainer, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -97,6 +97,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def create_model(config, num_classes: int):
   """The model of `config`; with config.remat set, the same function under remat."""
   kwargs = config.model_kwargs.to_dict()
+  if config.get('bn_cross_device', False):  # BatchNorm statistics over all devices.
+    kwargs['cross_replica_axis'] = steps.AXIS
   if config.get('remat', 'none') != 'none':
     return models.create(config.model, num_classes, remat=config.remat, **kwargs)
   return models.create(config.model, num_classes, **kwargs)

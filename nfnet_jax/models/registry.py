@@ -6,7 +6,7 @@ from typing import Any, Callable
 import haiku as hk
 
 from nfnet_jax import errors
-from nfnet_jax.models import base, nf_regnet, nf_resnet, nfnet
+from nfnet_jax.models import base, bn_resnet, nf_regnet, nf_resnet, nfnet
 
 
 def _table() -> dict[str, tuple[Callable[..., hk.Module], str, dict[str, Any]]]:
@@ -18,6 +18,8 @@ def _table() -> dict[str, tuple[Callable[..., hk.Module], str, dict[str, Any]]]:
     table[f'nf_resnet{v}'] = (nf_resnet.NFResNet, v, facts)
   for v, facts in nf_regnet.VARIANTS.items():
     table[f'nf_regnet_{v.lower()}'] = (nf_regnet.NFRegNet, v, facts)
+  for v, facts in bn_resnet.VARIANTS.items():  # Stateful (BatchNorm): see create().
+    table[f'bn_resnet{v}'] = (bn_resnet.BNResNet, v, facts)
   return table
 
 
@@ -47,19 +49,34 @@ def module_fn(name: str, num_classes: int = 1000, **overrides) -> Callable[..., 
   return lambda: cls(num_classes=num_classes, variant=variant, **overrides)
 
 
-def create(name: str, num_classes: int = 1000, **overrides) -> hk.Transformed:
-  """Returns hk.transform of the model.
+def is_stateful(name: str) -> bool:
+  """True for models with state besides parameters (BatchNorm statistics)."""
+  return bool(info(name).get('stateful', False))
+
+
+def create(name: str, num_classes: int = 1000,
+           **overrides) -> hk.Transformed | hk.TransformedWithState:
+  """Returns hk.transform of the model, or hk.transform_with_state if it is stateful
+  (`is_stateful(name)`, `info(name)['stateful']`: the BatchNorm baselines).
 
   `apply(params, rng, images, is_training, return_metrics=False)` gives a dict with
-  `logits` [N, num_classes] and `pool` [N, C]. `overrides` go to the module's
-  constructor (e.g. stochdepth_rate, drop_rate, width, activation, dtype, and the
+  `logits` [N, num_classes] and `pool` [N, C]; a stateful model's `init` returns
+  (params, state) and its `apply(params, state, rng, images, is_training)` returns
+  (that dict, new state). `overrides` go to the module's constructor (e.g.
+  stochdepth_rate, drop_rate, width, activation, dtype, and for the NF families the
   implementation options `remat` (one of REMAT_POLICIES) and `groups` of
   base.NFNetwork, which do not change the function).
   """
   cls, _, _ = _lookup(name)
-  base.check_options(cls, overrides.get('remat', 'none'), overrides.get('groups', 'auto'))
+  if is_stateful(name):
+    if overrides.get('remat', 'none') != 'none' or overrides.get('groups', 'auto') != 'auto':
+      raise ValueError(f'{name} (BatchNorm) does not take the remat/groups options of '
+                       'the NF families')
+    overrides = {k: v for k, v in overrides.items() if k not in ('remat', 'groups')}
+  else:
+    base.check_options(cls, overrides.get('remat', 'none'), overrides.get('groups', 'auto'))
   make = module_fn(name, num_classes, **overrides)
   def forward(images, is_training: bool, return_metrics: bool = False):
     return make()(images, is_training=is_training, return_metrics=return_metrics)
 
-  return hk.transform(forward)
+  return hk.transform_with_state(forward) if is_stateful(name) else hk.transform(forward)

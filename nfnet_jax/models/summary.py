@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnet_jax import layers
-from nfnet_jax.models import registry
+from nfnet_jax.models import bn_resnet, registry
 
 
 def summarize(name: str, num_classes: int = 1000, image_size: Optional[int] = None,
@@ -31,7 +31,7 @@ def summarize(name: str, num_classes: int = 1000, image_size: Optional[int] = No
     out = next_f(*args, **kwargs)
     mod = context.module
     if context.method_name == '__call__':
-      if isinstance(mod, layers.WSConv2D):
+      if isinstance(mod, (layers.WSConv2D, bn_resnet.Conv2D)):
         kh, kw = mod.kernel_shape
         total[0] += (math.prod(out.shape[1:3]) * kh * kw *
                      (args[0].shape[-1] // mod.feature_group_count) * mod.output_channels)
@@ -46,7 +46,9 @@ def summarize(name: str, num_classes: int = 1000, image_size: Optional[int] = No
       return make()(images, is_training=False)
 
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  shapes = jax.eval_shape(hk.transform(forward).init, jax.random.PRNGKey(0), images)
+  # with_state: BatchNorm models have state (not counted as parameters).
+  shapes, _ = jax.eval_shape(hk.transform_with_state(forward).init, jax.random.PRNGKey(0),
+                             images)
   params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
   return params, total[0]
 
