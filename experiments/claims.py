@@ -70,7 +70,8 @@ def _resnet_config(scale: str):
   c.checkpoint_every_minutes = 0.0
   if scale == 'tiny':
     c.model_kwargs = dict(stochdepth_rate=0.0, drop_rate=0.0, width=1 / 32)
-    c.data.offline.update(num_classes=5, num_train=64, num_eval=32, image_size=16)
+    c.data.offline.update(num_classes=5, num_train=64, num_eval=32)
+    c.data.image_size = c.data.eval_size = 16
     c.batch_size = 16
     c.num_epochs = 0.5
     c.warmup_epochs = 0.0
@@ -79,7 +80,8 @@ def _resnet_config(scale: str):
     c.log_every = 1
     c.checkpoint_every_steps = 0
     return c
-  c.data.offline.update(num_classes=10, num_train=4096, num_eval=1000, image_size=32)
+  c.data.offline.update(num_classes=10, num_train=4096, num_eval=1000)
+  c.data.image_size = c.data.eval_size = 32
   # Short runs need a larger step than the paper's 0.1 per 256 examples; still linear
   # in the batch size (B=1024 gets 1.6, the paper's lr at batch 4096).
   c.optimizer.base_lr = 0.4

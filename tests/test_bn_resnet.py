@@ -276,7 +276,7 @@ def get_config(arg=''):
   c.data.offline.num_classes = 5
   c.data.offline.num_train = 1024
   c.data.offline.num_eval = 200
-  c.data.offline.image_size = 32
+  c.data.image_size = c.data.eval_size = 32
   c.data.prefetch = 1
   c.batch_size = 32
   c.total_steps = %d
