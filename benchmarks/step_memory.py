@@ -1,7 +1,7 @@
 """Memory of the train step per remat policy, without running it.
 
 For each `--remat` policy of `nfnet_jax.fast.model`, compiles the real train step
-(`train.Trainer`: jit(shard_map), donated state, AGC + SGD-Nesterov + EMA) on
+(`steps.Trainer`: jit(shard_map), donated state, AGC + SGD-Nesterov + EMA) on
 abstract inputs and reports
 
   residuals   what JAX's autodiff keeps for the backward pass (before XLA fuses
@@ -90,13 +90,13 @@ def residual_bytes(residuals: list[tuple[str, tuple[int, ...], str]]) -> int:
 def analyse(args, policy: str) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import fast, optim, train  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import fast, optim, steps  # pylint: disable=g-import-not-at-top
 
   c = train_step.make_config(args)  # the benchmark's train config (AGC 0.01, ...)
   kw = c.model_kwargs.to_dict()
   net = fast.model(args.model, args.num_classes, remat=policy, **kw)
   tx, schedule = optim.build_optimizer(c.optimizer, 10_000, 0, args.batch)
-  trainer = train.Trainer(c, net, tx, schedule, args.image)
+  trainer = steps.Trainer(c, net, tx, schedule, args.image)
   dt = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
   sh = trainer.data_sharding
   batch = dict(

@@ -9,7 +9,7 @@ r"""Train-step benchmark: our NFNet step (optimised and plain) and timm's, side 
       --depths 1,1,2,1 --batch 8 --image 64 --dtype float32 --steps 3 --variant both
 
 Variants (comma-separated, or 'both' = optimised,plain; 'all' = both,timm):
-  optimised  the real step: nfnet_jax.train.make_train_step under Trainer's
+  optimised  the real step: nfnet_jax.steps.make_train_step under Trainer's
              jit(shard_map) over all devices, state donated; layers compute in the
              image dtype with float32 master weights, WS in float32 and one cast
              of each kernel per step. --xla-preset/--xla-opt add XLA options.
@@ -167,31 +167,31 @@ def build_train_steps(config, real_model, tx, schedule, image_size: int,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import steps  # pylint: disable=g-import-not-at-top
 
   def make_trainer(m):
-    if 'image_size' in inspect.signature(train.Trainer.__init__).parameters:
-      return train.Trainer(config, m, tx, schedule, image_size)
-    return train.Trainer(config, m, tx, schedule)
+    if 'image_size' in inspect.signature(steps.Trainer.__init__).parameters:
+      return steps.Trainer(config, m, tx, schedule, image_size)
+    return steps.Trainer(config, m, tx, schedule)
 
   trainer = make_trainer(real_model if plain_model is not None else (model or real_model))
-  nargs = len(inspect.signature(train.make_train_step(config, real_model, tx, schedule))
+  nargs = len(inspect.signature(steps.make_train_step(config, real_model, tx, schedule))
               .parameters)
   extra = ()
   if nargs == 3:  # (state, batch, host flags) -> (state, metrics, control)
     extra = (trainer.host_flags(np.zeros([2], np.int32)),)
   if plain_model is not None:
-    specs = ((P(), P(train.AXIS), P(train.AXIS)), (P(), P(), P())) if nargs == 3 else (
-        (P(), P(train.AXIS)), (P(), P()))
+    specs = ((P(), P(steps.AXIS), P(steps.AXIS)), (P(), P(), P())) if nargs == 3 else (
+        (P(), P(steps.AXIS)), (P(), P()))
     step = jax.jit(jax.shard_map(
-        train.make_train_step(config, plain_model, tx, schedule), mesh=trainer.mesh,
+        steps.make_train_step(config, plain_model, tx, schedule), mesh=trainer.mesh,
         in_specs=specs[0], out_specs=specs[1], check_vma=False))
   else:
     step = trainer.train_step  # jit(shard_map(make_train_step)), donate_argnums=(0,)
   if hasattr(trainer, 'init_state'):
     init = trainer.init_state
   else:
-    init = lambda: trainer.replicate(train.init_state(config, real_model, tx, image_size))
+    init = lambda: trainer.replicate(steps.init_state(config, real_model, tx, image_size))
   return dict(trainer=trainer, step=step, extra=extra, init=init)
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from nfnet_jax import errors
 from nfnet_jax.agc import agc, nfnet_mask
 
 __all__ = [
@@ -122,6 +123,16 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
   return getattr(cfg, key, default)
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def check_name(name: str) -> str:
+  """The optimizer ``name`` in lower case; ValueError if it is not in OPTIMIZERS."""
+  if str(name).lower() not in OPTIMIZERS:
+    raise ValueError(errors.unknown_name("optimizer", name, OPTIMIZERS))
+  return str(name).lower()
+
+
 def build_optimizer(cfg: Any,
                     total_steps: int,
                     warmup_steps: int,
@@ -152,7 +163,7 @@ def build_optimizer(cfg: Any,
   clipping = g("agc_clipping")
   if clipping:
     parts.append(agc(clipping, g("agc_eps"), mask=agc_mask))
-  name, wd = g("name").lower(), g("weight_decay")
+  name, wd = check_name(g("name")), g("weight_decay")
   if name in ("sgd", "adam") and wd:
     parts.append(add_weight_decay(wd))
   if name == "sgd":
@@ -160,10 +171,8 @@ def build_optimizer(cfg: Any,
                            nesterov=g("nesterov")))
   elif name == "adam":
     parts.append(optax.adam(schedule))
-  elif name == "adamw":
-    parts.append(optax.adamw(schedule, weight_decay=wd or 0.0, mask=decay_mask))
   else:
-    raise ValueError(f"unknown optimizer {name!r}: expected sgd, adam or adamw")
+    parts.append(optax.adamw(schedule, weight_decay=wd or 0.0, mask=decay_mask))
   return optax.chain(*parts), schedule
 
 

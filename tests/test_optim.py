@@ -166,7 +166,7 @@ def test_other_optimizers(name):
   u, state = tx.update(g, state, p)
   assert np.all(np.asarray(u["lin"]["w"]) < 0)        # decay shrinks the weight
   np.testing.assert_array_equal(u["lin"]["b"], 0.0)    # never the bias
-  with pytest.raises(ValueError, match="unknown optimizer"):
+  with pytest.raises(ValueError, match="Unknown optimizer 'lion'. Valid: sgd, adam, adamw"):
     optim.build_optimizer(dict(name="lion"), 10, 0, 256)
 
 

@@ -85,9 +85,11 @@ TINY_CONFIG = textwrap.dedent('''
 
 # Runs the real entry point after wrapping the input pipeline: 'nan' puts a NaN into
 # the batches of the given steps (comma-separated), 'sigterm' sends this process a
-# real SIGTERM while the batch of that step is being fetched.
+# real SIGTERM while the batch of that step is being fetched, 'fill' fills the
+# workdir's file system to 16 KiB free then, 'slow' takes 1 s for each of those
+# batches.
 HOOK = textwrap.dedent('''
-    import os, signal, sys
+    import os, signal, sys, time
     import numpy as np
     what, steps = sys.argv[1], {int(s) for s in sys.argv[2].split(',')}
     del sys.argv[1:3]
@@ -103,6 +105,14 @@ HOOK = textwrap.dedent('''
             batch['images'][0, 0, 0, 0] = np.nan
           elif what == 'sigterm':
             os.kill(os.getpid(), signal.SIGTERM)
+          elif what == 'fill':
+            workdir = next(a.split('=', 1)[1] for a in sys.argv
+                           if a.startswith('--workdir='))
+            st = os.statvfs(workdir)
+            with open(os.path.join(workdir, 'filler'), 'wb') as f:
+              f.write(bytes(max(st.f_bavail * st.f_frsize - 16384, 0)))
+          elif what == 'slow':
+            time.sleep(1.0)
         yield batch
 
     data.build_train_iter = hooked
@@ -235,6 +245,8 @@ class Runs:
     # k + 2 < STEPS: the save lands at k..k+2 and must come before the last step.
     self.sigterm_step = random.Random().randint(1, STEPS - 3)
     self.nan_steps = (2, 4, 5)
+    self.tmpfs: Path | None = None
+    self.tmpfs_error = ''
     self.done = threading.Event()
     self.error: BaseException | None = None
 
@@ -268,6 +280,18 @@ class Runs:
           shutil.copytree(one.workdir, self.root / 'evaluate')
           self._run('evaluate', 1, '--mode=eval', workdir=self.root / 'evaluate')
         self._run('tf', 1, '--mode=train_and_eval', '--config.eval_every=2', arg='tf')
+        if one.rc == 0:  # Resumed with a longer schedule.
+          shutil.copytree(one.workdir, self.root / 'longer')
+          self._run('longer', 1, no_eval, '--config.total_steps=6',
+                    workdir=self.root / 'longer')
+        self.start_disk_full(no_eval)
+        four = self.runs['four'].wait()
+        if four.rc == 0:  # Its last checkpoint damaged, then the same command again.
+          shutil.copytree(four.workdir, self.root / 'damaged')
+          self.damaged_file = damage_array_file(self.root / 'damaged' / 'checkpoints' /
+                                                str(STEPS))
+          self._run('damaged', 4, no_eval, '--config.grad_accum_steps=2',
+                    '--config.checkpoint_every_steps=1', workdir=self.root / 'damaged')
         preempted.wait()
         self.preempted_steps = preempted.steps()  # Before the rerun adds its own.
         if preempted.rc == 128 + signal.SIGTERM:
@@ -280,6 +304,20 @@ class Runs:
 
     threading.Thread(target=warm, daemon=True).start()
     return self
+
+  def start_disk_full(self, no_eval: str) -> None:
+    """'one' with a checkpoint every 2 steps into a 64 MiB tmpfs that fills up while
+    step 3's batch is fetched: step 2's save succeeds, step 4's fails."""
+    mnt = self.root / 'tmpfs'
+    mnt.mkdir()
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(mnt)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+      self.tmpfs_error = done.stderr.strip() or f'mount exited {done.returncode}'
+      return
+    self.tmpfs = mnt
+    self._run('disk_full', 1, no_eval, '--config.checkpoint_every_steps=2',
+              hook=('fill', '3'), workdir=mnt / 'run')
 
   @staticmethod
   def simulate_half_written(workdir: Path) -> dict[str, Path]:
@@ -297,7 +335,8 @@ class Runs:
     return dict(partial=partial, tmp=tmp, last=last)
 
   def get(self, name: str) -> Run:
-    if name in ('preempted', 'nan', 'evaluate', 'resumed', 'tf'):
+    if name in ('preempted', 'nan', 'evaluate', 'resumed', 'tf', 'longer', 'damaged',
+                'disk_full'):
       self.done.wait(TIMEOUT)
       if self.error:
         raise self.error
@@ -311,6 +350,21 @@ class Runs:
       if run.proc is not None and run.proc.poll() is None:
         run.proc.kill()
       run.wait()
+    if self.tmpfs is not None:
+      subprocess.run(['umount', '-l', str(self.tmpfs)], check=False)
+
+
+def damage_array_file(step_dir: Path) -> tuple[Path, int]:
+  """Inverts 4 KiB (or the middle half of a smaller file) in the middle of the largest
+  file of a checkpoint's state, keeping its size; returns (file, size)."""
+  path = max((p for p in (step_dir / 'state').rglob('*') if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  n = min(4096, len(data) // 2)
+  mid = (len(data) - n) // 2
+  data[mid:mid + n] = bytes(255 - b for b in data[mid:mid + n])
+  path.write_bytes(bytes(data))
+  return path, len(data)
 
 
 @pytest.fixture(scope='module')
@@ -427,6 +481,97 @@ def test_sigterm_then_rerun_equals_uninterrupted_run_bitwise(runs):
   assert_trees_equal(res.state(), one.state())  # params, opt_state, EMA, counters
   # metrics.jsonl holds the interrupted run's steps, then the resumed ones.
   np.testing.assert_array_equal(res.losses(), one.losses())
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_is_set_aside_and_rerun_equals_uninterrupted_run(runs):
+  four, run = runs.get('four').ok(), runs.get('damaged')
+  assert run.rc == 0, run.output[-4000:]
+  path, size = runs.damaged_file
+  lines = [l for l in run.output.splitlines() if f'Checkpoint {STEPS} is damaged' in l]
+  assert len(lines) == 1, run.output[-4000:]
+  moved = list((run.workdir / 'checkpoints').glob(f'damaged-{STEPS}-*'))
+  assert len(moved) == 1 and f'moved to {moved[0].name}, trying the one before' in lines[0]
+  # Set aside whole, never deleted: the damaged file is still there, as damaged.
+  kept = moved[0] / path.relative_to(run.workdir / 'checkpoints' / str(STEPS))
+  assert kept.stat().st_size == size
+  assert f'Resumed from checkpoint at step {STEPS - 1} ' in run.output
+  assert run.steps()[-1] == STEPS
+  assert_trees_equal(run.state(), four.state())  # params, opt_state, EMA, counters
+
+
+@pytest.mark.slow
+def test_workdir_of_another_width_is_refused_untouched(runs, tmp_path):
+  one = runs.get('one').ok()
+  workdir = tmp_path / 'wd'
+  shutil.copytree(one.workdir, workdir)
+  (workdir / 'checkpoints' / '9' / 'state').mkdir(parents=True)  # would be set aside
+  snapshot = lambda: sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                            for p in workdir.rglob('*'))
+  before = snapshot()
+  done = _cli(runs.root, workdir, '--config.model_kwargs.width=0.25', cache=runs.cache)
+  assert done.returncode == 1, done.stderr[-4000:]
+  out = done.stdout + done.stderr
+  assert 'Traceback' not in out and len(out.splitlines()) < 15, out
+  assert out.strip().splitlines()[-1] == (
+      f'Error: {workdir}/checkpoints holds checkpoints of another run: step {STEPS} was '
+      'written with model_kwargs.width=0.125; this run has model_kwargs.width=0.25. '
+      'Nothing was changed: re-run with the config that wrote it, or use a new '
+      '--workdir.')
+  assert snapshot() == before
+
+
+@pytest.mark.slow
+def test_resume_with_another_schedule_warns_once(runs):
+  run = runs.get('longer').ok()
+  warned = [l for l in run.output.splitlines() if 'written with the schedule' in l]
+  assert len(warned) == 1, run.output[-4000:]
+  assert "'total_steps': 5" in warned[0] and "'total_steps': 6" in warned[0]
+  assert warned[0].endswith(f'from step {STEPS} the learning rate follows this run\'s')
+  assert run.steps()[-1] == 6
+  assert 'written with the schedule' not in runs.get('resumed').output  # same schedule
+
+
+@pytest.mark.slow
+def test_full_disk_stops_at_the_failed_save_with_one_message(runs):
+  if runs.tmpfs is None:
+    pytest.skip(f'cannot mount a small tmpfs here: {runs.tmpfs_error}')
+  run = runs.get('disk_full')
+  assert run.rc == 1, run.output[-4000:]
+  assert 'Traceback' not in run.output and 'ERROR' not in run.output, run.output[-4000:]
+  errors = [l for l in run.output.splitlines() if 'Cannot save' in l]
+  assert len(errors) == 1 and errors[0].startswith(
+      f'Error: Cannot save checkpoint 4 in {run.workdir}/checkpoints: '), run.output[-3000:]
+  assert ('Stopped at step 4; the last good checkpoint, step 2, is kept, the partial one '
+          'removed.') in errors[0]
+  assert sorted(p.name for p in (run.workdir / 'checkpoints').iterdir()) == ['2']
+  assert int(run.state(2)['step']) == 2  # The kept checkpoint restores.
+  assert sorted(run.metrics()) == [1, 2, 3, 4]  # Nothing after the failed save.
+
+
+@pytest.mark.slow
+def test_second_sigterm_exits_at_once(runs, tmp_path):
+  runs.get('one').ok()  # Its programs are in the cache.
+  run = Run(tmp_path, runs.cache, 'twice', 1, '--config.data.offline.num_eval=0',
+            hook=('slow', '2,3,4,5'))
+  (tmp_path / 'tiny.py').write_text(TINY_CONFIG)
+  run.start()
+  deadline = time.time() + TIMEOUT
+  while 'step 1/5' not in run.output and run.proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  run.proc.send_signal(signal.SIGTERM)
+  time.sleep(0.3)
+  t0 = time.time()
+  run.proc.send_signal(signal.SIGTERM)
+  rc = run.proc.wait(timeout=60)
+  elapsed = time.time() - t0
+  run.rc = rc
+  run._out.close()  # pylint: disable=protected-access
+  assert rc == 128 + signal.SIGTERM, run.output[-4000:]
+  assert elapsed < 3, elapsed
+  assert 'Signal 15: saving a checkpoint after the next step' in run.output
+  assert 'Signal 15 again: exiting now, without saving' in run.output
+  assert 'Traceback' not in run.output
 
 
 @pytest.mark.slow
@@ -550,13 +695,14 @@ def no_compilation():
     (lambda c: setattr(c.optimizer, 'learning_rate', 0.1),
      'Unknown config key config.optimizer.learning_rate'),
     (lambda c: setattr(c.data, 'sorce', 'tfds'), 'Did you mean source?'),
-    (lambda c: setattr(c, 'model', 'F9'), "config.model='F9' is not a model"),
+    (lambda c: setattr(c, 'model', 'F9'), "config.model: Unknown model 'F9'"),
     (lambda c: setattr(c, 'model', 'nf_resnet_50'), 'Did you mean nf_resnet50'),
     (lambda c: c.model_kwargs.__setattr__('widht', 0.5), "Valid keys: width"),
     (lambda c: setattr(c, 'compute_dtype', 'float16'), "'bfloat16' or 'float32'"),
     (lambda c: setattr(c, 'batch_size', 0), 'config.batch_size=0 must be a positive'),
     (lambda c: setattr(c, 'grad_accum_steps', 3), 'config.grad_accum_steps=3 must divide'),
-    (lambda c: setattr(c.optimizer, 'name', 'lamb'), "'sgd', 'adam', 'adamw'"),
+    (lambda c: setattr(c.optimizer, 'name', 'lamb'),
+     "config.optimizer.name: Unknown optimizer 'lamb'. Valid: sgd, adam, adamw"),
     (lambda c: setattr(c, 'log_every', 0), 'config.log_every=0 must be >= 1'),
     (lambda c: setattr(c.data, 'source', 'imagenet'), "'tfds', 'folder' or 'offline'"),
 ], ids=['key', 'nested_key', 'data_key', 'model', 'model_close', 'model_kwargs', 'dtype',
@@ -572,33 +718,34 @@ def test_bad_config_refused_before_compilation(edit, message, tmp_path, no_compi
 
 
 def test_valid_choices_are_listed():
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.model = 'F9'
   with pytest.raises(ValueError, match=r'Valid: F0, F0\+, F1, .*nf_resnet50.*nf_regnet_b0'):
-    train.validate_config(config, 1, 1)
+    configs.validate_config(config, 1, 1)
   config = tiny_config()
   with pytest.raises(ValueError, match=r'config.batch_size=12 must be a positive multiple '
                      r'of the 8 devices \(2 hosts\)'):
     config.batch_size = 12
-    train.validate_config(config, 8, 2)
+    configs.validate_config(config, 8, 2)
   config.batch_size = 16
   config.grad_accum_steps = 4
   with pytest.raises(ValueError, match=r'config.grad_accum_steps=4 must divide the '
                      r'per-device batch 2 \(config.batch_size=16 / 8 devices\)'):
-    train.validate_config(config, 8, 2)
-  with pytest.raises(ValueError, match="mode='test'; valid: train, eval, train_and_eval"):
-    train.validate_config(tiny_config(), 1, 1, mode='test')
+    configs.validate_config(config, 8, 2)
+  with pytest.raises(ValueError, match="Unknown mode 'test'. Valid: train, eval, "
+                     "train_and_eval"):
+    configs.validate_config(tiny_config(), 1, 1, mode='test')
   config = tiny_config()
   config.remat = 'conv'
-  with pytest.raises(ValueError, match=r"config.remat must be one of \('none', 'convs', "
-                     r"'block_convs', 'blocks'\), got 'conv'"):
-    train.validate_config(config, 1, 1)
+  with pytest.raises(ValueError, match=r"config.remat: Unknown remat policy 'conv'. Did "
+                     r"you mean convs\? Valid: none, convs, block_convs, blocks"):
+    configs.validate_config(config, 1, 1)
 
 
 def test_unknown_command_line_key_is_refused(tmp_path):
   """--config.<key>=... overrides (absl + ml_collections, as train.py defines them)."""
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   (tmp_path / 'tiny.py').write_text(TINY_CONFIG)
@@ -617,13 +764,13 @@ def test_unknown_command_line_key_is_refused(tmp_path):
   with pytest.raises(AttributeError, match='learning_rate'):
     parse(*bad)  # ml_collections' own error: an AttributeError naming just the key.
   # What train.py's flag parser reports instead:
-  assert train.unknown_override(['prog', '--config=x.py', *bad]) == (
+  assert configs.unknown_override(['prog', '--config=x.py', *bad]) == (
       'Unknown config key config.optimizer.learning_rate (from '
-      '--config.optimizer.learning_rate=1). Valid keys of config.optimizer: agc_clipping, '
+      '--config.optimizer.learning_rate=1). Valid: agc_clipping, '
       'agc_eps, base_lr, end_lr, momentum, name, nesterov, scale_lr_by_batch, '
       'weight_decay')
-  assert 'Did you mean batch_size' in train.unknown_override(['--config.batchsize=8'])
-  assert train.unknown_override(['--config.data.offline.seed=3', '--config.seed=1',
+  assert 'Did you mean batch_size' in configs.unknown_override(['--config.batchsize=8'])
+  assert configs.unknown_override(['--config.data.offline.seed=3', '--config.seed=1',
                                  '--config.model_kwargs.anything=1']) is None
 
 
@@ -633,38 +780,53 @@ def test_unknown_command_line_key_is_refused(tmp_path):
     ('finetune_folder.py', ['F0'])])
 def test_experiment_configs_are_valid(path, args):
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('exp', REPO / 'experiments' / path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   for arg in args:
     config = module.get_config(arg)
-    train.validate_config(config, num_devices=8, num_processes=1)
+    configs.validate_config(config, num_devices=8, num_processes=1)
 
 
-def test_eval_mode_needs_a_checkpoint_or_weights(tmp_path, no_compilation):
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match='--mode=eval needs a checkpoint in .* or '
-                     'config.init_from'):
-    train.train_and_evaluate(tiny_config(), str(tmp_path), mode='eval')
+def _cli(tmp_path: Path, workdir: Path, *flags: str, devices: int = 1,
+         cache: Path | None = None) -> subprocess.CompletedProcess:
+  """`python -m nfnet_jax.train` with the tiny config (written to tmp_path)."""
+  (tmp_path / 'tiny.py').write_text(TINY_CONFIG)
+  run = Run(tmp_path, cache or tmp_path / 'xla_cache', 'cli', devices, *flags,
+            workdir=workdir)
+  return subprocess.run(run.cmd, cwd=REPO, env=run.env, capture_output=True, text=True,
+                        timeout=TIMEOUT, check=False)
 
 
-def test_incomplete_checkpoints_are_set_aside(tmp_path):
-  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
-  ckpts = tmp_path / 'checkpoints'
-  good = ckpts / '4'
-  for item in ('state', 'meta'):
-    (good / item).mkdir(parents=True)
-  (good / 'commit_success.txt').write_text('ok')
-  legacy = ckpts / '6'  # Committed, with the commit time in its metadata only.
-  for item in ('state', 'meta'):
-    (legacy / item).mkdir(parents=True)
-  (legacy / '_CHECKPOINT_METADATA').write_text('{"commit_timestamp_nsecs": 1}')
-  (ckpts / '8' / 'state').mkdir(parents=True)  # Killed mid-save.
-  (ckpts / '9.orbax-checkpoint-tmp').mkdir()
-  moved = train.set_aside_incomplete(str(ckpts))
-  assert len(moved) == 1 and moved[0].startswith('incomplete-8-')
-  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ['4', '6']
+def test_eval_mode_on_an_empty_workdir_says_so_and_creates_nothing(tmp_path):
+  workdir = tmp_path / 'empty'
+  done = _cli(tmp_path, workdir, '--mode=eval')
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert 'Traceback' not in done.stderr
+  assert done.stderr.strip().splitlines()[-1] == (
+      f'Error: --mode=eval: no checkpoint in {workdir}/checkpoints and no '
+      'config.init_from, so nothing to evaluate (nothing was created). Train in this '
+      'workdir first, or pass --config.init_from=<weights file>.')
+  assert not workdir.exists()
+
+
+def test_eval_mode_refuses_weights_for_another_class_count(tmp_path):
+  """Released weights (1000 classes) on 10-class data: --mode=eval would score a
+  random classifier; training would replace it (fine-tuning)."""
+  from nfnet_jax import errors, pretrained, train  # pylint: disable=g-import-not-at-top
+  weights = tmp_path / 'b0_1000.npz'
+  shapes = pretrained.model_shapes('nf_regnet_b0', 1000)
+  pretrained.save({m: {k: np.zeros(v, np.float32) for k, v in leaves.items()}
+                   for m, leaves in shapes.items()}, weights)
+  config = tiny_config()
+  config.model, config.model_kwargs, config.init_from = 'nf_regnet_b0', {}, str(weights)
+  with pytest.raises(errors.RunError, match=r"--mode=eval: config.init_from=.*b0_1000.npz "
+                     r"does not fit this data's 10 classes \(\['.*linear'\]\['b'\]: "
+                     r"\(1000,\) in the file, \(10,\) here\), so it would score an "
+                     r"untrained classifier"):
+    train.train_and_evaluate(config, str(tmp_path / 'w'), mode='eval')
+  assert not (tmp_path / 'w').exists()
 
 
 def test_signal_handlers_are_restored():
@@ -692,3 +854,22 @@ def test_numpy_pipeline_gives_each_process_its_own_rows():
     for key in w:
       np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
     assert not np.array_equal(a['images'], b['images'])
+
+
+def test_eta_shows_days(caplog):
+  """The paper's recipe runs for days: the ETA must not wrap at 24 h."""
+  from nfnet_jax import train  # pylint: disable=g-import-not-at-top
+  fmt = train.format_duration
+  assert fmt(59) == '00:00:59' and fmt(86399) == '23:59:59'
+  assert fmt(40.7 * 3600) == '1d 16:42:00' and fmt(86400) == '1d 00:00:00'
+  assert fmt(12 * 86400 + 3661) == '12d 01:01:01' and fmt(float('nan')) == '?'
+
+  class Writer:
+    def write(self, *args, **kwargs):
+      pass
+
+  # 1000 steps of 64 images at 0.5 img/s: 128,000 s = 1 d 11:33:20.
+  metrics = dict(loss=1.0, top1=0.5, lr=0.1)
+  with caplog.at_level('INFO'):
+    train._log(0, 1000, metrics, dict(skipped=0), Writer(), 0.5, 64)  # pylint: disable=protected-access
+  assert 'ETA 1d 11:33:20' in caplog.text

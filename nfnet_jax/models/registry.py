@@ -1,11 +1,11 @@
 """Name -> model registry: `create('F0')`, `names()`, `info('F0')`."""
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable
 
 import haiku as hk
 
+from nfnet_jax import errors
 from nfnet_jax.models import nf_regnet, nf_resnet, nfnet
 
 
@@ -31,9 +31,7 @@ def names() -> list[str]:
 
 def _lookup(name: str):
   if name not in _TABLE:
-    close = difflib.get_close_matches(name, list(_TABLE), n=3)
-    hint = f' Did you mean {close}?' if close else ''
-    raise ValueError(f'Unknown model {name!r}.{hint} Valid names: {", ".join(_TABLE)}')
+    raise ValueError(errors.unknown_name('model', name, _TABLE))
   return _TABLE[name]
 
 

@@ -1,0 +1,438 @@
+"""Checkpoints (orbax): atomic, verified on restore, the last k kept, never with NaN,
+incomplete or damaged ones set aside (renamed, never deleted); and `start`, the state
+a run starts from.
+
+A checkpoint is `workdir/checkpoints/<step>/` with two items: `state` (the training
+state, see `steps.make_init_fn`) and `meta` (JSON: the step, what wrote it, and a
+checksum of every array of the state). docs/training.md describes the format, the
+checksum and what happens on a damaged checkpoint or a full disk.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging as logging_std
+import os
+import sys
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnet_jax import errors
+
+_TMP = '.orbax-checkpoint-tmp'  # orbax writes <step>.orbax-checkpoint-tmp*, then renames.
+
+
+def checkpoint_dir(workdir: str) -> str:
+  if '://' not in workdir:  # gs://... stays as is.
+    workdir = os.path.abspath(workdir)
+  return os.path.join(workdir, 'checkpoints')
+
+
+def _path(path: str):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path)
+
+
+def _is_complete(step_dir) -> bool:
+  """A step directory orbax finished: commit marker (or metadata with a commit time)
+  and both items."""
+  if not ((step_dir / 'state').exists() and (step_dir / 'meta').exists()):
+    return False
+  if (step_dir / 'commit_success.txt').exists():
+    return True
+  try:
+    meta = json.loads((step_dir / '_CHECKPOINT_METADATA').read_text())
+    return bool(meta.get('commit_timestamp_nsecs'))
+  except (OSError, ValueError):
+    return False
+
+
+def _complete_steps(ckpt_dir: str) -> list[int]:
+  """Steps of the complete checkpoints in `ckpt_dir`, newest first. Reads only."""
+  root = _path(ckpt_dir)
+  if not root.exists():
+    return []
+  return sorted((int(d.name) for d in root.iterdir()
+                 if d.name.isdigit() and d.is_dir() and _is_complete(d)), reverse=True)
+
+
+def _read_meta(step_dir) -> Optional[dict[str, Any]]:
+  """The JSON of a checkpoint's `meta` item (as orbax's JsonSave wrote it), or None."""
+  try:
+    meta = json.loads((step_dir / 'meta' / 'metadata').read_text())
+  except (OSError, ValueError):
+    return None
+  return meta if isinstance(meta, dict) else None
+
+
+def latest_meta(workdir: str) -> Optional[tuple[int, dict[str, Any]]]:
+  """(step, meta) of the newest complete checkpoint whose meta reads, or None.
+
+  Reads files only: nothing in the workdir is created or changed."""
+  ckpt_dir = checkpoint_dir(workdir)
+  for step in _complete_steps(ckpt_dir):
+    meta = _read_meta(_path(ckpt_dir) / str(step))
+    if meta is not None:
+      return step, meta
+  return None
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds a complete checkpoint (reads only)."""
+  return bool(_complete_steps(checkpoint_dir(workdir)))
+
+
+def _set_aside(step_dir, why: str) -> str:
+  """Renames a step directory to `<why>-<step>-<time>` (process 0); the new name."""
+  new = step_dir.parent / f'{why}-{step_dir.name}-{int(time.time())}'
+  if jax.process_index() == 0:
+    step_dir.rename(new)
+  return new.name
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'nfnet_jax: {name}')
+
+
+def set_aside_incomplete(ckpt_dir: str) -> list[str]:
+  """Renames step directories without a commit (killed mid-save on a file system
+  without atomic rename) to `incomplete-<name>-<time>`, so orbax neither restores
+  them nor collides with them. orbax's own `*.orbax-checkpoint-tmp*` directories are
+  never listed as steps. Process 0 only; returns the new names."""
+  root = _path(ckpt_dir)
+  moved = []
+  if jax.process_index() == 0 and root.exists():
+    for d in sorted(root.iterdir()):
+      if d.is_dir() and d.name.isdigit() and not _is_complete(d):
+        new = _set_aside(d, 'incomplete')
+        logging.warning('Checkpoint %s is incomplete (killed mid-save?); ignoring it, '
+                        'moved to %s', d, new)
+        moved.append(new)
+  _sync('incomplete checkpoints set aside')
+  return moved
+
+
+def manager(workdir: str, keep: int):
+  """An orbax CheckpointManager over `workdir/checkpoints`, keeping the last `keep`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckpt_dir = checkpoint_dir(workdir)
+  set_aside_incomplete(ckpt_dir)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  return ocp.CheckpointManager(ckpt_dir, options=options)
+
+
+# ---------------------------------------------------------------------------
+# What a checkpoint holds: the state's layout and a checksum of its arrays.
+# ---------------------------------------------------------------------------
+def state_spec(abstract_state) -> str:
+  """A digest of the state's tree paths, shapes and dtypes: equal digests, same
+  layout. Any change of model, width, classes or optimizer changes it."""
+  lines = [f'{jax.tree_util.keystr(path)} {tuple(x.shape)} {jnp.dtype(x.dtype).name}'
+           for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)]
+  return hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:16]
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bytes of `x` as uint32 words [n] (narrower items widened, wider split)."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32).ravel()
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+
+
+@jax.jit
+def _leaf_sums(tree):
+  """Per leaf, uint32 [2]: the wrap-around sum of its words, and of word i times
+  (2i + 1). A change of any one word changes the second sum (odd weights are
+  invertible mod 2^32); moved words change it too."""
+  def sums(x):
+    w = _words(x)
+    weight = 2 * jnp.arange(w.size, dtype=jnp.uint32) + 1
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32),
+                      jnp.sum(w * weight, dtype=jnp.uint32)])
+  return jax.tree.map(sums, tree)
+
+
+def checksum(state) -> dict[str, list[int]]:
+  """{leaf path: [sum, weighted sum]} of the state's arrays, computed on device (one
+  read of the state; the result is a few bytes per array)."""
+  sums = jax.device_get(_leaf_sums(state))
+  return {jax.tree_util.keystr(path): [int(v) for v in value]
+          for path, value in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def run_meta(config, num_classes: int, total_steps: int, warmup_steps: int,
+             abstract_state) -> dict[str, Any]:
+  """What each checkpoint records about the run that wrote it (JSON values)."""
+  opt = config.optimizer
+  return json.loads(json.dumps(dict(
+      seed=config.seed, model=config.model, model_kwargs=config.model_kwargs.to_dict(),
+      num_classes=num_classes, batch_size=config.batch_size, optimizer=opt.name,
+      schedule=dict(total_steps=total_steps, warmup_steps=warmup_steps,
+                    base_lr=opt.base_lr, end_lr=opt.end_lr,
+                    scale_lr_by_batch=opt.scale_lr_by_batch),
+      state_spec=state_spec(abstract_state))))
+
+
+def check_same_layout(workdir: str, meta: dict[str, Any]) -> None:
+  """Raises errors.RunError, before orbax reads or changes anything, when the newest
+  checkpoint of `workdir` holds another layout of state than `meta` (of `run_meta`)
+  describes: another model, width, class count or optimizer."""
+  found = latest_meta(workdir)
+  if found is None:
+    return
+  step, saved = found
+  if 'state_spec' in saved:
+    same = saved['state_spec'] == meta['state_spec']
+  else:  # Older checkpoints record the model only.
+    same = saved.get('model', meta['model']) == meta['model']
+  if same:
+    return
+  diffs = [(k, saved[k], meta[k]) for k in ('model', 'num_classes', 'optimizer')
+           if k in saved and saved[k] != meta[k]]
+  kwargs = saved.get('model_kwargs')
+  if isinstance(kwargs, dict):
+    diffs += [(f'model_kwargs.{k}', kwargs.get(k), meta['model_kwargs'].get(k))
+              for k in sorted(set(kwargs) | set(meta['model_kwargs']))
+              if kwargs.get(k) != meta['model_kwargs'].get(k)]
+  was = ', '.join(f'{k}={a!r}' for k, a, _ in diffs) or 'a state of other shapes'
+  now = ', '.join(f'{k}={b!r}' for k, _, b in diffs) or 'another'
+  raise errors.RunError(
+      f'{checkpoint_dir(workdir)} holds checkpoints of another run: step {step} was '
+      f'written with {was}; this run has {now}. Nothing was changed: re-run with the '
+      'config that wrote it, or use a new --workdir.')
+
+
+# ---------------------------------------------------------------------------
+# Save and restore.
+# ---------------------------------------------------------------------------
+class QuietOrbax(logging_std.Filter):
+  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint); with
+  `keep_errors=False` its ERROR records too, where the caller reports the error."""
+
+  def __init__(self, keep_errors: bool = True):
+    super().__init__()
+    self.min_level = logging_std.WARNING if keep_errors else logging_std.CRITICAL
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    if '/orbax/' not in record.pathname:
+      return True
+    return record.levelno == logging_std.WARNING or record.levelno >= self.min_level
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+  """Orbax's own error logs dropped (every orbax error also reaches the `save` or
+  `restore` call that reports it in one line), and the 'Exception ignored in
+  coroutine' noise of a failed read (orbax drops its pending reads) silenced."""
+  quiet = QuietOrbax(keep_errors=False)
+  loggers = [logging_std.getLogger(), logging_std.getLogger('absl')]
+  handlers = [h for lg in loggers for h in lg.handlers]
+  for h in handlers:
+    h.addFilter(quiet)
+  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+  try:
+    yield
+  except BaseException:
+    gc.collect()  # Collects the failed read's coroutines while the hook is silent.
+    raise
+  finally:
+    sys.unraisablehook = hook
+    for h in handlers:
+      h.removeFilter(quiet)
+
+
+def _first_line(e: BaseException) -> str:
+  """`Type: first line` of an exception, without tensorstore's spec dump."""
+  text = (str(e).strip().splitlines() or [''])[0].split(' See full TensorStore')[0]
+  return f'{type(e).__name__}: {text[:200]}'
+
+
+def save(mngr, state, step: int, meta: dict[str, Any]) -> None:
+  """Writes checkpoint `step` with `meta` and the state's checksum, and waits for it:
+  the train step never produces a non-finite state, so no checkpoint holds NaN.
+
+  Raises errors.RunError when the write fails (e.g. the disk is full), after
+  removing orbax's partial `<step>.orbax-checkpoint-tmp*` directory; the earlier
+  checkpoints are untouched.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  meta = dict(meta, step=step, checksum=checksum(state))
+  before = set(threading.enumerate())
+  try:
+    with _quiet():
+      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              meta=ocp.args.JsonSave(meta)), force=True)
+      mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    # A write that fails early can leave orbax's writer threads running, untracked by
+    # the manager: they end (and log) before the partial files are removed.
+    with _quiet():
+      with contextlib.suppress(Exception):
+        mngr.wait_until_finished()
+      for thread in set(threading.enumerate()) - before:
+        with contextlib.suppress(Exception):  # orbax's threads re-raise their error.
+          thread.join(timeout=60)
+      gc.collect()
+    # asyncio logs orbax's failed futures whenever they are collected, up to exit.
+    logging_std.getLogger('asyncio').addFilter(
+        lambda record: 'exception was never retrieved' not in record.getMessage())
+    root = _path(str(mngr.directory))
+    partial = [d for d in root.iterdir() if d.name.startswith(f'{step}{_TMP}')]
+    if jax.process_index() == 0:
+      import shutil  # pylint: disable=g-import-not-at-top
+      for d in partial:
+        shutil.rmtree(d, ignore_errors=True)
+    good = [s for s in _complete_steps(str(root)) if s != step]
+    kept = f'the last good checkpoint, step {good[0]}, is kept' if good else (
+        'there is no earlier checkpoint')
+    raise errors.RunError(
+        f'Cannot save checkpoint {step} in {root}: {_first_line(e)}. Stopped at step '
+        f'{step}; {kept}' + (', the partial one removed' if partial else '') +
+        '. Fix the cause (e.g. free space) and re-run the same command to resume.'
+    ) from None
+
+
+def close(mngr) -> None:
+  """Closes the manager. Each save waited for its write and reported its failure, so
+  an error orbax raises here repeats one already reported: it is not raised again."""
+  with _quiet(), contextlib.suppress(Exception):
+    mngr.close()
+
+
+def _verify(state, meta: dict[str, Any]) -> Optional[str]:
+  """None if the state matches meta's checksum, else what differs."""
+  saved, now = meta['checksum'], checksum(state)
+  bad = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+  if bad:
+    return f'{len(bad)} of {len(now)} arrays differ from their checksums, e.g. {bad[0]}'
+  return None
+
+
+def restore(mngr, abstract_state) -> tuple[Optional[dict[str, Any]], Optional[dict]]:
+  """(state, meta) of the newest complete checkpoint that verifies, or (None, None)
+  if there is none.
+
+  A checkpoint whose arrays do not match its checksum, or that cannot be read, is
+  renamed to `damaged-<step>-<time>` (one log line) and the one before it is tried.
+  Raises errors.RunError when every checkpoint is damaged (nothing is then started
+  from scratch over them), RuntimeError when a checkpoint without a checksum
+  (written by an older version) cannot be restored.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  root = _path(str(mngr.directory))
+  set_aside = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    meta = _read_meta(root / str(step))
+    try:
+      with _quiet():
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      problem = _verify(restored['state'], restored['meta']) if 'checksum' in (
+          restored['meta'] or {}) else None
+    except Exception as e:  # pylint: disable=broad-except
+      if meta is not None and 'checksum' not in meta:  # Older format: no verdict.
+        raise RuntimeError(
+            f'Cannot restore checkpoint {step} in {root}: {_first_line(e)}\nIf the model '
+            'or optimizer config changed since it was written, use a new --workdir; if '
+            'the checkpoint is damaged, move its directory away to resume from the one '
+            'before.') from e
+      problem = f'unreadable: {_first_line(e)}'
+    if problem is None:
+      if 'checksum' not in restored['meta']:
+        logging.warning('Checkpoint %d has no checksum (an older format): restored '
+                        'without verification', step)
+      return restored['state'], restored['meta']
+    new = _set_aside(root / str(step), 'damaged')
+    _sync(f'damaged checkpoint {step} set aside')
+    logging.warning('Checkpoint %d is damaged (%s): moved to %s, trying the one before',
+                    step, problem, new)
+    set_aside.append(new)
+    mngr.reload()
+  if set_aside:
+    raise errors.RunError(
+        f'Every checkpoint in {root} is damaged (set aside as {", ".join(set_aside)}): '
+        'nothing to resume from. Move one back by hand to use it anyway, or start over '
+        'with a new --workdir.')
+  return None, None
+
+
+# ---------------------------------------------------------------------------
+# Where a run starts.
+# ---------------------------------------------------------------------------
+def start(config, workdir: str, mode: str, trainer, run_meta: dict[str, Any]
+          ) -> tuple[Any, dict[str, Any]]:
+  """(checkpoint manager or None, state) a run starts from: the workdir's newest good
+  checkpoint, else config.init_from, else a fresh initialisation (`trainer` is a
+  `steps.Trainer`). Raises errors.RunError when there is nothing to evaluate."""
+  found = has_checkpoint(workdir)
+  if found:
+    check_same_layout(workdir, run_meta)
+  elif mode == 'eval' and not config.init_from:
+    raise errors.RunError(
+        f'--mode=eval: no checkpoint in {checkpoint_dir(workdir)} and no '
+        'config.init_from, so nothing to evaluate (nothing was created). Train in this '
+        'workdir first, or pass --config.init_from=<weights file>.')
+  mngr = None
+  if found or mode != 'eval':
+    mngr = manager(workdir, config.keep_checkpoints)
+    state, meta = restore(mngr, trainer.abstract_state)
+    if state is not None:
+      logging.info('Resumed from checkpoint at step %d (%s)', int(state['step']),
+                   ', '.join(f'{k} {meta[k]}' for k in ('model', 'seed', 'batch_size')
+                             if k in meta))
+      for key in ('seed', 'model', 'batch_size'):
+        if key in meta and meta[key] != config[key]:
+          logging.warning('The checkpoint was written with config.%s=%r, this run has '
+                          '%r; the run is no longer the one the first command started',
+                          key, meta[key], config[key])
+      if mode != 'eval' and meta.get('schedule', run_meta['schedule']) != run_meta[
+          'schedule']:
+        logging.warning('The checkpoint was written with the schedule %s; this run has '
+                        '%s: from step %d the learning rate follows this run\'s',
+                        meta['schedule'], run_meta['schedule'], int(state['step']))
+      return mngr, state
+  if config.init_from:
+    state = trainer.init_state(_load_init(config, run_meta['num_classes'], trainer, mode))
+    logging.info('Starting from %s', config.init_from)
+  elif mode == 'eval':
+    raise errors.RunError(f'--mode=eval: no usable checkpoint in '
+                          f'{checkpoint_dir(workdir)} and no config.init_from')
+  else:
+    state = trainer.init_state()
+  return mngr, state
+
+
+def _load_init(config, num_classes: int, trainer, mode: str):
+  """config.init_from's params; for training, with the classifier resized to the
+  data's classes. --mode=eval refuses weights whose classifier does not fit the data
+  (it would score an untrained classifier)."""
+  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  if mode != 'eval':
+    return pretrained.load(config.init_from, model=config.model,
+                           num_classes=num_classes, rng=config.seed)
+  params = pretrained.load(config.init_from, model=config.model)
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  got, want = shapes(params), shapes(trainer.abstract_state['params'])
+  for key in sorted(set(got) | set(want)):
+    if got.get(key) != want.get(key):
+      raise errors.RunError(
+          f'--mode=eval: config.init_from={config.init_from} does not fit this data\'s '
+          f'{num_classes} classes ({key}: {got.get(key)} in the file, {want.get(key)} '
+          'here), so it would score an untrained classifier. Evaluate on data with the '
+          'classes the weights were trained on, or fine-tune first (--mode=train).')
+  return params

@@ -1,0 +1,238 @@
+"""The compiled steps of training and evaluation, over a 1-D mesh of all devices.
+
+Each step is written per device, pmap style: it sees its local batch and `lax.psum`s
+gradients and metrics over the data axis `AXIS`. `Trainer` runs it as
+`jax.jit(jax.shard_map(...))` over a mesh of every device of every host; that is what
+`jax.pmap` itself is built on in current JAX. Randomness (dropout, stochastic depth)
+is a function of (seed, step, global example index), so results do not depend on the
+device or host count.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+
+from nfnet_jax import layers, optim, sam
+from nfnet_jax import agc as agc_lib
+
+AXIS = 'data'
+Batch = dict[str, np.ndarray]
+
+
+def make_init_fn(config, model, tx, image_size: int) -> Callable:
+  """params (or None: fresh init) -> the training state.
+
+  State: params, opt_state, ema_params (float32), step, nonfinite (consecutive
+  non-finite steps), skipped (all of them), rng.
+  """
+  def init(params=None):
+    rng = jax.random.PRNGKey(config.seed)
+    if params is None:
+      dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+      params = model.init(jax.random.fold_in(rng, 1), dummy, is_training=True)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return dict(params=params, opt_state=tx.init(params),
+                ema_params=jax.tree.map(lambda x: x, params),
+                step=jnp.zeros((), jnp.int32), nonfinite=jnp.zeros((), jnp.int32),
+                skipped=jnp.zeros((), jnp.int32), rng=rng)
+  return init
+
+
+def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """[B] 1.0 where the (hard) label is among the top-k logits [B, C], else 0.0.
+
+  The label's rank is the number of logits strictly above its own (a tie counts for
+  the label). A row with any non-finite logit scores 0: NaN compares false with
+  everything, so without that rule an all-NaN row would rank its label first.
+  """
+  target = jnp.argmax(labels, axis=-1)
+  target_logit = jnp.take_along_axis(logits, target[:, None], axis=-1)
+  rank = jnp.sum(logits > target_logit, axis=-1)
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)
+  return ((rank < k) & finite).astype(jnp.float32)
+
+
+def make_train_step(config, model, tx, schedule) -> Callable:
+  """Per device: (state, local batch, host flags) -> (state, metrics, control)."""
+  global_batch = config.batch_size
+  accum = config.grad_accum_steps
+  cdt = jnp.bfloat16 if config.compute_dtype == 'bfloat16' else jnp.float32
+  ls = config.label_smoothing
+
+  def loss_fn(params, batch, rng, offset):
+    """Sum of the local examples' losses divided by the *global* batch size."""
+    with layers.example_offset(offset):
+      out = model.apply(params, rng, batch['images'].astype(cdt), True)
+    logits = out['logits']
+    per_example = optim.softmax_cross_entropy(logits, batch['labels'], ls)
+    mask = batch['mask']
+    loss_sum = jnp.sum(per_example * mask)
+    top1 = jnp.sum(_top_k_correct(logits, batch['labels'], 1) * mask)
+    return loss_sum / global_batch, (loss_sum, top1)
+
+  def gradients(params, batch, rng, offset):
+    """Local gradient of sum(local losses) / global batch, summed over micro-batches."""
+    if config.sam.enabled:
+      grads, (_, aux) = sam.sam_gradient(
+          lambda p, b, r: loss_fn(p, b, r, offset), params, batch, rng,
+          rho=config.sam.rho, fraction=config.sam.fraction, axis_name=AXIS)
+      return grads, aux
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if accum == 1:
+      return grad_fn(params, batch, rng, offset)
+    micro = batch['images'].shape[0] // accum
+    split = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
+
+    def body(carry, xs):
+      i, mb = xs  # Micro-batch i holds this device's examples [i * micro, (i+1) * micro).
+      g, aux = grad_fn(params, mb, rng, offset + i * micro)
+      acc_g, acc_aux = carry
+      return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_aux, aux)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()), jnp.zeros(())))
+    (grads, aux), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), split))
+    return grads, aux
+
+  def step_fn(state, batch, flags_in):
+    local = batch['images'].shape[0]
+    offset = jax.lax.axis_index(AXIS) * local  # Global index of this device's row 0.
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    grads, (loss_sum, top1) = gradients(state['params'], batch, rng, offset)
+    # The whole update (AGC included) sees the gradient of the global batch.
+    grads = jax.lax.psum(grads, AXIS)
+    loss_sum, top1, count = jax.lax.psum(
+        (loss_sum, top1, jnp.sum(batch['mask'])), AXIS)
+    loss = loss_sum / jnp.maximum(count, 1.0)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    # A non-finite loss, gradient or new state skips the update: the state (and so
+    # every checkpoint) stays finite. (The EMA mixes finite params, so it is too.)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & all_finite((params, opt_state)))
+    ema = optim.ema_update(state['ema_params'], params, state['step'] - state['skipped'],
+                           config.ema_decay)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    nonfinite = jnp.where(finite, 0, state['nonfinite'] + 1)
+    new_state = dict(
+        params=keep(params, state['params']),
+        opt_state=keep(opt_state, state['opt_state']),
+        ema_params=keep(ema, state['ema_params']),
+        step=state['step'] + 1,
+        nonfinite=nonfinite,
+        skipped=state['skipped'] + (~finite).astype(jnp.int32),
+        rng=state['rng'])
+    metrics = dict(loss=loss, top1=top1 / jnp.maximum(count, 1.0), grad_norm=grad_norm,
+                   lr=schedule(state['step'] - state['skipped']),
+                   finite=finite.astype(jnp.float32))
+    if config.log_agc_clip_fraction and config.optimizer.agc_clipping:
+      fracs = agc_lib.clip_fraction(grads, state['params'], config.optimizer.agc_clipping,
+                                    config.optimizer.agc_eps)
+      metrics['agc_clip_fraction'] = jnp.mean(jnp.stack(
+          [jnp.asarray(f, jnp.float32) for f in jax.tree.leaves(fracs)]))
+    control = dict(flags=jax.lax.psum(flags_in[0], AXIS), nonfinite=nonfinite,
+                   skipped=new_state['skipped'])
+    return new_state, metrics, control
+
+  return step_fn
+
+
+def all_finite(tree) -> jax.Array:
+  """Scalar bool: every float leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_eval_step(config, model) -> Callable:
+  """Per-device eval: sums of loss, top-1, top-5, count for raw and EMA params."""
+  cdt = jnp.bfloat16 if config.compute_dtype == 'bfloat16' else jnp.float32
+
+  def one(params, batch):
+    logits = model.apply(params, None, batch['images'].astype(cdt), False)['logits']
+    mask = batch['mask']
+    loss = optim.softmax_cross_entropy(logits, batch['labels'], 0.0)
+    return dict(loss=jnp.sum(loss * mask),
+                top1=jnp.sum(_top_k_correct(logits, batch['labels'], 1) * mask),
+                top5=jnp.sum(_top_k_correct(logits, batch['labels'], 5) * mask),
+                count=jnp.sum(mask))
+
+  def step_fn(params, ema_params, batch):
+    sums = dict(raw=one(params, batch), ema=one(ema_params, batch))
+    return jax.lax.psum(sums, AXIS)
+
+  return step_fn
+
+
+def _cpu_init_options() -> Optional[dict[str, Any]]:
+  # Initialisation runs once; on CPU, LLVM's optimisation of its ~100 RNG kernels
+  # costs more (tens of seconds for an NFNet) than running them unoptimised.
+  return {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
+
+
+class Trainer:
+  """Compiled steps over a mesh of all devices, plus host-side array assembly."""
+
+  def __init__(self, config, model, tx, schedule, image_size: int):
+    # Devices ordered by host, so host p's local batch is rows [p*local, (p+1)*local)
+    # of the global batch, as the input pipeline numbers them.
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    self.mesh = Mesh(np.array(devices), (AXIS,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.data_sharding = NamedSharding(self.mesh, P(AXIS))
+    shard = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
+    self.train_step = jax.jit(
+        shard(make_train_step(config, model, tx, schedule),
+              in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P(), P())),
+        donate_argnums=(0,))
+    self.eval_step = jax.jit(
+        shard(make_eval_step(config, model), in_specs=(P(), P(), P(AXIS)), out_specs=P()))
+    init = make_init_fn(config, model, tx, image_size)
+    self.abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+        jax.eval_shape(init))
+    self._init = jax.jit(init, out_shardings=self.replicated,
+                         compiler_options=_cpu_init_options())
+
+  def init_state(self, params=None) -> dict[str, Any]:
+    """Fresh state (replicated); `params`: host arrays to start from (fine-tuning)."""
+    if params is not None:  # Same values on every host -> a replicated global array.
+      params = jax.tree.map(lambda x: jax.make_array_from_callback(
+          np.shape(x), self.replicated, lambda idx, x=x: np.asarray(x)[idx]), params)
+    return self._init(params)
+
+  def global_batch(self, local: Batch) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global arrays sharded over the data axis."""
+    return {k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(v))
+            for k, v in local.items()}
+
+  def host_flags(self, flags_: np.ndarray) -> jax.Array:
+    """This host's flags [F] -> a global [devices, F] array (one row per device)."""
+    local = np.tile(np.asarray(flags_, np.int32)[None], (jax.local_device_count(), 1))
+    return jax.make_array_from_process_local_data(self.data_sharding, local)
+
+
+def evaluate(trainer: Trainer, state, eval_iter: Iterator[Batch]) -> dict[str, float]:
+  """Top-1, top-5, loss of raw and EMA params over the whole eval split."""
+  totals = None
+  for batch in eval_iter:
+    sums = trainer.eval_step(state['params'], state['ema_params'],
+                             trainer.global_batch(batch))
+    sums = jax.device_get(sums)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  if totals is None:
+    raise ValueError('The eval split is empty')
+  out = {}
+  for which, t in totals.items():
+    n = max(float(t['count']), 1.0)
+    out.update({f'{which}_top1': float(t['top1']) / n, f'{which}_top5': float(t['top5']) / n,
+                f'{which}_loss': float(t['loss']) / n})
+  out['count'] = float(totals['raw']['count'])
+  return out
+

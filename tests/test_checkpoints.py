@@ -1,0 +1,233 @@
+"""Checkpoints (nfnet_jax/checkpoints.py): checksums, damaged and incomplete
+checkpoints set aside, a full disk, a workdir of another run. Small states; the
+training-loop side (resume equals an uninterrupted run) is in tests/test_train.py."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+import subprocess
+
+import numpy as np
+import pytest
+
+from nfnet_jax import checkpoints, errors
+
+
+def _state(seed: int = 0) -> dict:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  return dict(params={'w': jnp.asarray(rng.normal(size=(64, 256)), jnp.float32),
+                      'b': jnp.asarray(rng.normal(size=(256,)), jnp.float32)},
+              step=jnp.asarray(seed, jnp.int32), rng=jnp.asarray([seed, 7], jnp.uint32))
+
+
+def _abstract(state):
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), state)
+
+
+def _write(workdir: Path, steps=(1, 2)) -> dict[int, dict]:
+  mngr = checkpoints.manager(str(workdir), keep=5)
+  states = {s: _state(s) for s in steps}
+  for s in steps:
+    checkpoints.save(mngr, states[s], s, dict(model='test'))
+  mngr.close()
+  return states
+
+
+def _array_file(step_dir: Path) -> Path:
+  """The largest file of a checkpoint's state: the one holding the arrays' bytes."""
+  return max((p for p in (step_dir / 'state').rglob('*') if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+def _flip_middle(path: Path, n: int = 4096) -> None:
+  """Inverts n bytes in the middle of a file (same size)."""
+  data = bytearray(path.read_bytes())
+  mid = len(data) // 2 - n // 2
+  data[mid:mid + n] = bytes(255 - b for b in data[mid:mid + n])
+  path.write_bytes(bytes(data))
+
+
+def _tree_equal(a, b):
+  import jax  # pylint: disable=g-import-not-at-top
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checksum_matches_numpy_and_sees_one_bit():
+  """[sum, sum of word i * (2i+1)] of each leaf's 32-bit words, wrapping mod 2^32."""
+  state = _state(3)
+  got = checkpoints.checksum(state)
+
+  def reference(x):
+    words = np.ascontiguousarray(np.asarray(x)).view(np.uint32).ravel().astype(np.uint64)
+    weights = 2 * np.arange(words.size, dtype=np.uint64) + 1
+    return [int(words.sum() % 2**32), int((words * weights % 2**32).sum() % 2**32)]
+
+  assert got == {"['params']['b']": reference(state['params']['b']),
+                 "['params']['w']": reference(state['params']['w']),
+                 "['rng']": reference(state['rng']), "['step']": reference(state['step'])}
+  flipped = np.asarray(state['params']['w']).copy()
+  flipped.view(np.uint32)[5, 17] ^= 1 << 31  # One bit: the sign of one weight.
+  state['params']['w'] = flipped
+  assert checkpoints.checksum(state)["['params']['w']"][1] != got["['params']['w']"][1]
+  swapped = np.asarray(_state(3)['params']['w']).copy()
+  swapped[[0, 1]] = swapped[[1, 0]]  # Same words, other places: the plain sum agrees.
+  state['params']['w'] = swapped
+  now = checkpoints.checksum(state)["['params']['w']"]
+  assert now[0] == got["['params']['w']"][0] and now[1] != got["['params']['w']"][1]
+
+
+@pytest.mark.parametrize('damage', ['checksum', 'bit', 'overwrite', 'truncate', 'empty',
+                                    'meta'])
+def test_damaged_checkpoint_is_set_aside_and_the_previous_restored(damage, tmp_path,
+                                                                   caplog):
+  """Damage that orbax reads without complaint (a changed array, shown by editing the
+  recorded checksum, and a flipped bit that the compressor lets through) is caught
+  by the checksum; damage it cannot read is caught as unreadable. Either way the
+  checkpoint is renamed, whole, and the one before restored."""
+  import json  # pylint: disable=g-import-not-at-top
+  states = _write(tmp_path)
+  ckpts = tmp_path / 'checkpoints'
+  target = _array_file(ckpts / '2')
+  data, meta_file = bytearray(target.read_bytes()), ckpts / '2' / 'meta' / 'metadata'
+  mid = len(data) // 2
+  if damage == 'checksum':
+    meta = json.loads(meta_file.read_text())
+    meta['checksum']["['params']['w']"][1] ^= 1
+    meta_file.write_text(json.dumps(meta))
+  elif damage == 'bit':
+    data[mid] ^= 1
+  elif damage == 'overwrite':  # 4 KiB of other bytes, same size
+    data[mid:mid + 4096] = np.random.default_rng(0).bytes(4096)
+  elif damage == 'truncate':
+    data = data[:mid]
+  elif damage == 'empty':
+    data = b''
+  else:
+    meta_file.write_text('{"step": 2, "chec')
+  if damage in ('bit', 'overwrite', 'truncate', 'empty'):
+    target.write_bytes(bytes(data))
+  files = sorted(p.relative_to(ckpts / '2') for p in (ckpts / '2').rglob('*'))
+  mngr = checkpoints.manager(str(tmp_path), keep=5)
+  with caplog.at_level(logging.WARNING):
+    state, meta = checkpoints.restore(mngr, _abstract(states[2]))
+  _tree_equal(state, states[1])
+  assert meta['step'] == 1
+  moved = [p for p in ckpts.iterdir() if p.name.startswith('damaged-2-')]
+  assert len(moved) == 1 and not (ckpts / '2').exists()
+  assert sorted(p.relative_to(moved[0]) for p in moved[0].rglob('*')) == files  # kept
+  lines = [r.getMessage() for r in caplog.records if 'damaged' in r.getMessage()]
+  assert len(lines) == 1 and lines[0].startswith('Checkpoint 2 is damaged (')
+  assert f'moved to {moved[0].name}, trying the one before' in lines[0]
+  checksum_line = "(1 of 4 arrays differ from their checksums, e.g. ['params']['w'])"
+  if damage == 'checksum':
+    assert checksum_line in lines[0]
+  elif damage == 'bit':
+    assert checksum_line in lines[0] or '(unreadable: ' in lines[0]
+  else:
+    assert '(unreadable: ' in lines[0] and len(lines[0]) < 400, lines[0]
+  # Training goes on from step 1: the next save of step 2 does not collide.
+  checkpoints.save(mngr, states[2], 2, dict(model='test'))
+  mngr.close()
+  assert mngr.all_steps() == [1, 2]
+
+
+def test_every_checkpoint_damaged_is_an_error(tmp_path):
+  states = _write(tmp_path)
+  for step in (1, 2):
+    _flip_middle(_array_file(tmp_path / 'checkpoints' / str(step)))
+  mngr = checkpoints.manager(str(tmp_path), keep=5)
+  with pytest.raises(errors.RunError, match=r'Every checkpoint in .* is damaged \(set '
+                     r'aside as damaged-2-\d+, damaged-1-\d+\): nothing to resume from'):
+    checkpoints.restore(mngr, _abstract(states[2]))
+  assert sorted(p.name.split('-')[1] for p in (tmp_path / 'checkpoints').iterdir()) == [
+      '1', '2']
+
+
+def test_incomplete_checkpoints_are_set_aside(tmp_path):
+  ckpts = tmp_path / 'checkpoints'
+  good = ckpts / '4'
+  for item in ('state', 'meta'):
+    (good / item).mkdir(parents=True)
+  (good / 'commit_success.txt').write_text('ok')
+  legacy = ckpts / '6'  # Committed, with the commit time in its metadata only.
+  for item in ('state', 'meta'):
+    (legacy / item).mkdir(parents=True)
+  (legacy / '_CHECKPOINT_METADATA').write_text('{"commit_timestamp_nsecs": 1}')
+  (ckpts / '8' / 'state').mkdir(parents=True)  # Killed mid-save.
+  (ckpts / '9.orbax-checkpoint-tmp').mkdir()
+  moved = checkpoints.set_aside_incomplete(str(ckpts))
+  assert len(moved) == 1 and moved[0].startswith('incomplete-8-')
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ['4', '6']
+
+
+def test_another_layout_is_refused_before_anything_is_touched(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
+  c = configs.base_config()
+  c.model_kwargs = dict(width=0.125)
+  state = _state(1)
+  meta = checkpoints.run_meta(c, 10, 100, 5, jax.eval_shape(lambda: state))
+  mngr = checkpoints.manager(str(tmp_path), keep=5)
+  checkpoints.save(mngr, state, 1, meta)
+  mngr.close()
+  (tmp_path / 'checkpoints' / '3' / 'state').mkdir(parents=True)  # Would be set aside.
+  before = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob('*'))
+  checkpoints.check_same_layout(str(tmp_path), meta)  # Same run: fine.
+  c.model_kwargs.width = 0.25
+  other = dict(checkpoints.run_meta(c, 10, 100, 5, jax.eval_shape(lambda: state)),
+               state_spec='another')
+  with pytest.raises(errors.RunError, match=r'holds checkpoints of another run: step 1 '
+                     r'was written with model_kwargs.width=0.125; this run has '
+                     r'model_kwargs.width=0.25. Nothing was changed'):
+    checkpoints.check_same_layout(str(tmp_path), other)
+  assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob('*')) == before
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """A 1 MiB tmpfs (needs root, or a kernel that lets this user mount one)."""
+  mnt = tmp_path / 'mnt'
+  mnt.mkdir()
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mnt)],
+                        capture_output=True, text=True, check=False)
+  if done.returncode:
+    pytest.skip(f'cannot mount a small tmpfs here (not root?): {done.stderr.strip()}')
+  yield mnt
+  subprocess.run(['umount', '-l', str(mnt)], check=False)
+
+
+@pytest.mark.parametrize('free', [0, 16384, None])
+def test_full_disk_stops_at_the_failed_save_and_keeps_the_last_good(small_filesystem,
+                                                                    free, caplog):
+  """A disk with no room left at all, with a little (the small files are written, an
+  array fails), and one where only the big array does not fit (free=None)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  mngr = checkpoints.manager(str(small_filesystem), keep=5)
+  small = _state(1)
+  checkpoints.save(mngr, small, 1, {})
+  if free is not None:
+    st = os.statvfs(small_filesystem)
+    (small_filesystem / 'filler').write_bytes(bytes(max(st.f_bavail * st.f_frsize - free,
+                                                        0)))
+  big = dict(small, params={'w': jnp.asarray(np.random.default_rng(0).normal(
+      size=(512, 1024)), jnp.float32), 'b': small['params']['b']})  # 2 MiB
+  with caplog.at_level(logging.INFO):
+    with pytest.raises(errors.RunError) as e:
+      checkpoints.save(mngr, big, 2, {})
+  message = str(e.value)
+  assert message.startswith(f'Cannot save checkpoint 2 in {small_filesystem}/checkpoints: ')
+  assert 'Stopped at step 2; the last good checkpoint, step 1, is kept, the partial one ' \
+         'removed' in message and '\n' not in message and len(message) < 500
+  assert 'RESOURCE_EXHAUSTED' in message or 'No space left' in message
+  assert sorted(os.listdir(small_filesystem / 'checkpoints')) == ['1']
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no orbax noise
+  checkpoints.close(mngr)
+  (small_filesystem / 'filler').unlink(missing_ok=True)
+  mngr = checkpoints.manager(str(small_filesystem), keep=5)
+  state, _ = checkpoints.restore(mngr, _abstract(small))
+  _tree_equal(state, small)
