@@ -20,6 +20,7 @@ import optax
 
 from nfnet_jax import layers, optim, sam
 from nfnet_jax import agc as agc_lib
+from nfnet_jax.data import device_augment
 
 AXIS = 'data'
 Batch = dict[str, np.ndarray]
@@ -59,7 +60,12 @@ def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def make_train_step(config, model, tx, schedule) -> Callable:
-  """Per device: (state, local batch, host flags) -> (state, metrics, control)."""
+  """Per device: (state, local batch, host flags) -> (state, metrics, control).
+
+  The local batch is the input pipeline's: {images [b, S, S, 3], labels [b, K],
+  mask [b]}, or with data.augment_on='device' the uint8 inputs and per-row random
+  parameters of `device_augment` (every array's leading axis b).
+  """
   global_batch = config.batch_size
   accum = config.grad_accum_steps
   cdt = jnp.bfloat16 if config.compute_dtype == 'bfloat16' else jnp.float32
@@ -100,6 +106,10 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     return grads, aux
 
   def step_fn(state, batch, flags_in):
+    # data.augment_on='device': this device's rows arrive as uint8 inputs plus their
+    # random parameters and are mixed, RandAugmented and normalised here (a host
+    # batch passes through unchanged). The split into micro-batches comes after.
+    batch = device_augment.apply_device_augment(batch, config.data)
     local = batch['images'].shape[0]
     offset = jax.lax.axis_index(AXIS) * local  # Global index of this device's row 0.
     rng = jax.random.fold_in(state['rng'], state['step'])
