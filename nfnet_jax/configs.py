@@ -263,6 +263,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if k < 1 or (b // num_devices) % k:
     raise ValueError(f'config.grad_accum_steps={k} must divide the per-device batch '
                      f'{b // num_devices} (config.batch_size={b} / {num_devices} devices)')
+  _check_augment_on(config.data, b // num_devices)
   if config.sam.enabled and k > 1:
     raise ValueError('config.sam.enabled with config.grad_accum_steps > 1 is not '
                      'supported')
@@ -291,6 +292,25 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
     raise ValueError(f'config.ema_decay={config.ema_decay} must be in [0, 1]')
   if not 0 <= config.label_smoothing < 1:
     raise ValueError(f'config.label_smoothing={config.label_smoothing} must be in [0, 1)')
+
+
+def _check_augment_on(data, per_device: int) -> None:
+  """data.augment_on and what 'device' needs: the TF pipeline (the numpy path
+  augments on the host) and, with within-batch pairing, an even number of rows per
+  device (each device pairs its own rows 2i and 2i+1)."""
+  from nfnet_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  data_config.check_augment_config(data)
+  if data.get('augment_on', 'host') != 'device':
+    return
+  if not data.use_tf:
+    raise ValueError("data.augment_on='device' needs the TF input pipeline "
+                     "(data.use_tf=True); the numpy path augments on the host: use "
+                     "data.augment_on='host' with data.use_tf=False")
+  if (data_config.mix_on(data) and data.mix.get('pairing', 'paper') == 'within_batch'
+      and per_device % 2):
+    raise ValueError(f"data.augment_on='device' with data.mix.pairing='within_batch' "
+                     f'pairs rows 2i and 2i+1 on each device: the per-device batch '
+                     f'{per_device} must be even')
 
 
 def schedule_lengths(config, num_train: int) -> tuple[int, int]:
