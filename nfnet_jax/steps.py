@@ -36,7 +36,16 @@ def with_state(model) -> tuple[hk.TransformedWithState, bool]:
   """(the model as init/apply with state, whether it has state of its own)."""
   if isinstance(model, hk.TransformedWithState):
     return model, True
-  return hk.with_empty_state(model), False
+
+  # Duck-typed (anything with apply, and init when a state is initialised), so test
+  # doubles and hand-written models work too.
+  def init(*args, **kwargs):
+    return model.init(*args, **kwargs), {}
+
+  def apply(params, state, *args, **kwargs):
+    return model.apply(params, *args, **kwargs), state
+
+  return hk.TransformedWithState(init, apply), False
 
 
 def model_variables(state, ema: bool = False) -> tuple[Any, Any]:
@@ -163,7 +172,8 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     # data.augment_on='device': this device's rows arrive as uint8 inputs plus their
     # random parameters and are mixed, RandAugmented and normalised here (a host
     # batch passes through unchanged). The split into micro-batches comes after.
-    batch = device_augment.apply_device_augment(batch, config.data)
+    if 'data' in config:  # (Hand-built configs without a data section: host batches.)
+      batch = device_augment.apply_device_augment(batch, config.data)
     local = batch['images'].shape[0]
     offset = jax.lax.axis_index(AXIS) * local  # Global index of this device's row 0.
     rng = jax.random.fold_in(state['rng'], state['step'])
@@ -236,7 +246,8 @@ def make_eval_step(config, model) -> Callable:
   cdt = jnp.dtype(config.get('eval_dtype', 'float32'))
 
   def one(variables, batch):
-    params, model_state = variables
+    # (params, model state), or bare params for a model without state.
+    params, model_state = variables if isinstance(variables, tuple) else (variables, {})
     logits = model.apply(params, model_state, None, batch['images'].astype(cdt),
                          False)[0]['logits']
     mask = batch['mask']
