@@ -3,6 +3,7 @@ profile breakdowns, JSON / RESULTS.md output and the summary table.
 
   python benchmarks/common.py summarize OUT/*.json      # the table gpu_suite.sh prints
   python benchmarks/common.py quickstart-check WORKDIR OUT.json [WALL_S]
+  python benchmarks/common.py throughput DEVICE_KIND DTYPE BATCH STEP_S MACS_PER_IMAGE
 """
 from __future__ import annotations
 
@@ -405,6 +406,10 @@ def main(argv: list[str]) -> int:
         print(f'e2e {r["variant"]}: {r.get("status")} loss {r.get("loss_first")} -> '
               f'{r.get("loss_last")} (steps {r.get("step_first")}..{r.get("step_last")}), '
               f'wall {r.get("wall_s")} s {r.get("error", "")}')
+    return 0
+  if len(argv) == 7 and argv[1] == 'throughput':  # the arithmetic of a train record
+    print(json.dumps(throughput_fields(int(argv[4]), float(argv[5]), int(argv[6]),
+                                       argv[2], argv[3])))
     return 0
   if len(argv) >= 4 and argv[1] == 'quickstart-check':
     wall = float(argv[4]) if len(argv) > 4 else None

@@ -118,17 +118,7 @@ def parse_xla_opts(args) -> dict[str, Any]:
   if args.xla_preset not in baselines.XLA_PRESETS:
     raise SystemExit(f'--xla-preset must be one of {sorted(baselines.XLA_PRESETS)}')
   opts = dict(baselines.XLA_PRESETS[args.xla_preset])
-  for kv in args.xla_opt:
-    k, _, v = kv.partition('=')
-    val: Any = v
-    if v.lower() in ('true', 'false'):
-      val = v.lower() == 'true'
-    else:
-      try:
-        val = int(v)
-      except ValueError:
-        pass
-    opts[k.strip().lstrip('-')] = val
+  opts.update(baselines.parse_option(kv) for kv in args.xla_opt)
   return opts
 
 
