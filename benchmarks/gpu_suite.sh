@@ -136,7 +136,7 @@ part quickstart 35 110 $PY -m nfnet_jax.train --config=experiments/quickstart.py
     --config.warmup_epochs=0
 if [ -f /tmp/qs/metrics.jsonl ]; then
   cp /tmp/qs/metrics.jsonl "$OUT/quickstart_metrics.jsonl"
-  $PY benchmarks/common.py quickstart-check /tmp/qs "$OUT/quickstart.json" \
+  $PY benchmarks/quickstart_check.py /tmp/qs "$OUT/quickstart.json" \
       $(( $(date +%s) - QS_T ))
 fi
 
@@ -156,4 +156,4 @@ log "all parts done"
 echo "=== parts ==="
 cat "$OUT/parts.txt" 2>/dev/null
 echo "=== summary ($(date -u)) ==="
-$PY benchmarks/common.py summarize "$OUT"/*.json
+$PY benchmarks/summarize.py "$OUT"/*.json

@@ -152,7 +152,7 @@ def test_train_step_rejects_bad_variant():
 # Benchmark tooling (no compilation).
 # ---------------------------------------------------------------------------
 def _throughput(kind, dtype, batch=256, step_s=0.05, macs=6_980_000_000):
-  r = run('common.py', 'throughput', kind, dtype, batch, step_s, macs, timeout=120)
+  r = run('timing.py', kind, dtype, batch, step_s, macs, timeout=120)
   return json.loads(r.stdout)
 
 
@@ -160,6 +160,8 @@ def test_peak_flops_and_throughput_arithmetic():
   assert _throughput('NVIDIA H100 80GB HBM3', 'bfloat16')['peak_tflops'] == 989.0
   assert _throughput('NVIDIA H100 PCIe', 'bfloat16')['peak_tflops'] == 756.0
   assert _throughput('CPU x86_64', 'bfloat16')['peak_tflops'] is None
+  r = run('device.py', 'NVIDIA H100 NVL', 'float32', timeout=120)
+  assert json.loads(r.stdout)['peak_tflops'] == 418.0
   f = _throughput('NVIDIA H200', 'bfloat16')
   assert f['peak_tflops'] == 989.0
   assert f['images_per_s'] == pytest.approx(5120)
@@ -178,7 +180,7 @@ def test_summary_table_and_quickstart_check(tmp_path):
                dtype='bfloat16', status='error', error='boom')]
   (tmp_path / 'a.json').write_text(json.dumps(recs))
   (tmp_path / 'bad.json').write_text('{not json')
-  r = run('common.py', 'summarize', tmp_path / 'a.json', tmp_path / 'bad.json', timeout=120)
+  r = run('summarize.py', tmp_path / 'a.json', tmp_path / 'bad.json', timeout=120)
   row = next(l for l in r.stdout.splitlines() if l.startswith('train  ours optimised'))
   assert '2.50' in row and '30.0%' in row  # x timm eager, MFU
   assert 'boom' in r.stdout and 'skipping' in r.stdout
@@ -188,12 +190,12 @@ def test_summary_table_and_quickstart_check(tmp_path):
   (wd / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in [
       {'step': 10, 'train/loss': 2.3}, {'step': 20, 'train/loss': 1.9},
       {'step': 20, 'eval/raw_top1': 0.4}]))
-  run('common.py', 'quickstart-check', wd, tmp_path / 'q.json', 12.5, timeout=120)
+  run('quickstart_check.py', wd, tmp_path / 'q.json', 12.5, timeout=120)
   rec = json.loads((tmp_path / 'q.json').read_text())[0]
   assert rec['loss_falls'] and rec['loss_last'] == 1.9 and rec['wall_s'] == 12.5
   assert rec['eval'] == {'eval/raw_top1': 0.4}
   (wd / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in [
       {'step': 10, 'train/loss': 2.3}, {'step': 20, 'train/loss': 2.4}]))
-  r = run('common.py', 'quickstart-check', wd, tmp_path / 'q.json', ok=False, timeout=120)
+  r = run('quickstart_check.py', wd, tmp_path / 'q.json', ok=False, timeout=120)
   assert r.returncode == 1
   assert json.loads((tmp_path / 'q.json').read_text())[0]['error'] == 'loss did not fall'
