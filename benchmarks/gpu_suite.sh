@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one device script of issue 7: every GPU measurement in one run, < 6 minutes.
+# Every GPU measurement of the project in one run on one GPU, < 6 minutes.
 #
 #   bash benchmarks/gpu_suite.sh           # on the device machine, from the repo root
-#   SMALL=1 SKIP_INSTALL=1 PY=/work/venv/bin/python OUT=/tmp/suite BUDGET=6000 SCALE=20 \
+#   SMALL=1 SKIP_INSTALL=1 PY=.venv/bin/python OUT=/tmp/suite BUDGET=6000 SCALE=20 \
 #       bash benchmarks/gpu_suite.sh       # CPU smoke test: tiny model, same code paths
 #
 # Installs the pure-python wheels carried in .whl/ (dm-haiku, jmp, ml_collections,
