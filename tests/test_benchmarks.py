@@ -51,9 +51,7 @@ def _cosine(arrays, keys_a, keys_b):
 def comparison(tmp_path_factory):
   """Logits and grads of naive_model and models.create, float32 and bfloat16."""
   out = tmp_path_factory.mktemp('cmp') / 'cmp.npz'
-  run('baselines.py', 'compare', *[a for a in TINY if a not in ('--batch', '4', '--image',
-                                                                 '32')],
-      '--stochdepth-rate', '0.2', '--drop-rate', '0.2', '--batch', '4', '--image', '32',
+  run('baselines.py', 'compare', *TINY, '--stochdepth-rate', '0.2', '--drop-rate', '0.2',
       '--dtype', 'float32,bfloat16', '--out', out)
   with np.load(out) as f:
     return dict(f)
