@@ -9,21 +9,23 @@ to the unclipped step.
   python benchmarks/agc_overhead.py --model F0 --batch 256 --image 192 --dtype bfloat16
   python benchmarks/agc_overhead.py --model mlp           # plain-JAX stand-in, no Haiku
 
-Writes the table to --out (JSON).
+Writes the table to --json (alias --out; JSON).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import functools
 import os
 import statistics
 import sys
-import time
 from typing import Any, Callable, Dict, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import device  # noqa: E402  pylint: disable=g-import-not-at-top
+import report  # noqa: E402  pylint: disable=g-import-not-at-top
+import timing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -122,8 +124,8 @@ def main(argv=None) -> Dict[str, Any]:
   ap.add_argument("--clipping", type=float, default=0.01)
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(
-      os.path.abspath(__file__)), "agc_overhead.json"))
+  report.add_output_args(ap, json_default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "agc_overhead.json"))
   args = ap.parse_args(argv)
 
   key = jax.random.key(0)
@@ -145,34 +147,25 @@ def main(argv=None) -> Dict[str, Any]:
   for k, (step, tx) in runs.items():
     p = jax.tree.map(jnp.copy, params)
     state[k] = (p, tx.init(p))
-    for _ in range(args.warmup):
-      p, s, out = step(*state[k], key, images, labels)
-      state[k] = (p, s)
-    jax.block_until_ready(out)
 
-  times = {k: [] for k in runs}
-  for _ in range(args.steps):  # interleaved
-    for k, (step, _) in runs.items():
-      t0 = time.perf_counter()
-      p, s, out = step(*state[k], key, images, labels)
-      jax.block_until_ready((p, out))
-      times[k].append(time.perf_counter() - t0)
+  def train_call(k):
+    def call():
+      p, s, out = runs[k][0](*state[k], key, images, labels)
       state[k] = (p, s)
+      return p, out
+    return call
+
+  times = timing.time_interleaved({k: train_call(k) for k in runs}, jax.block_until_ready,
+                                  args.steps, args.warmup)
 
   # The optimizer update alone (same grads every call): isolates the clipping cost
   # from the forward/backward pass, whose noise dominates small CPU runs.
   grads = jax.tree.map(lambda x: 1e-2 * jnp.ones_like(x), params)
   upd = {k: jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[0])
          for k, tx in optimizers(args.clipping).items()}
-  upd_state = {k: jax.tree.map(jnp.copy, runs[k][1].init(params)) for k in upd}
-  for k, f in upd.items():
-    jax.block_until_ready(f(grads, upd_state[k], params))
-  upd_times = {k: [] for k in upd}
-  for _ in range(5 * args.steps):
-    for k, f in upd.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(grads, upd_state[k], params))
-      upd_times[k].append(time.perf_counter() - t0)
+  upd_times = timing.time_interleaved(
+      {k: functools.partial(f, grads, runs[k][1].init(params), params)
+       for k, f in upd.items()}, jax.block_until_ready, 5 * args.steps, warmup=1)
 
   base = statistics.median(times["no_clip"])
   rows = [{"variant": k, "median_ms": 1e3 * statistics.median(t),
@@ -180,26 +173,22 @@ def main(argv=None) -> Dict[str, Any]:
            "update_only_ms": (1e3 * statistics.median(upd_times[k])
                               if k in upd_times else None)}
           for k, t in times.items()]
-  dev = jax.devices()[0]
+  info = device.jax_device_info()
   result = {
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "jax": jax.__version__, "optax": optax.__version__,
-      "backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
+      "date": report.now(), **info, "optax": optax.__version__,
       "cpu_count": os.cpu_count(), "model": args.model,
       "width": args.width if args.model != "mlp" else None, "batch": args.batch,
       "image": args.image, "dtype": args.dtype, "params": int(n_params),
       "steps": args.steps, "rows": rows,
   }
   print(f"{args.model} batch {args.batch} {args.image}px {args.dtype}, "
-        f"{n_params / 1e6:.2f}M params, {result['device']}, jax {jax.__version__}, "
+        f"{n_params / 1e6:.2f}M params, {info['device_kind']}, jax {jax.__version__}, "
         f"median of {args.steps} interleaved steps")
   print(f"{'variant':32s} {'ms/step':>9s} {'ratio':>7s} {'update-only ms':>15s}")
   for r in rows:
     u = "" if r["update_only_ms"] is None else f"{r['update_only_ms']:.3f}"
     print(f"{r['variant']:32s} {r['median_ms']:9.2f} {r['ratio']:7.3f} {u:>15s}")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  report.write_json(args.json, result)
   return result
 
 

@@ -31,7 +31,9 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+import device  # noqa: E402  pylint: disable=g-import-not-at-top
+import report  # noqa: E402  pylint: disable=g-import-not-at-top
+import timing  # noqa: E402  pylint: disable=g-import-not-at-top
 from train_step import TIMM_NAMES, model_overrides, timm_skip_reason  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -49,10 +51,7 @@ def parse_args(argv=None):
   p.add_argument('--depths', default=None)
   p.add_argument('--group-size', type=int, default=None)
   p.add_argument('--torch-compile', action='store_true')
-  p.add_argument('--json', default=None)
-  p.add_argument('--results-md', default=os.path.join(common.ROOT, 'benchmarks',
-                                                       'RESULTS.md'))
-  p.add_argument('--notes', default='')
+  report.add_output_args(p, results_md=True)
   args = p.parse_args(argv)
   args.variants = [s.strip() for s in args.variant.split(',') if s.strip()]
   for s in args.variants:
@@ -64,7 +63,7 @@ def parse_args(argv=None):
 def base_record(args, variant: str) -> dict[str, Any]:
   return dict(kind='eval', variant=variant, model=args.model, batch=args.batch,
               image=args.image, dtype=args.dtype, model_kwargs=model_overrides(args),
-              date=common.now(), notes=args.notes)
+              date=report.now(), notes=args.notes)
 
 
 def run_jax(args, variant: str, first: bool, info: dict[str, Any]) -> dict[str, Any]:
@@ -100,13 +99,13 @@ def run_jax(args, variant: str, first: bool, info: dict[str, Any]) -> dict[str, 
   t = time.perf_counter()
   compiled = jitted.lower(params, images).compile()
   rec['compile_s'] = time.perf_counter() - t
-  rec['compiled_memory'] = common.compiled_memory(compiled)
-  timing = common.time_calls(lambda: compiled(params, images), jax.block_until_ready,
+  rec['compiled_memory'] = device.compiled_memory(compiled)
+  times = timing.time_calls(lambda: compiled(params, images), jax.block_until_ready,
                              args.steps, args.warmup)
-  rec.update(timing)
-  rec.update(common.throughput_fields(args.batch, timing['step_s_median'], macs,
+  rec.update(times)
+  rec.update(timing.throughput_fields(args.batch, times['step_s_median'], macs,
                                       info['device_kind'], args.dtype, forward_only=True))
-  peak = common.jax_peak_memory()
+  peak = device.jax_peak_memory()
   rec['peak_bytes_process'] = peak
   rec['peak_bytes'] = peak if first else None
   if not first and rec['compiled_memory']:
@@ -150,11 +149,11 @@ def run_timm(args, info: dict[str, Any]) -> dict[str, Any]:
   t = time.perf_counter()
   sync(one())
   rec['compile_s'] = time.perf_counter() - t
-  timing = common.time_calls(one, sync, args.steps, args.warmup)
-  rec.update(timing)
+  times = timing.time_calls(one, sync, args.steps, args.warmup)
+  rec.update(times)
   _, macs = summary.summarize(args.model, args.num_classes, args.image)
   rec['macs_per_image'] = macs
-  rec.update(common.throughput_fields(args.batch, timing['step_s_median'], macs,
+  rec.update(timing.throughput_fields(args.batch, times['step_s_median'], macs,
                                       props.name, args.dtype, forward_only=True))
   rec['peak_bytes'] = int(torch.cuda.max_memory_allocated())
   rec['status'] = 'ok'
@@ -169,7 +168,7 @@ def main(argv=None) -> int:
     args.image = registry.info(args.model)['test_imsize']
   jax_variants = [v for v in args.variants if v != 'timm']
   if jax_variants:
-    info = common.jax_device_info()
+    info = device.jax_device_info()
     print(f'JAX {info["jax"]} on {info["device_count"]} x {info["device_kind"]}', flush=True)
   else:
     info = dict(jax=jax.__version__)
@@ -194,9 +193,9 @@ def main(argv=None) -> int:
             flush=True)
     else:
       print(f'[{v}] {rec.get("status")}: {rec.get("error")}', flush=True)
-    common.write_json(args.json, records)
-  common.append_results_md(args.results_md, records)
-  print(common.summary_table(records))
+    report.write_json(args.json, records)
+  report.append_results_md(args.results_md, records)
+  print(report.summary_table(records))
   return 0 if all(r.get('status') in ('ok', 'skipped') for r in records) else 1
 
 

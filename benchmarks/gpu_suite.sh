@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one device script of issue 7: every GPU measurement in one run, < 6 minutes.
+# Every GPU measurement of the project in one run on one GPU, < 6 minutes.
 #
 #   bash benchmarks/gpu_suite.sh           # on the device machine, from the repo root
-#   SMALL=1 SKIP_INSTALL=1 PY=/work/venv/bin/python OUT=/tmp/suite BUDGET=6000 SCALE=20 \
+#   SMALL=1 SKIP_INSTALL=1 PY=.venv/bin/python OUT=/tmp/suite BUDGET=6000 SCALE=20 \
 #       bash benchmarks/gpu_suite.sh       # CPU smoke test: tiny model, same code paths
 #
 # Installs the pure-python wheels carried in .whl/ (dm-haiku, jmp, ml_collections,
@@ -136,7 +136,7 @@ part quickstart 35 110 $PY -m nfnet_jax.train --config=experiments/quickstart.py
     --config.warmup_epochs=0
 if [ -f /tmp/qs/metrics.jsonl ]; then
   cp /tmp/qs/metrics.jsonl "$OUT/quickstart_metrics.jsonl"
-  $PY benchmarks/common.py quickstart-check /tmp/qs "$OUT/quickstart.json" \
+  $PY benchmarks/quickstart_check.py /tmp/qs "$OUT/quickstart.json" \
       $(( $(date +%s) - QS_T ))
 fi
 
@@ -156,4 +156,4 @@ log "all parts done"
 echo "=== parts ==="
 cat "$OUT/parts.txt" 2>/dev/null
 echo "=== summary ($(date -u)) ==="
-$PY benchmarks/common.py summarize "$OUT"/*.json
+$PY benchmarks/summarize.py "$OUT"/*.json

@@ -18,24 +18,30 @@ backend) is measured beside an F0 forward+backward pass of the same batch
 (--step-batch, 0 to skip). "img/s per core" = output images / process CPU-seconds
 (user + sys): robust on a shared machine. Also printed: wall-clock img/s with all
 cores, and the host cores one accelerator needs to sustain a given training rate
-(F0 on one H200: 5,567 img/s, DESIGN.md; pass --rate for another).
+(by default F0's rate on one H200 as benchmarks/RESULTS.md gives it; pass --rate
+for another).
 
   python benchmarks/input_pipeline.py [--images 256] [--batch 64] [--batches 6]
-      [--recipe-batches 3] [--step-batch 8] [--no-basic]
+      [--recipe-batches 3] [--step-batch 8] [--no-basic] [--json OUT.json]
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
-import json
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import device  # noqa: E402  pylint: disable=g-import-not-at-top
+import report  # noqa: E402  pylint: disable=g-import-not-at-top
+import timing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 F0_RATE = 5567.0
 
@@ -99,7 +105,8 @@ def main() -> None:
                   help='batch of the device-augment / F0 forward+backward timing (0: skip)')
   ap.add_argument('--no-basic', action='store_true',
                   help='skip the train/train_lite/eval rows at 192/256 px')
-  ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'input_pipeline.json'))
+  report.add_output_args(ap, json_default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), 'input_pipeline.json'))
   args = ap.parse_args()
 
   from nfnet_jax import data
@@ -166,17 +173,17 @@ def main() -> None:
   cores = {k: round(v / train192['img_per_core_s'], 1) for k, v in rates.items()}
   cores_f0 = {f"{r['augment_on']}_{r['pairing']}": round(F0_RATE / r['img_per_core_s'], 1)
               for r in recipes if r['recipe'] == 'F0'}
+  info = device.jax_device_info()
   env = dict(
-      date=datetime.date.today().isoformat(), cpu=platform.processor() or platform.machine(),
+      date=report.now(), cpu=platform.processor() or platform.machine(),
       cpu_model=_cpu_model(), cores_visible=os.cpu_count(), python=platform.python_version(),
       tensorflow=tf.__version__, numpy=np.__version__, images=args.images,
       batch=args.batch, batches=args.batches, recipe_batches=args.recipe_batches,
-      jax=_jax_version(), jax_backend=_jax_backend(),
+      jax=info['jax'], jax_backend=info['platform'], jax_device=info['device_kind'],
       loadavg_start=load_start, loadavg_end=list(os.getloadavg()))
   out = dict(env=env, results=results, cores_needed_train192=cores, recipes=recipes,
              cores_needed_F0_H200=cores_f0, device_augment=device_cost, f0_step=step)
-  with open(args.out, 'w') as f:
-    json.dump(out, f, indent=2)
+  report.write_json(args.json, out)
 
   print('\n| transform | px | img/s per core | img/s wall (all cores) | decodes/img |')
   print('|---|---|---|---|---|')
@@ -193,7 +200,7 @@ def main() -> None:
     print(f"| {r['recipe']} | {r['size']} | {r['magnitude']:g} | {r['augment_on']} | "
           f"{r['pairing']} | {r['img_per_core_s']} | {r['vs_host_paper']}x | "
           f"{round(F0_RATE / r['img_per_core_s'], 1)} |")
-  print(f'wrote {args.out}')
+  print(f'wrote {args.json}')
 
 
 RECIPES = (('F0', 192, 5.0), ('F1', 224, 10.0), ('F3', 320, 15.0))
@@ -224,12 +231,9 @@ def time_device_augment(root: str, size: int, magnitude: float, batch: int,
   t = time.perf_counter()
   jax.block_until_ready(fn(raw))
   compile_s = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(raw))
-    times.append(time.perf_counter() - t)
-  ms = 1000 * float(np.median(times)) / batch
+  times = timing.time_calls(lambda: fn(raw), jax.block_until_ready, repeats, 0,
+                            pipelined=False)
+  ms = 1000 * times['step_s_median'] / batch
   return dict(size=size, magnitude=magnitude, batch=batch, compile_s=round(compile_s, 1),
               ms_per_image=round(ms, 3), backend=jax.default_backend())
 
@@ -253,30 +257,11 @@ def time_f0_step(batch: int, repeats: int = 2) -> dict:
   t = time.perf_counter()
   jax.block_until_ready(grad(params, key))
   compile_s = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(grad(params, key))
-    times.append(time.perf_counter() - t)
+  times = timing.time_calls(lambda: grad(params, key), jax.block_until_ready, repeats, 0,
+                            pipelined=False)
   return dict(batch=batch, size=192, compile_s=round(compile_s, 1),
-              ms_per_image=round(1000 * float(np.median(times)) / batch, 2),
+              ms_per_image=round(1000 * times['step_s_median'] / batch, 2),
               backend=jax.default_backend())
-
-
-def _jax_version() -> str:
-  try:
-    import jax
-    return jax.__version__
-  except ImportError:
-    return 'not installed'
-
-
-def _jax_backend() -> str:
-  try:
-    import jax
-    return jax.default_backend()
-  except ImportError:
-    return 'none'
 
 
 def _cpu_model() -> str:

@@ -34,7 +34,8 @@ from typing import Any
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+import device  # noqa: E402  pylint: disable=g-import-not-at-top
+import report  # noqa: E402  pylint: disable=g-import-not-at-top
 import train_step  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _ITEMSIZE = {'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 'u32': 4, 'i32': 4, 'bool': 1}
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--group-size', type=int, default=None)
   p.add_argument('--xla', action='store_true',
                  help='compile and report XLA memory on CPU too (not meaningful there)')
-  p.add_argument('--json', default=None)
+  report.add_output_args(p)
   args = p.parse_args(argv)
   args.policies = [s.strip() for s in args.remat.split(',') if s.strip()]
   from nfnet_jax import models  # pylint: disable=g-import-not-at-top
@@ -107,13 +108,13 @@ def analyse(args, policy: str) -> dict[str, Any]:
   flags = jax.ShapeDtypeStruct((jax.device_count(), 2), jnp.int32, sharding=sh)
   rec = dict(kind='memory', variant=f'remat={policy}', remat=policy, model=args.model,
              batch=args.batch, image=args.image, dtype=args.dtype, model_kwargs=kw,
-             date=common.now(), compile_s=None, compiled_memory=None, status='ok')
-  rec.update(common.jax_device_info())
+             date=report.now(), compile_s=None, compiled_memory=None, status='ok')
+  rec.update(device.jax_device_info())
   if jax.default_backend() != 'cpu' or args.xla:
     t = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.abstract_state, batch, flags).compile()
     rec['compile_s'] = time.perf_counter() - t
-    rec['compiled_memory'] = common.compiled_memory(compiled)
+    rec['compiled_memory'] = device.compiled_memory(compiled)
   params = trainer.abstract_state['params']
   local = args.batch // jax.device_count()
   x = jax.ShapeDtypeStruct((local, args.image, args.image, 3), dt)
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
   for policy in args.policies:
     print(f'[{policy}] ...', flush=True)
     records.append(analyse(args, policy))
-  gib = common.GIB
+  gib = device.GIB
   print(f'\n{records[0]["device_kind"]} x{records[0]["device_count"]}, jax '
         f'{records[0]["jax"]}, {args.model} b{args.batch} {args.image}px {args.dtype}, '
         f'{records[0]["date"]}')
@@ -141,10 +142,10 @@ def main(argv=None) -> int:
     ratio = f'{peak / base:8.2f}' if peak and base else '       –'
     temp = m.get('temp_size_in_bytes')
     print(f'{r["remat"]:<13} {r["residual_bytes_per_device"] / gib:13.2f} '
-          f'{common._fmt(temp and temp / gib, "12.2f", "           –")} '
-          f'{common._fmt(peak and peak / gib, "12.2f", "           –")} {ratio} '
-          f'{common._fmt(r["compile_s"], "9.1f", "        –")}')
-  common.write_json(args.json, records)
+          f'{report.fmt(temp and temp / gib, "12.2f", "           –")} '
+          f'{report.fmt(peak and peak / gib, "12.2f", "           –")} {ratio} '
+          f'{report.fmt(r["compile_s"], "9.1f", "        –")}')
+  report.write_json(args.json, records)
   return 0
 
 

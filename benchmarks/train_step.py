@@ -47,7 +47,10 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+import device  # noqa: E402  pylint: disable=g-import-not-at-top
+import profiles  # noqa: E402  pylint: disable=g-import-not-at-top
+import report  # noqa: E402  pylint: disable=g-import-not-at-top
+import timing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TIMM_NAMES = {f'F{k}': f'dm_nfnet_f{k}' for k in range(7)}
 
@@ -73,11 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='trace N steps of the first JAX variant; print a breakdown')
   p.add_argument('--torch-compile', action='store_true', help='timm under torch.compile')
   p.add_argument('--micro', action='store_true', help='layer microbenchmarks instead')
-  p.add_argument('--json', default=None)
-  p.add_argument('--results-md', default=os.path.join(common.ROOT, 'benchmarks',
-                                                       'RESULTS.md'),
-                 help="markdown table to append rows to ('' = none)")
-  p.add_argument('--notes', default='')
+  report.add_output_args(p, results_md=True)
   args = p.parse_args(argv)
   v = args.variant
   v = {'both': 'optimised,plain', 'all': 'optimised,plain,timm'}.get(v, v)
@@ -118,24 +117,14 @@ def parse_xla_opts(args) -> dict[str, Any]:
   if args.xla_preset not in baselines.XLA_PRESETS:
     raise SystemExit(f'--xla-preset must be one of {sorted(baselines.XLA_PRESETS)}')
   opts = dict(baselines.XLA_PRESETS[args.xla_preset])
-  for kv in args.xla_opt:
-    k, _, v = kv.partition('=')
-    val: Any = v
-    if v.lower() in ('true', 'false'):
-      val = v.lower() == 'true'
-    else:
-      try:
-        val = int(v)
-      except ValueError:
-        pass
-    opts[k.strip().lstrip('-')] = val
+  opts.update(baselines.parse_option(kv) for kv in args.xla_opt)
   return opts
 
 
 def base_record(args, kind: str, variant: str) -> dict[str, Any]:
   return dict(kind=kind, variant=variant, model=args.model, batch=args.batch,
               image=args.image, dtype=args.dtype, model_kwargs=model_overrides(args),
-              date=common.now(), notes=args.notes)
+              date=report.now(), notes=args.notes)
 
 
 # ---------------------------------------------------------------------------
@@ -252,7 +241,7 @@ def run_jax_variant(args, variant: str, first: bool, info: dict[str, Any],
   if used != xla_opts:
     dropped = sorted(set(xla_opts) - set(used))
     rec['notes'] = (rec['notes'] + f' XLA options unknown, dropped: {dropped}').strip()
-  rec['compiled_memory'] = common.compiled_memory(compiled)
+  rec['compiled_memory'] = device.compiled_memory(compiled)
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -270,11 +259,11 @@ def run_jax_variant(args, variant: str, first: bool, info: dict[str, Any],
     losses.append(m['loss'])
     return out
 
-  timing = common.time_calls(one, jax.block_until_ready, args.steps, args.warmup)
-  rec.update(timing)
-  rec.update(common.throughput_fields(args.batch, timing['step_s_median'], macs,
+  times = timing.time_calls(one, jax.block_until_ready, args.steps, args.warmup)
+  rec.update(times)
+  rec.update(timing.throughput_fields(args.batch, times['step_s_median'], macs,
                                       info['device_kind'], args.dtype))
-  peak = common.jax_peak_memory()
+  peak = device.jax_peak_memory()
   rec['peak_bytes_process'] = peak
   rec['peak_bytes'] = peak if first else None
   if not first and rec['compiled_memory']:
@@ -293,10 +282,10 @@ def run_jax_variant(args, variant: str, first: bool, info: dict[str, Any],
         with jax.profiler.trace(d):
           for _ in range(args.profile):
             jax.block_until_ready(one())
-        rec['profile'] = common.profile_breakdown(d, args.profile)
+        rec['profile'] = profiles.profile_breakdown(d, args.profile)
     except Exception as e:  # pylint: disable=broad-except
       rec['profile'] = {'error': f'{type(e).__name__}: {e}'[:300]}
-    common.print_profile(rec['profile'], label)
+    profiles.print_profile(rec['profile'], label)
   del holder, compiled, trainer
   gc.collect()
   return rec
@@ -355,11 +344,11 @@ def run_timm(args, info_jax: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   t = time.perf_counter()
   sync(one())
   rec['compile_s'] = time.perf_counter() - t  # first step: cudnn autotune (+ compile)
-  timing = common.time_calls(one, sync, args.steps, args.warmup)
-  rec.update(timing)
+  times = timing.time_calls(one, sync, args.steps, args.warmup)
+  rec.update(times)
   _, macs = summary.summarize(args.model, args.num_classes, args.image)
   rec['macs_per_image'] = macs
-  rec.update(common.throughput_fields(args.batch, timing['step_s_median'], macs,
+  rec.update(timing.throughput_fields(args.batch, times['step_s_median'], macs,
                                       props.name, args.dtype))
   rec['peak_bytes'] = int(torch.cuda.max_memory_allocated())
   rec['peak_reserved_bytes'] = int(torch.cuda.max_memory_reserved())
@@ -392,9 +381,9 @@ def run_micro(args, info: dict[str, Any], save=None) -> list[dict[str, Any]]:
       t = time.perf_counter()
       compiled = jf.lower(*xs).compile()
       rec['compile_s'] = time.perf_counter() - t
-      timing = common.time_calls(lambda: compiled(*xs), jax.block_until_ready, steps, 2)
-      rec.update(timing)
-      rec['images_per_s'] = b / timing['step_s_median']
+      times = timing.time_calls(lambda: compiled(*xs), jax.block_until_ready, steps, 2)
+      rec.update(times)
+      rec['images_per_s'] = b / times['step_s_median']
       rec['status'] = 'ok'
     except Exception as e:  # pylint: disable=broad-except
       rec.update(status='error', error=f'{type(e).__name__}: {e}'[:300])
@@ -503,13 +492,13 @@ def run_micro(args, info: dict[str, Any], save=None) -> list[dict[str, Any]]:
 
     rec = base_record(args, 'micro', f'state update, {n} buffers [{impl}]')
     rec.update(info)
-    timing = common.time_calls(call, jax.block_until_ready, max(steps, 20), 3)
-    rec.update(timing, status='ok')
+    times = timing.time_calls(call, jax.block_until_ready, max(steps, 20), 3)
+    rec.update(times, status='ok')
     recs.append(rec)
     if save is not None:
       save(recs)
-    print(f'[micro] {rec["variant"]:<44} {1e3 * timing["step_s_median"]:.3f} ms '
-          f'(pipelined {1e3 * timing.get("step_s_pipelined", float("nan")):.3f})', flush=True)
+    print(f'[micro] {rec["variant"]:<44} {1e3 * times["step_s_median"]:.3f} ms '
+          f'(pipelined {1e3 * times.get("step_s_pipelined", float("nan")):.3f})', flush=True)
   return recs
 
 
@@ -523,14 +512,14 @@ def main(argv=None) -> int:
   jax_variants = [v for v in args.variants if v != 'timm']
   info = {}
   if jax_variants or args.micro:
-    info = common.jax_device_info()
+    info = device.jax_device_info()
     print(f'JAX {info["jax"]} on {info["device_count"]} x {info["device_kind"]} '
           f'({info["platform"]})', flush=True)
   else:
     info = dict(jax=jax.__version__)
   records = []
   if args.micro:
-    records = run_micro(args, info, save=lambda r: common.write_json(args.json, r))
+    records = run_micro(args, info, save=lambda r: report.write_json(args.json, r))
   else:
     for i, v in enumerate(args.variants):
       print(f'--- {v} ---', flush=True)
@@ -540,7 +529,7 @@ def main(argv=None) -> int:
         else:
           rec = run_jax_variant(
               args, v, first=(i == 0 or args.variants[0] == 'timm' and i == 1), info=info,
-              save=lambda r: common.write_json(args.json, records + [r]))
+              save=lambda r: report.write_json(args.json, records + [r]))
       except Exception as e:  # pylint: disable=broad-except
         traceback.print_exc()
         rec = base_record(args, 'train', v)
@@ -552,16 +541,16 @@ def main(argv=None) -> int:
               f'{1e3 * rec["step_s_median"]:.2f} ms/step median '
               f'({1e3 * rec["step_s_pipelined"]:.2f} pipelined), '
               f'{rec["images_per_s"]:,.0f} img/s, peak '
-              f'{(rec.get("peak_bytes") or rec.get("peak_bytes_estimate") or 0) / common.GIB:.2f}'
+              f'{(rec.get("peak_bytes") or rec.get("peak_bytes_estimate") or 0) / device.GIB:.2f}'
               f' GiB, loss {rec.get("loss_first"):.4f} -> {rec.get("loss_last"):.4f}',
               flush=True)
       else:
         print(f'[{v}] {rec.get("status")}: {rec.get("error")}', flush=True)
-      common.write_json(args.json, records)  # after each variant: survives a crash
-    common.append_results_md(args.results_md, records)
-  common.write_json(args.json, records)
+      report.write_json(args.json, records)  # after each variant: survives a crash
+    report.append_results_md(args.results_md, records)
+  report.write_json(args.json, records)
   if not args.micro:
-    print(common.summary_table(records))
+    print(report.summary_table(records))
   return 0 if all(r.get('status') in ('ok', 'skipped') for r in records) else 1
 
 

@@ -1,62 +1,39 @@
-"""benchmarks/: the baselines and the benchmark tooling (no GPU needed).
+"""benchmarks/: the scripts run as a user runs them (subprocesses, no GPU needed).
 
 The naive mixed-precision baseline against the reference model (float32: the same
-function; bfloat16: bf16-level noise); the optimised train step (Trainer:
-jit(shard_map), donated state, and with remat) against a plain non-donated step of
-that baseline in float32;
-`compile_step`'s handling of XLA options; the tooling's arithmetic and reports.
+function; bfloat16: bf16-level noise) through `baselines.py compare`; the optimised
+train step (Trainer: jit(shard_map), donated state, and with remat) against a plain
+non-donated step of that baseline in float32 through `train_step.py`; XLA options
+that this XLA does not know are dropped and reported; the tooling's arithmetic and
+reports through the scripts' command lines.
 """
-import functools
 import json
 import os
+import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnet_jax import models
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, 'benchmarks')
 
 # F0 blocks at 1/8 width with 16-wide groups: bottlenecks of 1, 2, 6 and 6 groups,
 # so grouped convolutions are exercised; stochastic depth and dropout are on.
-KW = dict(width=0.125, group_size=16, depths=(1, 1, 1, 1), stochdepth_rate=0.2,
-          drop_rate=0.2)
-NUM_CLASSES = 10
+TINY = ['--model', 'F0', '--width', '0.125', '--group-size', '16', '--depths', '1,1,1,1',
+        '--num-classes', '10', '--batch', '4', '--image', '32']
 
 
-def _inputs():
-  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3), jnp.float32)
-  ct = jax.random.normal(jax.random.PRNGKey(3), (4, NUM_CLASSES), jnp.float32)
-  return x, ct
-
-
-@functools.lru_cache(maxsize=None)
-def _params():
-  x, _ = _inputs()
-  return models.create('F0', NUM_CLASSES, **KW).init(jax.random.PRNGKey(0), x, True)
-
-
-def _logits_and_grads(net, dtype):
-  """Training-mode logits and d(sum(logits * ct))/dparams, same RNG for every net."""
-  x, ct = _inputs()
-
-  @jax.jit
-  def f(params):
-    def loss(p):
-      logits = net.apply(p, jax.random.PRNGKey(2), x.astype(dtype), True)['logits']
-      return jnp.sum(logits * ct), logits
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return logits, grads
-
-  return f(_params())
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(dtype_name):
-  return _logits_and_grads(models.create('F0', NUM_CLASSES, **KW), jnp.dtype(dtype_name))
+def run(script, *args, ok=True, timeout=900):
+  """`python benchmarks/<script> args...` with this checkout's package."""
+  env = dict(os.environ)
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  env.setdefault('JAX_PLATFORMS', 'cpu')
+  r = subprocess.run([sys.executable, os.path.join(BENCH, script), *map(str, args)],
+                     capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+  if ok:
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  return r
 
 
 def _max_rel(a, b):
@@ -64,123 +41,133 @@ def _max_rel(a, b):
   return float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12))
 
 
-def _assert_trees_close(a, b, rtol):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for path, x, y in zip(jax.tree_util.tree_flatten_with_path(a)[0], leaves_a, leaves_b):
-    assert _max_rel(x, y) <= rtol, (path[0], _max_rel(x, y))
-
-
-def _cosine(a, b):
-  va = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(a)])
-  vb = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(b)])
+def _cosine(arrays, keys_a, keys_b):
+  va = np.concatenate([np.ravel(arrays[k]).astype(np.float64) for k in keys_a])
+  vb = np.concatenate([np.ravel(arrays[k]).astype(np.float64) for k in keys_b])
   return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)))
 
 
-@pytest.mark.slow
-def test_plain_model_equals_reference_in_float32():
-  import baselines  # benchmarks/baselines.py
-  logits, grads = _logits_and_grads(baselines.naive_model('F0', NUM_CLASSES, jnp.float32, **KW),
-                                    jnp.float32)
-  ref_logits, ref_grads = _reference('float32')
-  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
-  _assert_trees_close(grads, ref_grads, rtol=1e-4)
+@pytest.fixture(scope='module')
+def comparison(tmp_path_factory):
+  """Logits and grads of naive_model and models.create, float32 and bfloat16."""
+  out = tmp_path_factory.mktemp('cmp') / 'cmp.npz'
+  run('baselines.py', 'compare', *TINY, '--stochdepth-rate', '0.2', '--drop-rate', '0.2',
+      '--dtype', 'float32,bfloat16', '--out', out)
+  with np.load(out) as f:
+    return dict(f)
+
+
+def _grad_keys(arrays, dtype, which):
+  prefix = f'{dtype}/{which}/grads/'
+  return sorted(k for k in arrays if k.startswith(prefix))
 
 
 @pytest.mark.slow
-def test_plain_model_matches_reference_to_bf16_precision():
+def test_plain_model_equals_reference_in_float32(comparison):
+  a = comparison
+  np.testing.assert_allclose(a['float32/naive/logits'], a['float32/reference/logits'],
+                             rtol=1e-5, atol=1e-6)
+  naive, ref = _grad_keys(a, 'float32', 'naive'), _grad_keys(a, 'float32', 'reference')
+  assert [k.split('/', 3)[3] for k in naive] == [k.split('/', 3)[3] for k in ref]
+  assert len(naive) > 20  # every parameter of the tiny F0
+  for kn, kr in zip(naive, ref):
+    assert _max_rel(a[kn], a[kr]) <= 1e-4, (kn, _max_rel(a[kn], a[kr]))
+
+
+@pytest.mark.slow
+def test_plain_model_matches_reference_to_bf16_precision(comparison):
   """In bf16 the two differ only by where weights are rounded: bf16-level noise."""
-  import baselines  # benchmarks/baselines.py
-  logits, grads = _logits_and_grads(
-      baselines.naive_model('F0', NUM_CLASSES, jnp.bfloat16, **KW), jnp.bfloat16)
-  ref_logits, ref_grads = _reference('bfloat16')
-  f32_logits, f32_grads = _reference('float32')
-  noise = float(np.max(np.abs(np.asarray(ref_logits) - np.asarray(f32_logits))))
-  diff = float(np.max(np.abs(np.asarray(logits) - np.asarray(ref_logits))))
+  a = comparison
+  noise = float(np.max(np.abs(a['bfloat16/reference/logits']
+                              - a['float32/reference/logits'])))
+  diff = float(np.max(np.abs(a['bfloat16/naive/logits'] - a['bfloat16/reference/logits'])))
   assert diff <= 4 * noise + 1e-3, (diff, noise)
-  assert _cosine(grads, ref_grads) > 0.99
-  assert _cosine(ref_grads, f32_grads) > 0.99
-  for leaf in jax.tree.leaves(grads):
-    assert leaf.dtype == jnp.float32 and np.all(np.isfinite(leaf))
+  naive, ref = _grad_keys(a, 'bfloat16', 'naive'), _grad_keys(a, 'bfloat16', 'reference')
+  assert _cosine(a, naive, ref) > 0.99
+  assert _cosine(a, ref, _grad_keys(a, 'float32', 'reference')) > 0.99
+  for k in naive:
+    assert a[k].dtype == np.float32 and np.all(np.isfinite(a[k])), k
 
 
-def test_compile_step_drops_unknown_xla_options():
-  import baselines  # benchmarks/baselines.py
-  jitted = jax.jit(lambda x: jnp.tanh(x) * 2)
-  logs = []
-  compiled, used = baselines.compile_step(
-      jitted, (jnp.ones(3),), {'xla_gpu_autotune_level': 4,
-                               'xla_certainly_not_an_option_x': True}, log=logs.append)
-  assert used == {'xla_gpu_autotune_level': 4}
-  assert logs and 'xla_certainly_not_an_option_x' in logs[0]
-  np.testing.assert_allclose(compiled(jnp.ones(3)), 2 * np.tanh(1.0), rtol=1e-6)
-  for preset in baselines.XLA_PRESETS.values():  # every preset's keys are known to XLA
-    _, used = baselines.compile_step(jitted, (jnp.ones(3),), preset, log=lambda m: None)
-    assert used == preset
+def test_xla_presets_known_and_unknown_options_dropped(tmp_path):
+  out = tmp_path / 'presets.json'
+  run('baselines.py', 'xla-presets', '--json', out, '--opt', 'xla_gpu_autotune_level=4',
+      '--opt', 'xla_certainly_not_an_option_x=true')
+  res = json.loads(out.read_text())
+  custom = res.pop('custom')
+  assert custom['used'] == {'xla_gpu_autotune_level': 4}
+  assert len(custom['log']) == 1 and 'xla_certainly_not_an_option_x' in custom['log'][0]
+  np.testing.assert_allclose(custom['value'], 2 * np.tanh(1.0), rtol=1e-6)
+  assert {'none', 'conv_fusion', 'autotune4'} <= set(res)
+  for name, r in res.items():  # every preset's keys are known to XLA
+    assert r['used'] == r['asked'] and not r['log'], name
+    np.testing.assert_allclose(r['value'], 2 * np.tanh(1.0), rtol=1e-6)
 
 
 @pytest.mark.slow
-def test_optimised_train_step_equals_plain_step():
+def test_optimised_train_step_equals_plain_step(tmp_path):
   """Trainer's donated jit(shard_map) step == a plain non-donated step, float32; and
-  so does the step of a config with remat='convs' (train.create_model ->
-  models.create(remat=...)); the plain step runs benchmarks' naive baseline, which in
-  float32 computes the reference function."""
-  import baselines  # benchmarks/baselines.py
-  import train_step  # benchmarks/train_step.py: wires steps as nfnet_jax.train does
-  from nfnet_jax import configs, optim, train
-  c = configs.base_config()
-  c.model, c.batch_size, c.compute_dtype = 'F0', 4, 'float32'
-  c.model_kwargs = dict(KW)
-  net = train.create_model(c, NUM_CLASSES)
-  tx, sched = optim.build_optimizer(c.optimizer, 100, 0, c.batch_size)
-  opt = train_step.build_train_steps(c, net, tx, sched, 32)
-  plain = train_step.build_train_steps(
-      c, net, tx, sched, 32, plain_model=baselines.naive_model('F0', NUM_CLASSES, jnp.float32,
-                                                          **KW))
-  x, _ = _inputs()
-  labels = jax.nn.one_hot(jnp.arange(4) % NUM_CLASSES, NUM_CLASSES)
-  batch = opt['trainer'].global_batch(dict(images=np.asarray(x), labels=np.asarray(labels),
-                                           mask=np.ones(4, np.float32)))
-  c_remat = c.copy_and_resolve_references()
-  c_remat.remat = 'convs'
-  rematted = train.create_model(c_remat, NUM_CLASSES)
-  assert rematted is not net
-  remat = train_step.build_train_steps(c_remat, net, tx, sched, 32, model=rematted)
-  state = opt['init']()
-  out_plain = jax.device_get(plain['step'](state, batch, *plain['extra']))
-  out_remat = jax.device_get(remat['step'](opt['init'](), batch, *remat['extra']))
-  out_opt = jax.device_get(opt['step'](state, batch, *opt['extra']))  # donates `state`
-  (s_plain, m_plain) = out_plain[:2]
-  for s_opt, m_opt in (out_opt[:2], out_remat[:2]):
-    for k in ('loss', 'top1', 'grad_norm'):
-      np.testing.assert_allclose(m_opt[k], m_plain[k], rtol=1e-5)
-    _assert_trees_close(s_opt['params'], s_plain['params'], rtol=1e-5)
-    _assert_trees_close(s_opt['opt_state'], s_plain['opt_state'], rtol=1e-4)
+  so does the step of remat='convs'; the plain step runs the naive baseline, which in
+  float32 computes the reference function. Same data and initial state for all three,
+  so equal losses over 1 warm-up + 2 timed + 2 pipelined steps mean equal updates."""
+  out, md = tmp_path / 'train.json', tmp_path / 'R.md'
+  r = run('train_step.py', *TINY, '--dtype', 'float32', '--steps', '2', '--warmup', '1',
+          '--variant', 'optimised,plain,remat', '--xla-preset', 'conv_fusion',
+          '--xla-opt', 'xla_gpu_autotune_level=2',
+          '--xla-opt', 'xla_certainly_not_an_option_x=true', '--json', out,
+          '--results-md', md)
+  recs = {rec['variant']: rec for rec in json.loads(out.read_text())}
+  assert set(recs) == {'ours optimised+conv_fusion', 'ours plain',
+                       'ours optimised+remat-convs+conv_fusion'}, set(recs)
+  plain = recs['ours plain']
+  for rec in recs.values():
+    assert rec['status'] == 'ok' and rec['all_finite']
+    assert rec['model_kwargs'] == dict(width=0.125, depths=[1, 1, 1, 1], group_size=16)
+    # throughput arithmetic: images/s and 3 x 2 x MACs x batch / step time
+    assert rec['images_per_s'] == pytest.approx(4 / rec['step_s_median'])
+    assert rec['tflops'] == pytest.approx(
+        6 * rec['macs_per_image'] * 4 / rec['step_s_median'] / 1e12)
+    assert rec['mfu'] is None  # no peak figure for a CPU
+    np.testing.assert_allclose([rec['loss_first'], rec['loss_last']],
+                               [plain['loss_first'], plain['loss_last']], rtol=1e-5)
+  assert plain['loss_last'] != plain['loss_first']  # the steps do update the state
+  assert plain['xla_options'] == {} and not plain['donation']
+  opt = recs['ours optimised+conv_fusion']
+  assert opt['donation'] and opt['xla_options'] == {
+      'xla_gpu_experimental_enable_conv_fusion': True, 'xla_gpu_autotune_level': 2}
+  assert 'xla_certainly_not_an_option_x' in opt['notes']
+  assert 'xla_certainly_not_an_option_x' in r.stdout
+  text = md.read_text()  # one RESULTS.md row per measured variant, one header
+  assert text.count('| date |') == 1 and text.count('| train |') == 3
+
+
+def test_train_step_rejects_bad_variant():
+  r = run('train_step.py', '--variant', 'remat,bogus', ok=False, timeout=120)
+  assert r.returncode == 2 and "unknown variant 'bogus'" in r.stderr
 
 
 # ---------------------------------------------------------------------------
 # Benchmark tooling (no compilation).
 # ---------------------------------------------------------------------------
-def test_benchmark_tooling(tmp_path):
-  import common  # benchmarks/common.py
-  import train_step
-  assert common.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.0
-  assert common.peak_tflops('NVIDIA H100 PCIe', 'bfloat16') == 756.0
-  assert common.peak_tflops('NVIDIA H200', 'bfloat16') == 989.0
-  assert common.peak_tflops('CPU x86_64', 'bfloat16') is None
-  f = common.throughput_fields(256, 0.05, 6_980_000_000, 'NVIDIA H200', 'bfloat16')
+def _throughput(kind, dtype, batch=256, step_s=0.05, macs=6_980_000_000):
+  r = run('timing.py', kind, dtype, batch, step_s, macs, timeout=120)
+  return json.loads(r.stdout)
+
+
+def test_peak_flops_and_throughput_arithmetic():
+  assert _throughput('NVIDIA H100 80GB HBM3', 'bfloat16')['peak_tflops'] == 989.0
+  assert _throughput('NVIDIA H100 PCIe', 'bfloat16')['peak_tflops'] == 756.0
+  assert _throughput('CPU x86_64', 'bfloat16')['peak_tflops'] is None
+  r = run('device.py', 'NVIDIA H100 NVL', 'float32', timeout=120)
+  assert json.loads(r.stdout)['peak_tflops'] == 418.0
+  f = _throughput('NVIDIA H200', 'bfloat16')
+  assert f['peak_tflops'] == 989.0
   assert f['images_per_s'] == pytest.approx(5120)
   assert f['tflops'] == pytest.approx(3 * 2 * 6.98e9 * 256 / 0.05 / 1e12)
   assert f['mfu'] == pytest.approx(f['tflops'] / 989.0)
-  assert train_step.parse_args(['--variant', 'remat,split']).variants == ['remat', 'split']
-  args = train_step.parse_args(['--variant', 'both', '--depths', '1,1,2,1', '--width',
-                                '0.125', '--xla-preset', 'conv_fusion', '--xla-opt',
-                                'xla_gpu_autotune_level=2'])
-  assert args.variants == ['optimised', 'plain']
-  assert train_step.model_overrides(args) == dict(width=0.125, depths=(1, 1, 2, 1))
-  assert train_step.parse_xla_opts(args) == {
-      'xla_gpu_experimental_enable_conv_fusion': True, 'xla_gpu_autotune_level': 2}
+
+
+def test_summary_table_and_quickstart_check(tmp_path):
   recs = [dict(kind='train', variant='timm eager', model='F0', batch=256, image=192,
                dtype='bfloat16', status='ok', step_s_median=0.1, images_per_s=2560.0,
                peak_bytes=2 ** 30),
@@ -189,18 +176,24 @@ def test_benchmark_tooling(tmp_path):
                mfu=0.3, compile_s=40.0, date='d', device_kind='H', device_count=1),
           dict(kind='train', variant='ours plain', model='F0', batch=256, image=192,
                dtype='bfloat16', status='error', error='boom')]
-  table = common.summary_table(recs)
-  assert '2.50' in table and 'boom' in table
-  md = tmp_path / 'R.md'
-  common.append_results_md(str(md), recs)
-  common.append_results_md(str(md), recs[1:2])
-  text = md.read_text()
-  assert text.count('| date |') == 1 and text.count('ours optimised') == 2
+  (tmp_path / 'a.json').write_text(json.dumps(recs))
+  (tmp_path / 'bad.json').write_text('{not json')
+  r = run('summarize.py', tmp_path / 'a.json', tmp_path / 'bad.json', timeout=120)
+  row = next(l for l in r.stdout.splitlines() if l.startswith('train  ours optimised'))
+  assert '2.50' in row and '30.0%' in row  # x timm eager, MFU
+  assert 'boom' in r.stdout and 'skipping' in r.stdout
+
   wd = tmp_path / 'qs'
   wd.mkdir()
   (wd / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in [
       {'step': 10, 'train/loss': 2.3}, {'step': 20, 'train/loss': 1.9},
       {'step': 20, 'eval/raw_top1': 0.4}]))
-  assert common.quickstart_check(str(wd), str(tmp_path / 'q.json')) == 0
+  run('quickstart_check.py', wd, tmp_path / 'q.json', 12.5, timeout=120)
   rec = json.loads((tmp_path / 'q.json').read_text())[0]
-  assert rec['loss_falls'] and rec['loss_last'] == 1.9
+  assert rec['loss_falls'] and rec['loss_last'] == 1.9 and rec['wall_s'] == 12.5
+  assert rec['eval'] == {'eval/raw_top1': 0.4}
+  (wd / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in [
+      {'step': 10, 'train/loss': 2.3}, {'step': 20, 'train/loss': 2.4}]))
+  r = run('quickstart_check.py', wd, tmp_path / 'q.json', ok=False, timeout=120)
+  assert r.returncode == 1
+  assert json.loads((tmp_path / 'q.json').read_text())[0]['error'] == 'loss did not fall'
