@@ -22,11 +22,8 @@ shows the same XLA peak, which says nothing about a GPU or TPU. Prints a table;
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import math
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -65,25 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def saved_residuals(net, params, x) -> list[tuple[str, tuple[int, ...], str]]:
-  """[(dtype, shape, why)] of the batch-sized residuals JAX keeps for the backward
-  pass of sum(net(x)) in training mode (public print_saved_residuals, parsed)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  f = lambda p, x: net.apply(p, jax.random.PRNGKey(0), x, True)['logits'].sum()
-  buf = io.StringIO()
-  with contextlib.redirect_stdout(buf):
-    jax.ad_checkpoint.print_saved_residuals(f, params, x)
-  out = []
-  for line in buf.getvalue().splitlines():
-    m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line.strip())
-    if not m:
-      raise ValueError(f'unexpected print_saved_residuals line: {line!r}')
-    shape = tuple(int(d) for d in m.group(2).split(',') if d)
-    if shape and shape[0] == x.shape[0]:
-      out.append((m.group(1), shape, m.group(3)))
-  return out
-
-
 def residual_bytes(residuals: list[tuple[str, tuple[int, ...], str]]) -> int:
   return sum(_ITEMSIZE.get(dt, 4) * math.prod(shape) for dt, shape, _ in residuals)
 
@@ -118,7 +96,7 @@ def analyse(args, policy: str) -> dict[str, Any]:
   params = trainer.abstract_state['params']
   local = args.batch // jax.device_count()
   x = jax.ShapeDtypeStruct((local, args.image, args.image, 3), dt)
-  rec['residual_bytes_per_device'] = residual_bytes(saved_residuals(net, params, x))
+  rec['residual_bytes_per_device'] = residual_bytes(models.saved_residuals(net, params, x))
   return rec
 
 

@@ -4,13 +4,10 @@
 holds fixed parameters, images and logits of one small model per family; the models
 must reproduce those logits bit for bit and declare the same parameter tree.
 """
-import contextlib
 import functools
-import io
 import json
 import math
 import os
-import re
 
 import haiku as hk
 import jax
@@ -145,21 +142,9 @@ def test_remat_computes_the_same_function(name, remat):
 
 
 def saved_residuals(net, params, x) -> list[tuple[int, str]]:
-  """[(bytes, why)] of the batch-sized arrays JAX's autodiff keeps for the backward
-  pass of sum(logits) in training mode (jax.ad_checkpoint.print_saved_residuals,
-  parsed). `x`'s batch size must differ from every parameter's leading dimension."""
-  f = lambda p, x: net.apply(p, jax.random.PRNGKey(0), x, True)['logits'].sum()
-  buf = io.StringIO()
-  with contextlib.redirect_stdout(buf):
-    jax.ad_checkpoint.print_saved_residuals(f, params, x)
-  out = []
-  for line in buf.getvalue().splitlines():
-    m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line.strip())
-    assert m, f'unexpected print_saved_residuals line: {line!r}'
-    shape = tuple(int(d) for d in m.group(2).split(',') if d)
-    if shape and shape[0] == x.shape[0]:
-      out.append((jnp.dtype(_DTYPES[m.group(1)]).itemsize * math.prod(shape), m.group(3)))
-  return out
+  """[(bytes, why)] of the batch-sized arrays kept for the backward pass."""
+  return [(jnp.dtype(_DTYPES[dt]).itemsize * math.prod(shape), why)
+          for dt, shape, why in models.saved_residuals(net, params, x)]
 
 
 _DTYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16,

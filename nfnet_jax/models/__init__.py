@@ -1,5 +1,5 @@
 """Model zoo: NFNets (F0..F7, F0+..F7+), NF-ResNets and NF-RegNets."""
-from nfnet_jax.models.base import REMAT_POLICIES
+from nfnet_jax.models.base import REMAT_POLICIES, saved_residuals
 from nfnet_jax.models.bn_resnet import BNResNet
 from nfnet_jax.models.nf_regnet import NFRegNet
 from nfnet_jax.models.nf_resnet import NFResNet

@@ -14,7 +14,10 @@ made in `__call__` lose the `~`), as in DeepMind's released checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import re
 from typing import Any, Callable, Optional, Sequence
 
 import haiku as hk
@@ -28,6 +31,28 @@ from nfnet_jax import layers
 # 'block_convs': the same per residual block (the stem and head store as usual);
 # 'blocks': residual blocks recomputed entirely, convs included.
 REMAT_POLICIES = ('none', 'convs', 'block_convs', 'blocks')
+
+
+def saved_residuals(net: hk.Transformed, params, x: jax.Array
+                    ) -> list[tuple[str, tuple[int, ...], str]]:
+  """[(dtype, shape, why)] of the batch-sized arrays JAX's autodiff keeps for the
+  backward pass of sum(logits) in training mode: `jax.ad_checkpoint.
+  print_saved_residuals`, parsed. What a remat policy saves is visible here (XLA:CPU's
+  own buffers are not a guide: it merges recomputation back into the forward pass).
+  `x`'s batch size must differ from every parameter's leading dimension."""
+  f = lambda p, x: net.apply(p, jax.random.PRNGKey(0), x, True)['logits'].sum()
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    jax.ad_checkpoint.print_saved_residuals(f, params, x)
+  out = []
+  for line in buf.getvalue().splitlines():
+    m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line.strip())
+    if not m:
+      raise ValueError(f'unexpected print_saved_residuals line: {line!r}')
+    shape = tuple(int(d) for d in m.group(2).split(',') if d)
+    if shape and shape[0] == x.shape[0]:
+      out.append((m.group(1), shape, m.group(3)))
+  return out
 
 
 def check_options(family: type, remat: str = 'none', groups: str = 'auto') -> None:
