@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import re
 
 import haiku as hk
 import jax
