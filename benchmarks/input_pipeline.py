@@ -43,6 +43,8 @@ import device  # noqa: E402  pylint: disable=g-import-not-at-top
 import report  # noqa: E402  pylint: disable=g-import-not-at-top
 import timing  # noqa: E402  pylint: disable=g-import-not-at-top
 
+# The rate the pipeline must feed: DeepMind's NFNet-F0 training step on one H200,
+# images/s at 192 px (the faster of the two F0 rows in RESULTS.md). --rate adds another.
 F0_RATE = 5567.0
 
 

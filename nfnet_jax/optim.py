@@ -33,7 +33,9 @@ __all__ = [
 ]
 
 PyTree = Any
-NO_DECAY_NAMES: tuple[str, ...] = ('gain', 'skip_gain', 'bias', 'b')
+# Gains, biases and BatchNorm's scale/offset are not decayed (DeepMind's NFNet and
+# BN-ResNet baselines exclude the same names).
+NO_DECAY_NAMES: tuple[str, ...] = ('gain', 'skip_gain', 'bias', 'b', 'scale', 'offset')
 
 
 def lr_schedule(base_lr: float,

@@ -53,11 +53,15 @@ def test_every_run_of_every_claim_is_a_valid_config(scale):
 def test_both_arms_share_the_recipe():
   """nf_vs_bn runs differ in the model (and seed) only."""
   specs = claims.CLAIMS['nf_vs_bn'].runs('cpu', [0])
-  assert {tuple(sorted(s.overrides)) for s in specs} == {
-      ('model', 'optimizer.base_lr', 'seed')}
-  assert {s.overrides['optimizer.base_lr'] for s in specs} == {0.1}
+  assert {tuple(sorted(s.overrides)) for s in specs} == {('model', 'seed')}
   assert {s.overrides['model'] for s in specs} == {
-      'nf_resnet26', 'bn_resnet26'}
+      'nf_resnet26', 'bn_resnet26', 'nf_resnet50', 'bn_resnet50'}
+  # The control arm: post-activation BN-ResNet, branches starting at zero.
+  v1 = [s for s in specs if s.labels['arm'] == 'bn_v1']
+  assert [s.variant for s in v1] == ['v1']
+  config = _experiment_config('cpu,v1')
+  assert config.model_kwargs.preactivation is False
+  assert {s.variant for s in specs if s.labels['arm'] != 'bn_v1'} == {''}
 
 
 def test_summaries():
@@ -70,6 +74,7 @@ def test_summaries():
   assert s['top1']['nf']['26']['std'] == pytest.approx(np.std([0.5, 0.7], ddof=1))
   assert s['top1']['bn']['26']['n'] == 1  # the failed run is left out
   assert s['nf_minus_bn']['26'] == pytest.approx(0.2)
+  assert s['nf_minus_bn_v1'] == {}  # no bn_v1 rows
   rows = [dict(arm='batch 64', x=c, seed=0, status='ok', top1=t)
           for c, t in ((0.01, 0.3), (0.04, 0.6), (0.16, 0.5))]
   rows.append(dict(arm='batch 1024', x=0.01, seed=0, status='diverged', top1=0.05))
@@ -116,9 +121,9 @@ def test_dry_run_prints_the_train_commands(tmp_path):
   r = _cli('--claim', 'batch_size_agc', '--out', str(tmp_path), '--dry_run')
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
-  assert len(lines) == 6
+  assert len(lines) == 9  # 3 batch sizes x 3 arms
   assert all(' -m nfnet_jax.train --config=' in l and 'claims.py:cpu ' in l for l in lines)
-  assert any('--config.batch_size=1024 --config.grad_accum_steps=4' in l for l in lines)
+  assert any('--config.batch_size=2048 --config.grad_accum_steps=8' in l for l in lines)
   assert not list(tmp_path.iterdir())  # nothing run, nothing written
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from nfnet_jax import optim
 
-NO_DECAY = ("gain", "skip_gain", "bias", "b")
+NO_DECAY = ("gain", "skip_gain", "bias", "b", "scale", "offset")
 
 
 def np_agc(g, p, clipping, eps):
@@ -141,7 +141,8 @@ def test_agc_can_be_disabled():
 def test_weight_decay_mask():
   p = {"conv": {"w": np.ones((2, 2)), "gain": np.ones(2), "bias": np.ones(2)},
        "blk": {"skip_gain": np.ones(())}, "lin": {"w": np.ones(3), "b": np.ones(3)},
-       "Dense_0": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}}
+       "Dense_0": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
+       "bn": {"scale": np.ones(2), "offset": np.ones(2)}}
   p = jax.tree.map(lambda x: x.astype(np.float32) * 2.0, p)
   g = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.bfloat16), p)
   tx = optim.add_weight_decay(0.1)
