@@ -325,9 +325,58 @@ def read_metrics(workdir: Path) -> dict[str, Any]:
   return out
 
 
+# The settings the claims vary; a run that sets only these is identified by them.
+_RUN_KEYS = ('model', 'seed', 'batch_size', 'grad_accum_steps', 'optimizer.agc_clipping')
+
+
+def run_key(argv: Sequence[str]) -> Optional[str]:
+  """What a train command trains, as a string: its config argument plus the claims'
+  settings with the scale's defaults filled in; None when it sets anything else
+  (such a run is never shared between claims)."""
+  arg = next((a for a in argv if a.startswith('--config=')), None)
+  if arg is None:
+    return None
+  scale, _, variant = arg.partition(':')[2].partition(',')
+  overrides = {}
+  for a in argv:
+    if a.startswith('--config.'):
+      k, _, v = a[len('--config.'):].partition('=')
+      overrides[k] = v
+  if set(overrides) - set(_RUN_KEYS) or scale not in SCALES:
+    return None
+  full = {'model': _scale_grid(scale, 'nf_resnet26', 'nf_resnet26', 'nf_resnet50'),
+          'seed': 0, 'batch_size': _default_batch(scale), 'grad_accum_steps': 1,
+          'optimizer.agc_clipping': 0.0, **overrides}
+  full['optimizer.agc_clipping'] = float(full['optimizer.agc_clipping'])
+  for k in ('seed', 'batch_size', 'grad_accum_steps'):
+    full[k] = int(full[k])
+  return json.dumps(dict(full, scale=scale, variant=variant), sort_keys=True)
+
+
+def _finished_twin(cmd: Sequence[str], out: Path, workdir: Path) -> Optional[Path]:
+  """The result file of a finished run of another claim under `out` that trains
+  exactly what `cmd` trains (same run_key), if any."""
+  key = run_key(cmd)
+  if key is None:
+    return None
+  for path in sorted(out.glob(f'*/*/{RESULT_FILE}')):
+    if path.parent == workdir:
+      continue
+    try:
+      row = json.loads(path.read_text())
+    except ValueError:
+      continue
+    if row.get('status') in ('ok', 'diverged') and \
+        run_key(row.get('command', '').split()) == key:
+      return path
+  return None
+
+
 def run_one(spec: RunSpec, scale: str, claim_dir: Path, env: dict[str, str],
             chance: float) -> dict[str, Any]:
-  """Runs (or resumes, or skips when finished) one run; returns its row."""
+  """Runs (or resumes, or skips when finished) one run; returns its row. A run that
+  another claim under the same output directory already finished with the same
+  settings is not trained again: its row is reused (`reused_from`)."""
   workdir = claim_dir / spec.name
   result = workdir / RESULT_FILE
   if result.exists():
@@ -335,8 +384,20 @@ def run_one(spec: RunSpec, scale: str, claim_dir: Path, env: dict[str, str],
       return json.loads(result.read_text())
     except ValueError:
       pass  # Cut short while written: run again (it resumes from its checkpoint).
-  workdir.mkdir(parents=True, exist_ok=True)
   cmd = command(spec, scale, workdir)
+  twin = _finished_twin(cmd, claim_dir.parent, workdir)
+  if twin is not None:
+    old = json.loads(twin.read_text())
+    keep = ('status', 'rc', 'seconds', 'chance', 'top1', 'ema_top1', 'eval_loss',
+            'eval_step', 'train_loss', 'train_step', 'images_per_sec')
+    row = {'name': spec.name, **spec.overrides, **spec.labels,
+           **{k: old[k] for k in keep if k in old}, 'command': old['command'],
+           'reused_from': str(twin.parent.relative_to(claim_dir.parent))}
+    row['batch_size'] = spec.overrides.get('batch_size', _default_batch(scale))
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(result, row)
+    return row
+  workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
   with open(workdir / 'train.log', 'a', encoding='utf-8') as log:
     rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -357,10 +418,14 @@ def run_one(spec: RunSpec, scale: str, claim_dir: Path, env: dict[str, str],
   if status == 'diverged':
     row['top1'] = row['ema_top1'] = chance
   if status != 'failed':  # Failed runs are retried by the next invocation.
-    tmp = result.with_suffix('.tmp')
-    tmp.write_text(json.dumps(row, indent=1))
-    os.replace(tmp, result)
+    _write_json(result, row)
   return row
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(json.dumps(obj, indent=1))
+  os.replace(tmp, path)
 
 
 def _default_batch(scale: str) -> int:

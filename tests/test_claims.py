@@ -207,3 +207,52 @@ def test_run_one_records_status_and_skips_finished_runs(tmp_path, monkeypatch):
     else:
       assert row['rc'] == 3 and not result.exists()
   assert calls == ['ok', 'diverged', 'failed']  # the finished 'ok' ran once
+
+
+def test_a_run_finished_by_another_claim_is_reused(tmp_path, monkeypatch):
+  """batch_size_agc's no-clip NF arm at the scale's batch trains exactly nf_vs_bn's
+  nf_resnet26 (the defaults spelled out): its row is reused, nothing is trained. A run
+  that differs in any setting (clipping, variant, seed) is trained."""
+  trained = []
+
+  class Done:
+    returncode = 0
+
+  def fake_run(cmd, **kwargs):
+    trained.append(cmd)
+    return Done()
+
+  monkeypatch.setattr(claims.subprocess, 'run', fake_run)
+  env = dict(os.environ)
+  first = claims.RunSpec('nf_resnet26_s0', {'model': 'nf_resnet26', 'seed': 0},
+                         dict(arm='nf', x=26, seed=0))
+  claims.run_one(first, 'cpu', tmp_path / 'nf_vs_bn', env, chance=0.1)
+  assert len(trained) == 1
+  done = tmp_path / 'nf_vs_bn' / 'nf_resnet26_s0' / claims.RESULT_FILE
+  row = json.loads(done.read_text())
+  row.update(top1=0.7, ema_top1=0.69)
+  done.write_text(json.dumps(row))
+
+  twin = claims.RunSpec('nf_no_clip_b128_s0', {
+      'model': 'nf_resnet26', 'seed': 0, 'optimizer.agc_clipping': 0.0,
+      'batch_size': 128, 'grad_accum_steps': 1}, dict(arm='nf_no_clip', x=128, seed=0))
+  reused = claims.run_one(twin, 'cpu', tmp_path / 'batch_size_agc', env, chance=0.1)
+  assert len(trained) == 1
+  assert reused['top1'] == 0.7 and reused['arm'] == 'nf_no_clip' and reused['x'] == 128
+  assert reused['reused_from'] == os.path.join('nf_vs_bn', 'nf_resnet26_s0')
+  assert json.loads((tmp_path / 'batch_size_agc' / 'nf_no_clip_b128_s0' /
+                     claims.RESULT_FILE).read_text()) == reused
+
+  others = [claims.RunSpec('agc', dict(twin.overrides, **{'optimizer.agc_clipping': 0.04}),
+                           {}),
+            claims.RunSpec('seed1', dict(twin.overrides, seed=1), {}),
+            claims.RunSpec('v1', {'model': 'nf_resnet26', 'seed': 0}, {}, variant='v1')]
+  for spec in others:
+    claims.run_one(spec, 'cpu', tmp_path / 'other', env, chance=0.1)
+  assert len(trained) == 4
+  # Equal keys only for equal settings.
+  key = lambda spec: claims.run_key(claims.command(spec, 'cpu', tmp_path)[1:])
+  assert key(first) == key(twin)
+  assert len({key(s) for s in [first, *others]}) == 4
+  cost = claims.CLAIMS['cost'].runs('cpu', [0])[1]
+  assert key(cost) is None  # a 24-step timing run is never anyone's twin
