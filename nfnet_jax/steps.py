@@ -165,7 +165,12 @@ def make_train_step(config, model, tx, schedule) -> Callable:
 
     zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()), jnp.zeros(())),
              model_state)
-    (grads, aux, model_state), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), split))
+    # XLA:CPU runs the convolutions of a loop body many times slower than the same
+    # convolutions unrolled (benchmarks/RESULTS.md); elsewhere the loop keeps compile
+    # time independent of the number of micro-batches.
+    unroll = jax.default_backend() == 'cpu'
+    (grads, aux, model_state), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), split),
+                                                unroll=unroll)
     return grads, aux, model_state
 
   def step_fn(state, batch, flags_in):

@@ -197,3 +197,19 @@ def test_summary_table_and_quickstart_check(tmp_path):
   r = run('quickstart_check.py', wd, tmp_path / 'q.json', ok=False, timeout=120)
   assert r.returncode == 1
   assert json.loads((tmp_path / 'q.json').read_text())[0]['error'] == 'loss did not fall'
+
+
+def test_grad_accum_benchmark_records_and_equal_gradients(tmp_path):
+  out = tmp_path / 'accum.json'
+  r = run('grad_accum.py', '--width', '0.0625', '--image', '16', '--micro', '4',
+          '--accum', '3', '--steps', '1', '--warmup', '0', '--json', out)
+  recs = {rec['variant']: rec for rec in json.loads(out.read_text())}
+  assert set(recs) == {'one', 'scan', 'unrolled'}
+  assert recs['one']['images'] == 4 and recs['scan']['images'] == 12
+  assert recs['one']['vs_one'] == pytest.approx(1.0)
+  for rec in recs.values():
+    assert rec['images_per_s'] == pytest.approx(rec['images'] / rec['step_s_median'])
+    assert rec['max_abs_grad_diff_scan_vs_unrolled'] < 1e-5
+  assert '| unrolled | 12 |' in r.stdout
+  bad = run('grad_accum.py', '--accum', '1', ok=False, timeout=120)
+  assert bad.returncode == 2 and '--accum must be >= 2' in bad.stderr
