@@ -331,8 +331,9 @@ _RUN_KEYS = ('model', 'seed', 'batch_size', 'grad_accum_steps', 'optimizer.agc_c
 
 def run_key(argv: Sequence[str]) -> Optional[str]:
   """What a train command trains, as a string: its config argument plus the claims'
-  settings with the scale's defaults filled in; None when it sets anything else
-  (such a run is never shared between claims)."""
+  settings, the scale's defaults filled in where a claim leaves them out (every claim
+  sets the model); None when it sets anything else (such a run is never shared
+  between claims)."""
   arg = next((a for a in argv if a.startswith('--config=')), None)
   if arg is None:
     return None
@@ -344,9 +345,8 @@ def run_key(argv: Sequence[str]) -> Optional[str]:
       overrides[k] = v
   if set(overrides) - set(_RUN_KEYS) or scale not in SCALES:
     return None
-  full = {'model': _scale_grid(scale, 'nf_resnet26', 'nf_resnet26', 'nf_resnet50'),
-          'seed': 0, 'batch_size': _default_batch(scale), 'grad_accum_steps': 1,
-          'optimizer.agc_clipping': 0.0, **overrides}
+  full = {'batch_size': _default_batch(scale), 'grad_accum_steps': 1,
+          'optimizer.agc_clipping': 0.0, 'seed': 0, **overrides}
   full['optimizer.agc_clipping'] = float(full['optimizer.agc_clipping'])
   for k in ('seed', 'batch_size', 'grad_accum_steps'):
     full[k] = int(full[k])
@@ -385,19 +385,18 @@ def run_one(spec: RunSpec, scale: str, claim_dir: Path, env: dict[str, str],
     except ValueError:
       pass  # Cut short while written: run again (it resumes from its checkpoint).
   cmd = command(spec, scale, workdir)
+  head = {'name': spec.name, **spec.overrides, **spec.labels}
+  batch = {'batch_size': spec.overrides.get('batch_size', _default_batch(scale))}
+  workdir.mkdir(parents=True, exist_ok=True)
   twin = _finished_twin(cmd, claim_dir.parent, workdir)
   if twin is not None:
     old = json.loads(twin.read_text())
     keep = ('status', 'rc', 'seconds', 'chance', 'top1', 'ema_top1', 'eval_loss',
             'eval_step', 'train_loss', 'train_step', 'images_per_sec')
-    row = {'name': spec.name, **spec.overrides, **spec.labels,
-           **{k: old[k] for k in keep if k in old}, 'command': old['command'],
-           'reused_from': str(twin.parent.relative_to(claim_dir.parent))}
-    row['batch_size'] = spec.overrides.get('batch_size', _default_batch(scale))
-    workdir.mkdir(parents=True, exist_ok=True)
+    row = {**head, **{k: old[k] for k in keep if k in old}, 'command': old['command'],
+           'reused_from': str(twin.parent.relative_to(claim_dir.parent)), **batch}
     _write_json(result, row)
     return row
-  workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
   with open(workdir / 'train.log', 'a', encoding='utf-8') as log:
     rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -411,10 +410,8 @@ def run_one(spec: RunSpec, scale: str, claim_dir: Path, env: dict[str, str],
     raise KeyboardInterrupt
   else:
     status = 'failed'
-  row = {'name': spec.name, **spec.overrides, **spec.labels, 'status': status, 'rc': rc,
-         'seconds': round(time.time() - start, 1), 'chance': chance,
-         'command': ' '.join(cmd[1:]), **read_metrics(workdir)}
-  row['batch_size'] = spec.overrides.get('batch_size', _default_batch(scale))
+  row = {**head, 'status': status, 'rc': rc, 'seconds': round(time.time() - start, 1),
+         'chance': chance, 'command': ' '.join(cmd[1:]), **read_metrics(workdir), **batch}
   if status == 'diverged':
     row['top1'] = row['ema_top1'] = chance
   if status != 'failed':  # Failed runs are retried by the next invocation.
@@ -477,9 +474,7 @@ def _write_report(claim: Claim, rows: list[dict], out: Path, scale: str,
                 complete=len(rows) == num_runs, runs_done=len(rows), runs_planned=num_runs,
                 summary=claim.summarize(rows), runs=rows)
   out.mkdir(parents=True, exist_ok=True)
-  tmp = out / f'{claim.name}.json.tmp'
-  tmp.write_text(json.dumps(report, indent=1))
-  os.replace(tmp, out / f'{claim.name}.json')
+  _write_json(out / f'{claim.name}.json', report)
   _write_plot(claim, rows, out / f'{claim.name}.png')
   return report
 
