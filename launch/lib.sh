@@ -131,6 +131,7 @@ check_training() {
   local hint="${check_hint:---check-python=PATH or --no-check}"
   shift 3
   local envs=()
+  [[ "$py" == */* && "$py" != /* ]] && py="$PWD/$py"  # the check runs from $dir
   [[ -n "$devices" ]] && envs=(JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices")
   if ! command -v "$py" > /dev/null; then
     echo "$who: cannot check the training command: no Python $py here; pass a Python with this project's requirements ($hint)" >&2
