@@ -6,8 +6,11 @@
 #
 # Everything after `--` goes to `python -m nfnet_jax.train` (default:
 # --config=experiments/nfnet.py:F0). The global batch must divide by the number of
-# GPUs. Re-running the same command resumes from the workdir's last checkpoint; Ctrl-C
-# or SIGTERM saves a checkpoint first. The log also goes to WORKDIR/train.log.
+# GPUs. Before the workdir is created or training starts, the command's --check_config
+# runs with the same interpreter (with --install, right after the install, which is what
+# provides one): a mistake in it stops the script with one line. Re-running the same
+# command resumes from the workdir's last checkpoint; Ctrl-C or SIGTERM saves a
+# checkpoint first. The log also goes to WORKDIR/train.log.
 #
 # Options:
 #   --workdir=DIR       checkpoints, metrics, TensorBoard, train.log (required)
@@ -20,16 +23,17 @@
 #   --install           first create .venv and install this project with JAX for CUDA
 #   --jax=SPEC          pip requirement for JAX with CUDA (default: jax[cuda12])
 #   --mem-fraction=F    share of GPU memory JAX takes at start (default: 0.9)
+#   --no-check          skip the --check_config run before training
 #   --dry-run           print the environment and commands instead of running them
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-workdir="" mode=train gpus="" python="${PYTHON:-}" install=0 dry=0 mem_fraction=0.9
+workdir="" mode=train gpus="" python="${PYTHON:-}" install=0 dry=0 mem_fraction=0.9 check=1
 jax_spec='jax[cuda12]'
 train_args=()
 
 # shellcheck source=launch/lib.sh
-source "$(dirname "$0")/lib.sh"  # usage, die, run, ensure_venv, python_ok
+source "$(dirname "$0")/lib.sh"  # usage, die, run, ensure_venv, python_ok, check_training
 
 while (($#)); do
   case "$1" in
@@ -40,6 +44,7 @@ while (($#)); do
     --install) install=1 ;;
     --jax=*) jax_spec="${1#*=}" ;;
     --mem-fraction=*) mem_fraction="${1#*=}" ;;
+    --no-check) check=0 ;;
     --dry-run) dry=1 ;;
     -h|--help) usage 0 ;;
     --) shift; train_args=("$@"); break ;;
@@ -77,6 +82,17 @@ if ((install)); then
 fi
 # A too-old interpreter fails here with one line, not in the middle of an import.
 ((install)) || python_ok "$python" || exit 1
+# The training command's --check_config (it creates nothing, so it also runs in dry-run
+# mode, except when --install has only printed the venv that would run it).
+if ((check)); then
+  if ((install && dry)); then
+    run "$python" -m nfnet_jax.train --check_config --workdir="$workdir" --mode="$mode" "${train_args[@]}"
+  else
+    ((install)) && check_stopped="training was not started (.venv stays)"
+    check_hint="--python=PATH or --no-check" check_training "$repo" "$python" "" \
+        --workdir="$workdir" --mode="$mode" "${train_args[@]}" || exit 1
+  fi
+fi
 if ((!dry)) && command -v nvidia-smi > /dev/null; then
   echo "gpu.sh: $(nvidia-smi -L | grep -c '^GPU') GPU(s) on this host${gpus:+, using $gpus}" >&2
 fi

@@ -114,3 +114,43 @@ ensure_venv() {
     return 1
   fi
 }
+
+# check_training DIR PYTHON DEVICES [TRAIN_ARGS...]: runs the training command's
+# `PYTHON -m nfnet_jax.train --check_config TRAIN_ARGS` in the checkout DIR, here, before
+# anything is created or installed. It only parses and validates (it builds, compiles
+# and reads nothing), so it runs in dry-run mode too. DEVICES, when given, is how many
+# devices the run will have: the check then runs on that many emulated CPU devices
+# (JAX_PLATFORMS=cpu, --xla_force_host_platform_device_count), so that e.g. a batch
+# that does not divide over a pod's chips is refused here. On success one line on stderr
+# repeats the check's summary. Otherwise one line on stderr, status 1: the check's own
+# FATAL line (the command is wrong), or why the check could not run (no Python with this
+# project's requirements: pass another one, or skip the check; $check_hint says how).
+# $check_stopped overrides what the FATAL line's prefix says was held back.
+check_training() {
+  local dir="$1" py="$2" devices="$3" who="${launcher:-$(basename "$0")}" out rc=0 line fatal="" ok="" last=""
+  local hint="${check_hint:---check-python=PATH or --no-check}"
+  shift 3
+  local envs=()
+  [[ "$py" == */* && "$py" != /* ]] && py="$PWD/$py"  # the check runs from $dir
+  [[ -n "$devices" ]] && envs=(JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices")
+  if ! command -v "$py" > /dev/null; then
+    echo "$who: cannot check the training command: no Python $py here; pass a Python with this project's requirements ($hint)" >&2
+    return 1
+  fi
+  out="$(cd "$dir" && env ${envs[@]+"${envs[@]}"} "$py" -m nfnet_jax.train --check_config "$@" 2>&1)" || rc=$?
+  while IFS= read -r line; do
+    [[ "$line" == "FATAL "* ]] && fatal="$line"
+    [[ "$line" == "Config OK:"* ]] && ok="$line"
+    [[ -n "${line// }" ]] && last="$line"
+  done <<< "$out"
+  if ((rc == 0)); then
+    echo "$who: checked here${devices:+ on $devices emulated devices}: ${ok:-passed}" >&2
+    return 0
+  fi
+  if [[ -n "$fatal" ]]; then
+    echo "$who: the training command fails --check_config, ${check_stopped:-nothing was created}: $fatal" >&2
+  else
+    echo "$who: cannot check the training command with $py (${last:-exit status $rc}); pass a Python with this project's requirements ($hint)" >&2
+  fi
+  return 1
+}

@@ -7,10 +7,18 @@
 #       --workdir=gs://my-bucket/nfnet/f0 -- --config=experiments/nfnet.py:F0
 #
 # Everything after `--` goes to `python -m nfnet_jax.train` on every worker (default:
-# --config=experiments/nfnet.py:F0). The workdir must be visible to every worker (a
-# gs:// bucket for a pod). Re-running the same command resumes from the workdir's last
-# checkpoint; with --retries=N a preempted (spot) TPU is recreated and training
-# resumed up to N times. See docs/launch.md for a first run on a pod.
+# --config=experiments/nfnet.py:F0). Before anything is created, that command's
+# --check_config runs here (with --check-python), on as many emulated devices as the
+# slice has chips: a mistake in it stops the script with one line. The workdir must be
+# visible to every worker: a slice of several hosts (by its accelerator type, below)
+# needs a gs:// bucket, and so does --retries. Re-running the same command resumes from
+# the workdir's last checkpoint; with --retries=N a preempted (spot) TPU is recreated
+# and training resumed up to N times. See docs/launch.md for a first run on a pod.
+#
+# Hosts and devices follow the accelerator type: v2, v3, v4 and v5p count TensorCores
+# (2 per chip) on hosts of 4 chips (v4-32: 16 chips, 4 hosts); v5litepod and v6e count
+# chips, all on one host up to 8 (v6e-8), on hosts of 4 above (v5litepod-16: 4 hosts).
+# JAX sees one device per chip (per TensorCore on v2 and v3).
 #
 # The TPU software version follows the accelerator type (Google's images for JAX):
 # v2/v3/v4 tpu-ubuntu2204-base, v5litepod (v5e) v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5,
@@ -30,7 +38,14 @@
 #   --queued / --no-queued    create through queued resources or `tpu-vm create`
 #                             (default: queued for v5litepod, v5p, v6e)
 #   --spot                    create a spot (preemptible) TPU
-#   --workdir=DIR             checkpoints, metrics, TensorBoard (required)
+#   --workdir=DIR             checkpoints, metrics, TensorBoard (required): gs://... for
+#                             a multi-host slice or --retries
+#   --shared-workdir          accept a workdir that is not gs:// on a multi-host slice:
+#                             a filesystem that --setup mounts on every worker
+#   --check-python=PATH       local interpreter that runs --check_config (also
+#                             $CHECK_PYTHON; default: .venv/bin/python if present, else
+#                             python3)
+#   --no-check                skip the local --check_config
 #   --mode=MODE               train | eval | train_and_eval (default: train)
 #   --python=PATH             interpreter on the workers for the venv (default: see above)
 #   --jax=SPEC                pip requirement for JAX on TPU (default: jax[tpu])
@@ -52,11 +67,12 @@ mode=train
 jax_spec='jax[tpu]'
 python="" setup=""
 queued="" spot=0 keep=0 dry=0 retries=0
+shared_workdir=0 check=1 check_python="${CHECK_PYTHON:-}"
 poll_s="${TPU_POLL_SECONDS:-30}"  # seconds between state checks of a queued resource
 train_args=()
 
 # shellcheck source=launch/lib.sh
-source "$(dirname "$0")/lib.sh"  # usage, die, run
+source "$(dirname "$0")/lib.sh"  # usage, die, run, check_training
 
 while (($#)); do
   case "$1" in
@@ -68,6 +84,9 @@ while (($#)); do
     --queued) queued=1 ;;
     --no-queued) queued=0 ;;
     --workdir=*) workdir="${1#*=}" ;;
+    --shared-workdir) shared_workdir=1 ;;
+    --check-python=*) check_python="${1#*=}" ;;
+    --no-check) check=0 ;;
     --mode=*) mode="${1#*=}" ;;
     --python=*) python="${1#*=}" ;;
     --jax=*) jax_spec="${1#*=}" ;;
@@ -104,7 +123,43 @@ esac
 version="${version:-$default_version}"
 queued="${queued:-$default_queued}"
 
+# Devices (as JAX counts them) and hosts of the slice, from the type's number (header
+# comment); both empty for a type this script does not know.
+devices="" hosts=""
+count="${accelerator##*-}"
+case "$accelerator" in
+  v2-*|v3-*|v4-*|v5p-*|v5litepod-*|v6e-*)
+    [[ "$count" =~ ^[1-9][0-9]*$ ]] || die "accelerator type $accelerator: expected a number after the last -, e.g. v4-32" ;;
+esac
+case "$accelerator" in
+  v2-*|v3-*) devices=$count hosts=$(((count + 7) / 8)) ;;
+  v4-*|v5p-*) devices=$(((count + 1) / 2)) hosts=$(((count + 7) / 8)) ;;
+  v5litepod-*|v6e-*) devices=$count; if ((count <= 8)); then hosts=1; else hosts=$(((count + 3) / 4)); fi ;;
+esac
+
+# Every worker must reach the workdir: the hosts of a slice each write their part of a
+# checkpoint, and a recreated TPU (--retries) starts with an empty disk.
+if [[ "$workdir" != gs://* ]] && ((!shared_workdir)); then
+  if [[ -z "$hosts" ]]; then
+    die "--workdir=$workdir is not a gs:// bucket, and whether a $accelerator slice has several hosts is unknown here: use gs://BUCKET/... (or --shared-workdir if --setup mounts one shared filesystem on every worker)"
+  elif ((hosts > 1)); then
+    die "--workdir=$workdir is not a gs:// bucket, but the $hosts hosts of a $accelerator slice must all reach it (each would write to its own disk): use gs://BUCKET/... (or --shared-workdir if --setup mounts one shared filesystem on every worker)"
+  elif ((retries > 0)); then
+    die "--workdir=$workdir is on the TPU VM's own disk, which a preemption takes with it, so --retries could not resume: use gs://BUCKET/..."
+  fi
+  echo "tpu_vm.sh: note: --workdir=$workdir is on the TPU VM's disk (relative paths: under ~/nfnet_jax), deleted with the TPU unless --keep; a gs:// bucket outlives it" >&2
+fi
+
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+
+# The training command, checked here before anything is created (also with --dry-run).
+if ((check)); then
+  if [[ -z "$check_python" ]]; then
+    if [[ -x "$repo/.venv/bin/python" ]]; then check_python="$repo/.venv/bin/python"; else check_python=python3; fi
+  fi
+  check_training "$repo" "$check_python" "$devices" --workdir="$workdir" --mode="$mode" \
+      "${train_args[@]}" || exit 1
+fi
 where=(--zone="$zone")
 [[ -n "$project" ]] && where+=(--project="$project")
 

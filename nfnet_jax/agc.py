@@ -26,7 +26,10 @@ treat as a multi-head linear) is set with ``unit_axes(path, leaf) -> axes | None
 Choosing ``clipping``: the paper found that the best threshold shrinks as the batch
 grows. It used ``clipping=0.01`` for batch 4096 (and larger), and found larger
 thresholds (e.g. 0.04-0.16) fine, even better, at small batch sizes. AGC should not
-be applied to the final classifier layer (:func:`nfnet_mask`).
+be applied to the final classifier layer: :func:`nfnet_mask` for this project's
+Haiku models, :func:`classifier_mask` (the classifier's path as each library names
+it) for any tree. Equinox kernels put the output axis first: pass
+``unit_axes=output_first_unit_axes``.
 
 Data parallel: clip the device-averaged gradient (the params are replicated, so no
 extra collective is needed). Beware that under ``jax.shard_map``'s default
@@ -47,6 +50,7 @@ This module imports only jax, optax and numpy, so it can be reused in any JAX pr
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
@@ -54,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ['agc', 'clip_fraction', 'nfnet_mask', 'unit_norms', 'default_unit_axes']
+__all__ = ['agc', 'clip_fraction', 'classifier_mask', 'nfnet_mask', 'output_first_unit_axes',
+           'path_names', 'PathMask', 'unit_norms', 'default_unit_axes']
 
 PyTree = Any
 KeyPath = tuple[Any, ...]
@@ -204,11 +209,163 @@ def clip_fraction(grads: PyTree,
   return _apply(frac, grads, params, mask, unit_axes, lambda g: None)
 
 
-def _key_name(k: Any) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
+def path_names(path: KeyPath) -> tuple[str, ...]:
+  """The names along a ``jax.tree_util`` key path, as strings.
+
+  ``DictKey`` gives its key, ``GetAttrKey`` its attribute name, ``SequenceKey`` its
+  index and ``FlattenedIndexKey`` its index, so a Haiku path reads
+  ``('NFNet/~/linear', 'w')``, a Flax linen one ``('params', 'Dense_1', 'kernel')``,
+  an Equinox one ``('layers', '1', 'weight')`` and a Flax nnx one
+  ``('head', 'kernel', 'value')`` (nnx Variables flatten to their ``.value``).
+  """
+  names = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      names.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      names.append(k.name)
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      names.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      names.append(str(k.key))
+    else:  # a custom key type: its own string form
+      names.append(str(k))
+  return tuple(names)
+
+
+def _name_variants(path: KeyPath) -> list[tuple[str, ...]]:
+  """``path_names(path)``, and without a trailing ``.value`` attribute.
+
+  A Flax nnx ``Param`` flattens to ``GetAttrKey('value')``: its leaf is known by its
+  module's names (``head/kernel``), so both forms are tried. Only an attribute key is
+  dropped; a dict key named ``'value'`` is a name a user chose.
+  """
+  names = path_names(path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    return [names[:-1], names]
+  return [names]
+
+
+def _components(names: Sequence[str]) -> tuple[str, ...]:
+  """Names split at '/', so Haiku's ``'NFNet/~/linear'`` compares part by part."""
+  return tuple(part for name in names for part in name.split('/'))
+
+
+class PathMask:
+  """An AGC mask (``params -> bool tree``) that leaves matching leaves unclipped.
+
+  A leaf matches when its path *ends with* one of ``paths`` (``'/'``-separated names
+  as :func:`path_names` spells them, compared whole name by whole name) or when
+  ``where(names)`` is true for its names. Leaves that match get ``False`` (not
+  clipped); every other leaf gets ``True``. A mask that matches no leaf of the params
+  it is given warns once (per mask object), since AGC would then clip every leaf,
+  the classifier included.
+
+  Args:
+    paths: leaf paths, e.g. ``'NFNet/~/linear/w'`` (Haiku), ``'Dense_1/kernel'``
+      (Flax linen), ``'head/kernel'`` (Flax nnx), ``'layers/1/weight'`` (Equinox).
+    where: optional predicate on a leaf's names (a tuple of str); for an nnx
+      Variable it sees the names without the trailing ``'value'`` first, then with it.
+    label: how warnings name this mask.
+  """
+
+  def __init__(self, *paths: str, where: Optional[Callable[[tuple[str, ...]], bool]] = None,
+               label: Optional[str] = None):
+    for path in paths:
+      if not isinstance(path, str) or not path.strip('/'):
+        raise ValueError(f'agc mask: a path is a non-empty "/"-separated string, got {path!r}')
+    if not paths and where is None:
+      raise ValueError('agc mask: give the classifier\'s path (e.g. "head/kernel") or where=')
+    self.paths = tuple(paths)
+    self._suffixes = [_components(p.strip('/').split('/')) for p in paths]
+    self.where = where
+    args = [repr(p) for p in paths] + (['where=...'] if where is not None else [])
+    self.label = label or f'classifier_mask({", ".join(args)})'
+    self._warned = False
+
+  def matches(self, path: KeyPath) -> bool:
+    """Whether the leaf at ``path`` (a ``jax.tree_util`` key path) is left unclipped."""
+    for names in _name_variants(path):
+      parts = _components(names)
+      if any(len(s) <= len(parts) and parts[len(parts) - len(s):] == s
+             for s in self._suffixes):
+        return True
+      if self.where is not None and self.where(names):
+        return True
+    return False
+
+  def __call__(self, params: PyTree) -> PyTree:
+    hits = []
+
+    def keep(path, _):
+      hit = self.matches(path)
+      hits.append(hit)
+      return not hit
+
+    mask = jax.tree_util.tree_map_with_path(keep, params)
+    if hits and not any(hits) and not self._warned:
+      self._warned = True
+      last = ['/'.join(path_names(p)) for p, _ in
+              jax.tree_util.tree_leaves_with_path(params)[-2:]]
+      warnings.warn(
+          f'{self.label} matches no leaf of the params, so AGC clips every leaf (the '
+          f'classifier too); leaf paths here look like {", ".join(last)}: give the '
+          "classifier weight's path to nfnet_jax.agc.classifier_mask",
+          stacklevel=2)
+    return mask
+
+  def __repr__(self) -> str:
+    return self.label
+
+
+def classifier_mask(*paths: str,
+                    where: Optional[Callable[[tuple[str, ...]], bool]] = None) -> PathMask:
+  """The AGC mask that leaves the classifier weight unclipped, for any library.
+
+  Name the classifier weight by the end of its path, as the library names it::
+
+    classifier_mask('NFNet/~/linear/w')   # Haiku: {'NFNet/~/linear': {'w': ...}}
+    classifier_mask('Dense_1/kernel')     # Flax linen: {'params': {'Dense_1': ...}}
+    classifier_mask('head/kernel')        # Flax nnx: nnx.split(model, nnx.Param)
+    classifier_mask('layers/1/weight')    # Equinox: eqx.nn.MLP's last Linear
+
+  or with a predicate on the leaf's names, e.g.
+  ``where=lambda names: names[-2:] == ('head', 'kernel')``. See :class:`PathMask`;
+  ``jax.tree_util.tree_leaves_with_path(params)`` and :func:`path_names` list the
+  names of a tree. A mask that matches nothing warns once.
+  """
+  return PathMask(*paths, where=where)
+
+
+def output_first_unit_axes(path: KeyPath, leaf: Any) -> Axes:
+  """``unit_axes`` for kernels whose *first* axis is the output, as in Equinox.
+
+  Equinox stores ``Linear.weight`` as ``(out, in)`` and ``Conv2d.weight`` as
+  ``(out, in, kh, kw)``; each output row / channel is a unit, so every axis but the
+  first is reduced. Leaves that squeeze to rank <= 1 stay one unit (``None``).
+  """
+  del path
+  shape = tuple(np.shape(leaf))
+  if sum(d != 1 for d in shape) <= 1:
+    return None
+  return tuple(range(1, len(shape)))
+
+
+def _is_nfnet_classifier(names: tuple[str, ...],
+                         classifier_names: Optional[tuple[str, ...]],
+                         weight_names: tuple[str, ...]) -> bool:
+  if len(names) < 2 or names[-1] not in weight_names:
+    return False
+  parent = names[-2]
+  if classifier_names is not None:
+    return parent in classifier_names
+  parts = parent.split('/~/')  # directly under a Haiku model root: 'NFNet/~/linear'
+  return len(parts) == 2 and parts[1] == 'linear'
+
+
+# One mask object per argument set and tree structure: each warns once however often
+# a step is traced, and a different model gets its own warning.
+_NFNET_MASKS: dict[tuple[Any, Any, Any], PathMask] = {}
 
 
 def nfnet_mask(params: PyTree,
@@ -220,7 +377,9 @@ def nfnet_mask(params: PyTree,
   module whose path has exactly one ``/~/`` and ends in ``linear``, i.e. it sits
   directly under the model root (``NFNet/~/linear``, ``NF_ResNet/~/linear``); the
   squeeze-excite linears (``NFNet/~/nf_block/~/squeeze_excite/~/linear``) and the
-  classifier bias stay clipped.
+  classifier bias stay clipped. For other libraries and names use
+  :func:`classifier_mask`. Warns when no leaf matches (AGC would then clip the
+  classifier too), e.g. on a Flax tree: once per argument set and tree structure.
 
   Args:
     params: the parameter tree.
@@ -231,16 +390,12 @@ def nfnet_mask(params: PyTree,
   Returns:
     A bool tree with the structure of ``params``.
   """
-
-  def is_classifier(path) -> bool:
-    names = [_key_name(k) for k in path]
-    if len(names) < 2 or names[-1] not in weight_names:
-      return False
-    parent = names[-2]
-    if classifier_names is not None:
-      return parent in classifier_names
-    parts = parent.split('/~/')
-    return len(parts) == 2 and parts[1] == 'linear'
-
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: not is_classifier(path), params)
+  names = None if classifier_names is None else tuple(classifier_names)
+  weights = tuple(weight_names)
+  key = (names, weights, jax.tree.structure(params))
+  mask = _NFNET_MASKS.get(key)
+  if mask is None:
+    label = 'nfnet_mask' if names is None else f'nfnet_mask(classifier_names={names!r})'
+    mask = PathMask(where=lambda n: _is_nfnet_classifier(n, names, weights), label=label)
+    _NFNET_MASKS[key] = mask
+  return mask(params)

@@ -2,9 +2,11 @@
 
 import functools
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from nfnet_jax.agc import agc, clip_fraction, nfnet_mask
+from nfnet_jax.agc import (agc, classifier_mask, clip_fraction, nfnet_mask,
+                           output_first_unit_axes, path_names)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,8 +259,148 @@ def test_nfnet_mask():
   m = nfnet_mask(flax_params, classifier_names=("head",))
   assert m["params"]["head"] == {"kernel": False, "bias": True}
   assert m["params"]["Conv_0"] == {"kernel": True, "bias": True}
-  assert all(jax.tree.leaves(nfnet_mask(flax_params)))  # default rule: Haiku only
+  with pytest.warns(UserWarning, match="nfnet_mask matches no leaf"):
+    assert all(jax.tree.leaves(nfnet_mask(flax_params)))  # default rule: Haiku only
 
+
+
+# ---------------------------------------------------------------------------------
+# Masks in every library: docs/agc.md's snippets, paths, warnings
+# ---------------------------------------------------------------------------------
+
+def _doc_snippet(heading: str) -> str:
+  """The first python block under `### <heading>` in docs/agc.md."""
+  doc = open(os.path.join(REPO, "docs", "agc.md")).read()
+  section = doc.split(f"\n### {heading}\n", 1)[1].split("\n### ", 1)[0]
+  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.parametrize("heading,classifier", [
+    ("Haiku", "head/w"),
+    ("Flax linen", "params/Dense_1/kernel"),
+    ("Flax nnx", "head/kernel/value"),
+    ("Equinox", "layers/1/weight"),
+])
+def test_doc_snippet_leaves_only_the_classifier_unclipped(heading, classifier):
+  """Each library's snippet runs as written, without a mask warning; its logged clip
+  fractions are None (masked) for the classifier weight alone."""
+  ns = {}
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", ".*matches no leaf", UserWarning)  # a wrong mask
+    exec(compile(_doc_snippet(heading), f"docs/agc.md: {heading}", "exec"), ns)
+  leaves = lambda t: {"/".join(path_names(p)): v for p, v in
+                      jax.tree_util.tree_leaves_with_path(t, is_leaf=lambda x: x is None)}
+  params, frac = leaves(ns["params"]), leaves(ns["frac"])
+  arrays = {k for k, v in params.items() if v is not None}
+  assert classifier in arrays and len(arrays) == 4, sorted(params)
+  assert {k for k in arrays if frac[k] is None} == {classifier}
+  assert all(0 <= float(frac[k]) <= 1 for k in arrays - {classifier})
+  assert np.isfinite(float(ns["loss"]))
+
+
+def test_classifier_mask_names_paths_as_each_library_does():
+  z = np.zeros((2, 2), np.float32)
+  hk_params = {"NFNet/~/stem": {"w": z},
+               "NFNet/~/nf_block/~/squeeze_excite/~/linear": {"w": z, "b": z},
+               "NFNet/~/linear": {"w": z, "b": z}}
+  off = lambda m, t: sorted("/".join(path_names(p)) for p, keep in
+                            jax.tree_util.tree_leaves_with_path(m(t)) if not keep)
+  assert off(classifier_mask("NFNet/~/linear/w"), hk_params) == ["NFNet/~/linear/w"]
+  # a path is an ending, compared name by name: "linear/w" is also the SE's linear
+  assert off(classifier_mask("linear/w"), hk_params) == [
+      "NFNet/~/linear/w", "NFNet/~/nf_block/~/squeeze_excite/~/linear/w"]
+  assert off(classifier_mask("near/w"), {"linear": {"w": z}, "near": {"w": z}}) == ["near/w"]
+  # the same leaves as nfnet_mask's rule
+  assert jax.tree.leaves(classifier_mask("NFNet/~/linear/w")(hk_params)) == \
+      jax.tree.leaves(nfnet_mask(hk_params))
+  # Equinox: attribute and sequence keys (None for the non-array leaves); a predicate
+  import equinox as eqx
+  eqx_params = eqx.filter(eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0)), eqx.is_array)
+  assert off(classifier_mask("layers/1/weight"), eqx_params) == ["layers/1/weight"]
+  last_weight = classifier_mask(where=lambda n: n[-2:] == ("1", "weight"))
+  assert off(last_weight, eqx_params) == ["layers/1/weight"]
+  with pytest.raises(ValueError, match="path"):
+    classifier_mask()
+  with pytest.raises(ValueError, match="path"):
+    classifier_mask("/")
+
+
+def test_classifier_mask_on_nnx_state_and_optimizer_arrays():
+  """nnx.split trees end in GetAttrKey('value'); nnx.Optimizer passes plain arrays."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(3, 4, rngs=rngs)
+      self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  _, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  mask = classifier_mask("head/kernel")
+  for tree in (state, pure):
+    m = mask(tree)
+    flat = {"/".join(path_names(p)): b for p, b in jax.tree_util.tree_leaves_with_path(m)}
+    assert sorted(k for k, b in flat.items() if not b) in (
+        ["head/kernel/value"], ["head/kernel"]), flat
+    assert sum(flat.values()) == 3
+  # only an attribute named value is nnx's wrapper; a dict key "value" is a name
+  with pytest.warns(UserWarning, match="matches no leaf"):
+    classifier_mask("head/kernel")({"head": {"kernel": {"value": np.zeros(2)}}})
+  # AGC through nnx: the classifier kernel's gradient passes through untouched
+  grads = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), state)
+  tx = agc(0.01, mask=mask)
+  out = tx.update(grads, tx.init(state), state)[0]
+  np.testing.assert_array_equal(out["head"]["kernel"].value, 100.0)
+  assert float(jnp.abs(out["hidden"]["kernel"].value).max()) < 100.0
+
+
+def test_a_mask_that_matches_nothing_warns_once_per_mask():
+  import flax.linen as nn
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(nn.relu(nn.Dense(4)(x)))
+
+  x = np.ones((2, 3), np.float32)
+  params = jax.tree.map(lambda s: np.ones(s.shape, np.float32),
+                        jax.eval_shape(MLP().init, jax.random.key(0), x))
+  grads = jax.tree.map(lambda p: 10.0 * p, params)
+  step = lambda mask: jax.jit(lambda g, p: clip_fraction(g, p, mask=mask))(grads, params)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    # nfnet_mask names Haiku's classifier only: on linen it clips Dense_1/kernel, and says so
+    fr = step(nfnet_mask)
+    assert float(fr["params"]["Dense_1"]["kernel"]) == 1.0
+    step(nfnet_mask)
+    head = classifier_mask("head/kernel")   # the classifier is named Dense_1 here
+    fr = step(head)
+    jax.jit(lambda g, p: agc(mask=head).update(g, (), p))(grads, params)
+    right = classifier_mask("Dense_1/kernel")
+    assert step(right)["params"]["Dense_1"]["kernel"] is None
+  said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+  assert len(said) == 2, said
+  assert said[0].startswith("nfnet_mask matches no leaf of the params")
+  assert said[1].startswith("classifier_mask('head/kernel') matches no leaf")
+  assert "params/Dense_1/bias, params/Dense_1/kernel" in said[1]
+  with pytest.warns(UserWarning, match="head/kernel"):  # another mask object: warns
+    classifier_mask("head/kernel")(params)
+
+
+def test_output_first_unit_axes_makes_rows_the_units():
+  rng = np.random.default_rng(3)
+  p = {"lin": rng.normal(size=(5, 3)).astype(np.float32),          # (out, in)
+       "conv": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),    # (out, in, kh, kw)
+       "b": rng.normal(size=(5,)).astype(np.float32)}
+  g = jax.tree.map(lambda x: x * rng.uniform(0, 0.05, size=x.shape[:1]).reshape(
+      (-1,) + (1,) * (x.ndim - 1)) * 10.0 ** rng.uniform(-3, 1, size=x.shape), p)
+  out = run_agc(g, p, unit_axes=output_first_unit_axes)
+  np.testing.assert_allclose(out["lin"], np_agc(g["lin"].T, p["lin"].T).T, rtol=1e-6)
+  conv_ref = np_agc(g["conv"].reshape(4, -1).T, p["conv"].reshape(4, -1).T).T
+  np.testing.assert_allclose(out["conv"], conv_ref.reshape(4, 2, 3, 3), rtol=1e-6)
+  np.testing.assert_allclose(out["b"], np_agc(g["b"], p["b"]), rtol=1e-6)
+  assert not np.allclose(out["lin"], run_agc(g, p)["lin"])  # not the (in, out) units
+  assert output_first_unit_axes((), np.zeros((1, 6))) is None
 
 def _train(loss_fn, params, batch, tx, steps):
   state = tx.init(params)

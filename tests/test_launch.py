@@ -1,5 +1,6 @@
 """launch/*.sh: the commands they would run (--dry-run), parsed; the workers' install
-step run in a sandbox of fake interpreters; retries through a fake gcloud."""
+step run in a sandbox of fake interpreters; retries through a fake gcloud; the local
+--check_config of the training command, real and faked."""
 import importlib.metadata
 import os
 from pathlib import Path
@@ -9,16 +10,33 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# tpu_vm.sh runs the training command's --check_config here before creating anything.
+# Tests about other steps give it this stand-in (a real check is ~3 s); it says OK and,
+# when FAKE_CHECK_LOG is set, logs the emulated devices and its arguments.
+_FAKE_CHECK = {}
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _fake_check_python(tmp_path_factory):
+  path = tmp_path_factory.mktemp('fake_check') / 'python'
+  path.write_text('#!/bin/bash\n'
+                  '[[ -n "${FAKE_CHECK_LOG:-}" ]] && echo "${XLA_FLAGS:-} | $*" >> "$FAKE_CHECK_LOG"\n'
+                  'echo "Config OK: (fake check)"\n')
+  path.chmod(0o755)
+  _FAKE_CHECK['python'] = str(path)
+
 
 def dry_run(script, *args, env=None, ok=True):
   out = subprocess.run(['bash', str(REPO / 'launch' / script), '--dry-run', *args],
                        capture_output=True, text=True, timeout=60,
-                       env={**os.environ, 'PATH': '/usr/bin:/bin', **(env or {})})
+                       env={**os.environ, 'PATH': '/usr/bin:/bin',
+                            'CHECK_PYTHON': _FAKE_CHECK['python'], **(env or {})})
   if ok:
     assert out.returncode == 0, out.stderr
   return out
@@ -253,7 +271,8 @@ class Sandbox:
     _write(self.bin / 'uv', _fake_uv_text(self.log))
 
   def env(self, **extra):
-    return {'HOME': str(self.home), 'PATH': str(self.bin), 'TMPDIR': str(self.home), **extra}
+    return {'HOME': str(self.home), 'PATH': str(self.bin), 'TMPDIR': str(self.home),
+            'CHECK_PYTHON': _FAKE_CHECK['python'], **extra}
 
   def calls(self) -> list[str]:
     return self.log.read_text().splitlines()
@@ -570,3 +589,120 @@ def test_docs_first_run_commands_parse_and_do_what_the_doc_says():
     assert ssh[1] == 'cd ~/nfnet_jax && bash launch/gcsfuse.sh BUCKET/tensorflow_datasets /mnt/tfds'
     train = ssh[2]
     assert '--config.data.data_dir=/mnt/tfds' in train and '--distributed' in train
+
+
+# ---------------------------------------------------------------------------------
+# The training command checked here, and a workdir every worker reaches, before any
+# TPU is created or training starts
+# ---------------------------------------------------------------------------------
+
+_TYPO = ['--', '--config=experiments/nfnet.py:F0', '--config.bach_size=8']
+
+
+def _real_check_env(**extra):
+  """The check runs with this test's interpreter on this checkout."""
+  return {'CHECK_PYTHON': sys.executable, 'PYTHONPATH': str(REPO), **extra}
+
+
+def test_tpu_vm_checks_the_training_command_here_before_creating_anything(sandbox):
+  _fake_gcloud(sandbox, train_fails=0, qr_states='ACTIVE')
+  out = subprocess.run(['bash', str(REPO / 'launch' / 'tpu_vm.sh'), '--name=nf', '--zone=z',
+                        '--accelerator-type=v4-32', '--workdir=gs://b/w', *_TYPO],
+                       capture_output=True, text=True, timeout=120,
+                       env=sandbox.env(**_real_check_env()))
+  assert out.returncode == 1
+  assert sandbox.calls() == []  # no gcloud call: nothing created, nothing deleted
+  assert out.stderr.count('\n') == 1, out.stderr
+  assert out.stderr.startswith('tpu_vm.sh: the training command fails --check_config, '
+                               'nothing was created: FATAL Flags parsing error: Unknown '
+                               'config key config.bach_size')
+  # The dry run (the plan) stops the same way; the check sees the slice's 16 chips.
+  out = dry_run('tpu_vm.sh', '--accelerator-type=v4-32', '--workdir=gs://b/w', '--',
+                '--config=experiments/nfnet.py:F0', '--config.batch_size=1000',
+                env=_real_check_env(), ok=False)
+  assert out.returncode == 1 and out.stdout == ''
+  assert 'config.batch_size=1000 must be a positive multiple of the 16 devices' in out.stderr
+  # No Python that can check: one line saying what to do; --no-check skips the check.
+  out = dry_run('tpu_vm.sh', '--workdir=gs://b/w', *_TYPO,
+                env={'CHECK_PYTHON': '/nonexistent/python'}, ok=False)
+  assert out.returncode == 1 and out.stdout == ''
+  assert out.stderr == ('tpu_vm.sh: cannot check the training command: no Python '
+                        '/nonexistent/python here; pass a Python with this project\'s '
+                        'requirements (--check-python=PATH or --no-check)\n')
+  out = dry_run('tpu_vm.sh', '--workdir=gs://b/w', '--no-check', *_TYPO,
+                env={'CHECK_PYTHON': '/nonexistent/python'})
+  assert [c[4] for c in commands(out) if c[0] == 'gcloud'][0] == 'create'
+
+
+@pytest.mark.parametrize('accelerator,devices,hosts', [
+    ('v2-8', 8, 1), ('v3-32', 32, 4), ('v4-8', 4, 1), ('v4-32', 16, 4), ('v5p-8', 4, 1),
+    ('v5p-16', 8, 2), ('v5litepod-8', 8, 1), ('v5litepod-16', 16, 4), ('v6e-8', 8, 1),
+    ('v6e-16', 16, 4),
+])
+def test_tpu_vm_workdir_every_worker_reaches_and_devices_checked(accelerator, devices, hosts,
+                                                                  tmp_path):
+  log = tmp_path / 'check.log'
+  args = ['--name=nf', f'--accelerator-type={accelerator}']
+  env = {'FAKE_CHECK_LOG': str(log)}
+  out = dry_run('tpu_vm.sh', *args, '--workdir=./runs/f0', env=env, ok=False)
+  if hosts > 1:
+    assert out.returncode == 2 and out.stdout == '' and not log.exists()
+    assert out.stderr == (f'tpu_vm.sh: --workdir=./runs/f0 is not a gs:// bucket, but the '
+                          f'{hosts} hosts of a {accelerator} slice must all reach it (each '
+                          'would write to its own disk): use gs://BUCKET/... (or '
+                          '--shared-workdir if --setup mounts one shared filesystem on every '
+                          'worker)\n')
+    out = dry_run('tpu_vm.sh', *args, '--workdir=/mnt/shared/f0', '--shared-workdir', env=env)
+  else:  # one host: its own disk works, and the script says what becomes of it
+    assert out.returncode == 0, out.stderr
+    assert 'is on the TPU VM\'s disk' in out.stderr and 'unless --keep' in out.stderr
+    refused = dry_run('tpu_vm.sh', *args, '--workdir=./runs/f0', '--retries=2', ok=False)
+    assert refused.returncode == 2 and refused.stdout == ''
+    assert 'a preemption takes with it, so --retries could not resume' in refused.stderr
+  assert [c[4] for c in commands(out) if c[0] == 'gcloud'][0] == 'create'
+  # The check ran once, on as many emulated devices as the slice has (JAX's count).
+  flags, _, argv = log.read_text().strip().partition(' | ')
+  assert flags == f'--xla_force_host_platform_device_count={devices}'
+  assert argv.split()[:2] == ['-m', 'nfnet_jax.train'] and '--check_config' in argv
+  out = dry_run('tpu_vm.sh', *args, '--workdir=gs://b/f0', '--retries=2')  # always fine
+  assert 'TPU VM\'s disk' not in out.stderr
+
+
+def test_tpu_vm_unknown_slice_needs_a_bucket():
+  out = dry_run('tpu_vm.sh', '--accelerator-type=v9-8', '--version=v9-base',
+                '--workdir=./w', ok=False)
+  assert out.returncode == 2 and out.stdout == ''
+  assert 'whether a v9-8 slice has several hosts is unknown here' in out.stderr
+  out = dry_run('tpu_vm.sh', '--accelerator-type=v9-8', '--version=v9-base', '--workdir=gs://b')
+  assert 'xla_force_host_platform_device_count' not in out.stderr
+  out = dry_run('tpu_vm.sh', '--accelerator-type=v4-x', '--workdir=gs://b', ok=False)
+  assert out.returncode == 2 and 'expected a number after the last -' in out.stderr
+
+
+def test_gpu_checks_the_training_command_before_the_workdir_or_training(tmp_path, sandbox):
+  workdir = tmp_path / 'run'
+  out = subprocess.run(['bash', str(REPO / 'launch' / 'gpu.sh'), f'--workdir={workdir}',
+                        f'--python={sys.executable}', *_TYPO], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, 'PATH': '/usr/bin:/bin',
+                                         'PYTHONPATH': str(REPO)})
+  assert out.returncode == 1 and not workdir.exists()
+  assert out.stderr.count('\n') == 1, out.stderr
+  assert out.stderr.startswith('gpu.sh: the training command fails --check_config, nothing '
+                               'was created: FATAL Flags parsing error: Unknown config key '
+                               'config.bach_size')
+  # dry run: the same interpreter checks (here a fake, which logs its calls) ...
+  sandbox.python('python3', '3.12')
+  out = dry_run('gpu.sh', '--workdir=/w', '--mode=eval', '--', '--config=experiments/'
+                'quickstart.py', env=sandbox.env())
+  assert 'python3 -m nfnet_jax.train --check_config --workdir=/w --mode=eval --config=' \
+         'experiments/quickstart.py' in sandbox.calls()
+  assert 'gpu.sh: checked here: passed' in out.stderr
+  # ... and with --install the check is planned after the install, before training.
+  cmds = commands(dry_run('gpu.sh', '--install', '--workdir=/w', env=sandbox.env()))
+  pip = max(i for i, c in enumerate(cmds) if c[0] == '.venv/bin/pip')
+  check, train = cmds[pip + 1], cmds[pip + 2]
+  assert check[0].endswith('.venv/bin/python') and check[1:4] == ['-m', 'nfnet_jax.train',
+                                                                  '--check_config']
+  assert train[1:3] == ['-m', 'nfnet_jax.train'] and '--check_config' not in train
+  assert '--check_config' not in str(commands(dry_run('gpu.sh', '--install', '--no-check',
+                                                      '--workdir=/w', env=sandbox.env())))
