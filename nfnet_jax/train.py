@@ -192,7 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  'on %d examples', step, 100 * metrics['raw_top1'],
                  100 * metrics['ema_top1'], 100 * metrics['raw_top5'],
                  metrics['raw_loss'], metrics['count'])
-    writer.write(step, metrics, prefix='eval')
+    # One eval row per step: evaluating a step again (--mode=eval, a finished run
+    # re-run) replaces its row.
+    writer.replace(step, metrics, prefix='eval')
     return metrics
 
   try:
