@@ -37,6 +37,31 @@ def quiet_backend_probe() -> None:
     logger.addFilter(_NoBackendProbe())
 
 
+class _NoMissingVariantFolder(std_logging.Filter):
+  """Drops TFDS's warning 'Variant folder DIR has no dataset_info.json' when DIR does
+  not exist. TFDS looks for the folder of the version it would read whenever a
+  builder is made or asked whether it is prepared, and warns each time; for a
+  dataset not prepared yet that says nothing the one-line error (with the command
+  that prepares it) does not. A folder that exists but lacks the file (a copy half
+  written or damaged) still warns."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if not (str(record.msg).startswith('Variant folder ') and record.args):
+      return True
+    try:
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      return epath.Path(record.args[0]).exists()
+    except Exception:  # pylint: disable=broad-except
+      return True  # Unsure: the warning stays.
+
+
+def quiet_missing_tfds_variants() -> None:
+  """Installs the filter on absl's logger, which TFDS logs through (idempotent)."""
+  logger = std_logging.getLogger('absl')
+  if not any(isinstance(f, _NoMissingVariantFolder) for f in logger.filters):
+    logger.addFilter(_NoMissingVariantFolder())
+
+
 class _BarSafeStream:
   """A stderr stand-in: whole lines go out through tqdm.write (bar cleared, line
   printed, bar redrawn); a partial line waits for its newline."""
