@@ -266,6 +266,7 @@ def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[st
       if eval_fn and config.eval_every and step % config.eval_every == 0 \
           and step < total_steps:
         eval_fn(step, state)
+        t0, seen = time.time(), 0  # The eval (and its compile) is not train throughput.
       every = config.checkpoint_every_steps
       if stop or save or step == total_steps or (every and step % every == 0):
         _check_nonfinite(jax.device_get(control), step, max_bad)
