@@ -327,7 +327,7 @@ def test_terminal_output_is_readable(tmp_path):
   compiled = re.search(r'Compiled the train step in (\d+)\.\d s; step rates and ETAs '
                        r'leave it out', out)
   assert compiled and notice < compiled.start() < first_step, out[-3000:]
-  assert 3600 <= int(compiled.group(1)) < 3600 + 600, compiled.group(0)
+  assert int(compiled.group(1)) >= 3600, compiled.group(0)
   # The bar's last rendering, 6/6 [elapsed<remaining, rate]: neither holds the hour.
   bars = re.findall(r'6/6 \[(?:(\d+):)?(\d\d):(\d\d)<[^,]*,\s*([\d.]+)(s/step|step/s)\]',
                     out)
