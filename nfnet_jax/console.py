@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging as std_logging
-import os
 import sys
 import threading
 import time
