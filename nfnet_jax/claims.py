@@ -38,6 +38,7 @@ from pathlib import Path
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -496,11 +497,12 @@ def listing(scale: str, seeds: Sequence[int]) -> str:
   """What `python -m nfnet_jax.claims` without --claim prints: each claim, its number
   of training runs at `scale`, the paper's statement, and how to run one."""
   lines = [f'The papers\' claims as sweeps of training runs (--scale {scale}, '
-           f'--seeds {",".join(map(str, seeds))}); docs/claims.md has the method and '
-           'the verdicts.', '']
+           f'--seeds {",".join(map(str, seeds))});',
+           'docs/claims.md has the method and the verdicts.', '']
   for claim in CLAIMS.values():
     n = len(claim.runs(scale, seeds))
-    lines += [f'  {claim.name:<16}{n} run(s): {claim.paper}']
+    lines += [textwrap.fill(f'{claim.name:<16}{n} run(s): {claim.paper}', width=88,
+                            initial_indent='  ', subsequent_indent=' ' * 18)]
   lines += ['', 'Run one (results in <out>/<claim>.json and .png; re-running resumes):',
             f'  python -m nfnet_jax.claims --claim nf_vs_bn [--out {DEFAULT_OUT}] '
             '[--scale cpu] [--seeds 0,1,2]',
