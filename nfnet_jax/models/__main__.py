@@ -4,7 +4,6 @@
     python -m nfnet_jax.models F0 F1      # the named ones
 """
 import argparse
-import sys
 from typing import Optional, Sequence
 
 from nfnet_jax import errors
