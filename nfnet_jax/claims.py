@@ -38,6 +38,7 @@ from pathlib import Path
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -45,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / 'experiments' / 'claims.py'
 SCALES = ('tiny', 'cpu', 'imagenet')
 RESULT_FILE = 'claims_run.json'
+DEFAULT_OUT = Path('runs/claims')  # Relative to the working directory.
 EFFICIENTNET_NOTE = (
     'not measured: this package has no EfficientNet, and the only reference '
     'implementation (timm) needs PyTorch, which is not a dependency of nfnet_jax; '
@@ -491,6 +493,23 @@ def _write_plot(claim: Claim, rows: list[dict], path: Path) -> None:
   os.replace(path.with_suffix('.tmp.png'), path)
 
 
+def listing(scale: str, seeds: Sequence[int]) -> str:
+  """What `python -m nfnet_jax.claims` without --claim prints: each claim, its number
+  of training runs at `scale`, the paper's statement, and how to run one."""
+  lines = [f'The papers\' claims as sweeps of training runs (--scale {scale}, '
+           f'--seeds {",".join(map(str, seeds))});',
+           'docs/claims.md has the method and the verdicts.', '']
+  for claim in CLAIMS.values():
+    n = len(claim.runs(scale, seeds))
+    lines += [textwrap.fill(f'{claim.name:<16}{n} run(s): {claim.paper}', width=88,
+                            initial_indent='  ', subsequent_indent=' ' * 18)]
+  lines += ['', 'Run one (results in <out>/<claim>.json and .png; re-running resumes):',
+            f'  python -m nfnet_jax.claims --claim nf_vs_bn [--out {DEFAULT_OUT}] '
+            '[--scale cpu] [--seeds 0,1,2]',
+            'Print its training commands without running them: add --dry_run.']
+  return '\n'.join(lines)
+
+
 def _seeds(text: str) -> list[int]:
   try:
     seeds = [int(s) for s in text.split(',') if s.strip()]
@@ -506,14 +525,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       prog='python -m nfnet_jax.claims',
       description='Runs a paper claim as a sweep of training runs; writes '
                   '<out>/<claim>.json and <out>/<claim>.png. Re-running resumes.')
-  parser.add_argument('--claim', required=True, choices=[*CLAIMS, 'all'])
-  parser.add_argument('--out', required=True, type=Path, help='output directory')
+  parser.add_argument('--claim', choices=[*CLAIMS, 'all'],
+                      help='the claim to run, or all; without it, the claims are listed '
+                           'and nothing runs')
+  parser.add_argument('--out', default=DEFAULT_OUT, type=Path,
+                      help=f'output directory (default: {DEFAULT_OUT})')
   parser.add_argument('--scale', default='cpu', choices=SCALES)
   parser.add_argument('--seeds', default='0', type=_seeds,
                       help='comma-separated seeds (default 0)')
   parser.add_argument('--dry_run', action='store_true',
                       help='print the train commands and exit')
   args = parser.parse_args(argv)
+  if args.claim is None:
+    print(listing(args.scale, args.seeds))
+    return 0
   names = list(CLAIMS) if args.claim == 'all' else [args.claim]
   if args.dry_run:
     for name in names:

@@ -181,8 +181,12 @@ def compile_notice(config, mode: str, num_devices: int) -> str:
           if mode == 'eval' else
           f'the train step ({config.batch_size // max(num_devices, 1)} images of '
           f'{train} px per device, {config.compute_dtype})')
-  return (f'Compiling {config.model}: {what}. The first step waits for XLA: seconds '
-          'for small models, minutes for the large NFNets; later steps are fast.')
+  wait = ('The first step waits for XLA, which can take many minutes on a CPU even '
+          'for small models (longer for the large NFNets)')
+  if mode == 'eval':
+    return f'Compiling {config.model}: {what}. {wait}.'
+  return (f'Compiling {config.model}: {what}. {wait}; the time so far is shown until '
+          'it is done, and step rates and ETAs leave it out.')
 
 
 def _check_model(config, num_classes: int = 10) -> None:

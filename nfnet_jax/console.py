@@ -1,5 +1,6 @@
 """What a person watching the terminal sees: a progress bar that log lines do not
-overwrite, and no backend-probe noise.
+overwrite, a ticking line while XLA compiles the first step, and no backend-probe or
+TFDS variant-folder noise.
 
 While the bar is shown (stderr is a terminal), every write to stderr, absl's log
 lines included, goes through `tqdm.write`, which clears the bar, prints the whole
@@ -11,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging as std_logging
 import sys
-from typing import Iterator, Optional, TextIO
+import threading
+import time
+from typing import Any, Iterator, Optional, TextIO
 
 from absl import logging
 
@@ -31,6 +34,31 @@ def quiet_backend_probe() -> None:
   logger = std_logging.getLogger('jax._src.xla_bridge')
   if not any(isinstance(f, _NoBackendProbe) for f in logger.filters):
     logger.addFilter(_NoBackendProbe())
+
+
+class _NoMissingVariantFolder(std_logging.Filter):
+  """Drops TFDS's warning 'Variant folder DIR has no dataset_info.json' when DIR does
+  not exist. TFDS looks for the folder of the version it would read whenever a
+  builder is made or asked whether it is prepared, and warns each time; for a
+  dataset not prepared yet that says nothing the one-line error (with the command
+  that prepares it) does not. A folder that exists but lacks the file (a copy half
+  written or damaged) still warns."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if not (str(record.msg).startswith('Variant folder ') and record.args):
+      return True
+    try:
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      return epath.Path(record.args[0]).exists()
+    except Exception:  # pylint: disable=broad-except
+      return True  # Unsure: the warning stays.
+
+
+def quiet_missing_tfds_variants() -> None:
+  """Installs the filter on absl's logger, which TFDS logs through (idempotent)."""
+  logger = std_logging.getLogger('absl')
+  if not any(isinstance(f, _NoMissingVariantFolder) for f in logger.filters):
+    logger.addFilter(_NoMissingVariantFolder())
 
 
 class _BarSafeStream:
@@ -85,3 +113,45 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True) -> Iterator
     sys.stderr = real
     bar.close()
     stream.drain()
+
+
+@contextlib.contextmanager
+def compiling(what: str, bar: Optional[Any] = None,
+              log_every_s: float = 60.0) -> Iterator[None]:
+  """Wraps the first call of a jitted step, which returns once XLA has compiled it.
+
+  While the body runs, the time so far is shown: with a progress bar (a terminal),
+  as its description ('compiling the train step: 42 s'), updated every second; without
+  one (a log file), as a log line every `log_every_s` seconds. When the body returns,
+  one log line says how long it took ('Compiled the train step in 57.3 s') and the
+  bar's clock restarts, so that its step rate and ETA leave the compile out. If the
+  body raises, nothing is logged and the exception goes on.
+  """
+  start = time.monotonic()
+  done = threading.Event()
+  if bar is not None:  # At once: a compile shorter than a tick is still announced.
+    bar.set_description_str(f'compiling {what}: 0 s')
+
+  def tick() -> None:
+    while not done.wait(1.0 if bar is not None else log_every_s):
+      elapsed = time.monotonic() - start
+      if bar is not None:
+        bar.set_description_str(f'compiling {what}: {elapsed:.0f} s')
+      else:
+        logging.info('Still compiling %s: %.0f s so far', what, elapsed)
+
+  ticker = threading.Thread(target=tick, name='compile-ticker', daemon=True)
+  ticker.start()
+  try:
+    yield
+  finally:
+    done.set()
+    ticker.join()
+  elapsed = time.monotonic() - start
+  if bar is not None:
+    bar.set_description_str('', refresh=False)
+    # Moves the bar's start and last-update times to now: its elapsed time, rate
+    # and ETA leave out everything since the last step (the compile).
+    bar.unpause()
+  logging.info('Compiled %s in %.1f s; step rates and ETAs leave it out', what, elapsed)
+

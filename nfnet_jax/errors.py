@@ -15,9 +15,21 @@ def unknown_name(kind: str, name: str, choices: Iterable[str],
   `repr(name)` in the message, e.g. a full config path such as 'config.bach_size'.
   """
   choices = [str(c) for c in choices]
-  close = difflib.get_close_matches(str(name), choices, n=3)
+  close = close_matches(str(name), choices)
   hint = f' Did you mean {" or ".join(close)}?' if close else ''
   return f'Unknown {kind} {shown or repr(name)}.{hint} Valid: {", ".join(choices)}'
+
+
+def close_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
+  """Up to `n` of `choices` that `name` was probably meant to be, best first, ignoring
+  case: 'f0' finds 'F0' (difflib alone scores that pair below its cutoff)."""
+  by_lower: dict[str, list[str]] = {}
+  for c in choices:
+    by_lower.setdefault(c.lower(), []).append(c)
+  out: list[str] = []
+  for low in difflib.get_close_matches(name.lower(), list(by_lower), n=n):
+    out += by_lower[low]
+  return out[:n]
 
 
 class RunError(RuntimeError):

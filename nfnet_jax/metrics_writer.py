@@ -59,7 +59,8 @@ class MetricsWriter:
       return
     logdir = epath.Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = (logdir / 'metrics.jsonl').open('a', encoding='utf-8')
+    self._jsonl_path = logdir / 'metrics.jsonl'
+    self._jsonl = self._jsonl_path.open('a', encoding='utf-8')
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
     self._events = (logdir / name).open('wb')
     self._write_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
@@ -80,6 +81,44 @@ class MetricsWriter:
     self._write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
                                       summary=summary_pb2.Summary(value=values)))
     self._events.flush()
+
+  def replace(self, step: int, scalars: Mapping[str, float], prefix: str) -> None:
+    """`write`, after dropping the metrics.jsonl rows of the same step that hold only
+    `prefix/` keys: evaluating a step again (--mode=eval, a finished run re-run)
+    leaves one eval row per step, the newest. The file is rewritten under another
+    name and renamed over the old one only when there is such a row, so a failure
+    leaves it whole."""
+    if not self.enabled:
+      return
+    tag = f'{prefix}/'
+
+    def same(line: str) -> bool:
+      try:
+        rec = json.loads(line)
+      except ValueError:  # A torn line of a killed run: kept as it is.
+        return False
+      if not isinstance(rec, dict) or rec.get('step') != int(step):
+        return False
+      keys = [k for k in rec if k != 'step']
+      return bool(keys) and all(k.startswith(tag) for k in keys)
+
+    lines = self._jsonl_path.read_text(encoding='utf-8').splitlines(keepends=True)
+    kept = [l for l in lines if not same(l)]
+    if len(kept) < len(lines):
+      self._jsonl.close()
+      tmp = self._jsonl_path.parent / (self._jsonl_path.name + '.tmp')
+      try:
+        # A torn last line gets its newline back, so the new row stands alone.
+        tmp.write_text(''.join(l if l.endswith('\n') else l + '\n' for l in kept),
+                       encoding='utf-8')
+        tmp.replace(self._jsonl_path)
+      except BaseException:
+        if tmp.exists():
+          tmp.unlink()
+        raise
+      finally:
+        self._jsonl = self._jsonl_path.open('a', encoding='utf-8')
+    self.write(step, scalars, prefix=prefix)
 
   def close(self) -> None:
     if self.enabled:

@@ -11,7 +11,8 @@ initialised network and plot, after the stem and after every residual block,
 The numbers come from the model's own ``return_metrics=True`` outputs
 (``avg_sq_mean_i``, ``avg_var_i``, ``res_avg_var_k``).
 
-Command line (writes the PNG and a JSON of the numbers next to it, ``spp.json``)::
+Command line (writes the PNG and a JSON of the numbers next to it, ``spp.json``;
+refuses to replace existing ones unless ``--overwrite``)::
 
     python -m nfnet_jax.spp --model F0 --out spp.png
     python -m nfnet_jax.spp --model F0 --compare nf_resnet50 --out cmp.png
@@ -364,6 +365,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Stats]:
       description='Signal-propagation plots at initialisation (N(0,1) inputs).')
   p.add_argument('--model', default='F0', help='registered model name')
   p.add_argument('--out', default='spp.png', help='PNG path; the JSON goes next to it')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace an existing PNG/JSON at --out (default: refuse, '
+                      'before computing anything)')
   p.add_argument('--compare', default=None, help='a second model on the same axes')
   p.add_argument('--compare-ws', action='store_true',
                  help='compare --model with and without Scaled WS (plain convs); '
@@ -379,6 +383,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Stats]:
   args = p.parse_args(argv)
   if args.compare and args.compare_ws:
     p.error('use either --compare MODEL or --compare-ws, not both')
+  json_path = os.path.splitext(args.out)[0] + '.json'
+  existing = [f for f in (args.out, json_path) if os.path.exists(f)]
+  if existing and not args.overwrite:  # e.g. the plots committed under docs/
+    verb = 'exists' if len(existing) == 1 else 'exist'
+    p.exit(1, f'{p.prog}: error: {" and ".join(existing)} already {verb}; pass '
+              '--overwrite to replace, or another --out\n')
   _require_matplotlib(p)
   overrides = _parse_overrides(args.override)
   common = dict(image_size=args.image_size, batch=args.batch, seed=args.seed, **overrides)
@@ -400,13 +410,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Stats]:
            f'skip gain {sg}' + (f', overrides {overrides}' if overrides else ''))
   out_dir = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(out_dir, exist_ok=True)
-  fig = plot(curves, title, args.out)
+  # Each file is written beside its target and renamed over it: an interrupted run
+  # leaves the previous plot and numbers whole.
+  png_tmp, json_tmp = args.out + '.tmp.png', json_path + '.tmp'
+  fig = plot(curves, title, png_tmp)
   import matplotlib.pyplot as plt
   plt.close(fig)
-  json_path = os.path.splitext(args.out)[0] + '.json'
   config = dict(vars(args), skip_gain=skip_gain, overrides=overrides)
   config.pop('override')
-  save_json(curves, json_path, config)
+  config.pop('overwrite')
+  save_json(curves, json_tmp, config)
+  os.replace(png_tmp, args.out)
+  os.replace(json_tmp, json_path)
   for label, s in curves.items():
     print(f'{label}: avg_var {np.array2string(s["avg_var"], precision=3)}')
     print(f'{" " * len(label)}  avg_sq_mean '

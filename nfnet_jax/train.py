@@ -192,7 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  'on %d examples', step, 100 * metrics['raw_top1'],
                  100 * metrics['ema_top1'], 100 * metrics['raw_top5'],
                  metrics['raw_loss'], metrics['count'])
-    writer.write(step, metrics, prefix='eval')
+    # One eval row per step: evaluating a step again (--mode=eval, a finished run
+    # re-run) replaces its row.
+    writer.replace(step, metrics, prefix='eval')
     return metrics
 
   try:
@@ -222,7 +224,9 @@ def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[st
   at the end and on a signal (then raises Preempted)."""
   pidx = jax.process_index()
   max_bad = config.max_consecutive_nonfinite
-  last_save, t0, seen = time.time(), None, 0
+  # Throughput: images since the last log line over the time since then; the clock
+  # first starts when the first step's call returns, i.e. once XLA compiled it.
+  last_save, t0, seen = time.time(), 0.0, 0
   pending = None  # Control outputs of the previous step, read one step late.
   step = start_step
   # In a terminal: a progress bar, with log lines printed above it.
@@ -233,7 +237,13 @@ def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[st
       host = np.zeros([2], np.int32)
       host[_PREEMPT] = bool(caught)
       host[_SAVE_DUE] = bool(minutes) and time.time() - last_save > 60 * minutes
-      state, metrics, control = trainer.train_step(state, batch, trainer.host_flags(host))
+      first = step == start_step
+      with (console.compiling('the train step', progress) if first
+            else contextlib.nullcontext()):
+        state, metrics, control = trainer.train_step(state, batch,
+                                                     trainer.host_flags(host))
+      if first:
+        t0 = time.time()
       step += 1
       # Decisions use the previous step's psum'd flags (ready by now, so the device
       # queue keeps one step), which are the same on every host.
@@ -242,20 +252,21 @@ def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[st
         prev = jax.device_get(pending)
         stop, save = bool(prev['flags'][_PREEMPT]), bool(prev['flags'][_SAVE_DUE])
         _check_nonfinite(prev, step - 1, max_bad)
-        if t0 is None:  # Throughput excludes the first step (compilation).
-          t0, seen = time.time(), 0
       pending = control
       seen += config.batch_size
       if progress is not None:
         progress.update(1)
       if step % config.log_every == 0 or step == total_steps:
-        _log(step, total_steps, jax.device_get(metrics), jax.device_get(control), writer,
-             seen / max(time.time() - t0, 1e-9) if t0 else float('nan'), config.batch_size)
-        if t0 is not None:
-          t0, seen = time.time(), 0
+        # device_get waits for this step to finish: the rate covers its execution.
+        metrics_now, control_now = jax.device_get((metrics, control))
+        now = time.time()
+        _log(step, total_steps, metrics_now, control_now, writer,
+             seen / max(now - t0, 1e-9), config.batch_size)
+        t0, seen = now, 0
       if eval_fn and config.eval_every and step % config.eval_every == 0 \
           and step < total_steps:
         eval_fn(step, state)
+        t0, seen = time.time(), 0  # The eval (and its compile) is not train throughput.
       every = config.checkpoint_every_steps
       if stop or save or step == total_steps or (every and step % every == 0):
         _check_nonfinite(jax.device_get(control), step, max_bad)

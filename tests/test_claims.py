@@ -98,10 +98,10 @@ def test_read_metrics_takes_the_final_eval_and_skips_cut_lines(tmp_path):
                    ema_top1=0.2, eval_loss=2.1, eval_step=16)
 
 
-def _cli(*args, env=None, timeout=60):
+def _cli(*args, env=None, timeout=60, cwd=REPO):
   env = dict(os.environ if env is None else env)
   env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')])
-  return subprocess.run([sys.executable, '-m', 'nfnet_jax.claims', *args], cwd=REPO,
+  return subprocess.run([sys.executable, '-m', 'nfnet_jax.claims', *args], cwd=cwd,
                         env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -109,12 +109,50 @@ def _cli(*args, env=None, timeout=60):
     (['--claim', 'nf_vs_nb', '--out', 'x'], "invalid choice: 'nf_vs_nb'"),
     (['--claim', 'cost', '--out', 'x', '--seeds', '0,a'], 'expected integers'),
     (['--claim', 'cost', '--out', 'x', '--scale', 'tpu'], "invalid choice: 'tpu'"),
-    (['--out', 'x'], 'the following arguments are required: --claim'),
+    (['--claim', 'cost', '--seeds', '1,1'], 'expected distinct integers'),
 ])
 def test_bad_arguments_are_one_line_errors(args, message):
   r = _cli(*args)
   assert r.returncode == 2
   assert message in r.stderr and 'Traceback' not in r.stderr
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+  """(file, argv) of each `python -m nfnet_jax.claims ...` in README.md and docs/*.md
+  (in code blocks or inline, comments dropped); a synopsis (<...>) is not a command."""
+  import re  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+  out = []
+  for path in [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]:
+    for m in re.finditer(r'python -m nfnet_jax\.claims\b[^`\n]*', path.read_text()):
+      if '<' not in m.group(0):
+        out.append((path.name, shlex.split(m.group(0), comments=True)[3:]))
+  return out
+
+
+def test_documented_commands_work_as_written(tmp_path):
+  """README's bare `python -m nfnet_jax.claims` lists every claim and runs nothing;
+  each documented --claim command parses as written (checked with --dry_run, which
+  runs nothing)."""
+  commands = _documented_commands()
+  assert ('README.md', []) in commands
+  for name, argv in commands:
+    if '--claim' in argv and '--dry_run' not in argv:
+      argv = argv + ['--dry_run']
+    r = _cli(*argv, cwd=tmp_path)
+    assert r.returncode == 0, (name, argv, r.stderr)
+    assert 'Traceback' not in r.stderr
+    if '--claim' not in argv:
+      words = ' '.join(r.stdout.split())  # the listing wraps its lines
+      for claim in claims.CLAIMS.values():
+        assert f'  {claim.name} ' in r.stdout and claim.paper in words, r.stdout
+    else:
+      assert r.stdout and all(' -m nfnet_jax.train ' in l
+                              for l in r.stdout.strip().splitlines()), r.stdout
+  # Defaults: --out is runs/claims under the working directory.
+  r = _cli('--claim', 'nf_vs_bn', '--dry_run', cwd=tmp_path)
+  assert '--workdir=runs/claims/nf_vs_bn/' in r.stdout, r.stdout
+  assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
 def test_dry_run_prints_the_train_commands(tmp_path):

@@ -227,6 +227,35 @@ TINY = textwrap.dedent('''
 
 LOG_LINE = re.compile(r'[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ')
 
+# The training command line with an hour added to the clocks (time.time, which the
+# bar uses, and time.monotonic) when the first train step's call returns: a stand-in
+# for a long compile that costs nothing.
+HOUR_LONG_COMPILE = textwrap.dedent('''
+    import time
+    import tqdm.std
+    from absl import app
+    from nfnet_jax import steps, train
+    shift = [0.0]
+    real_time, real_monotonic = time.time, time.monotonic
+    time.time = lambda: real_time() + shift[0]
+    time.monotonic = lambda: real_monotonic() + shift[0]
+    tqdm.std.time = time.time
+    init = steps.Trainer.__init__
+
+    def patched_init(self, *args, **kwargs):
+      init(self, *args, **kwargs)
+      train_step = self.train_step
+
+      def first_call_takes_an_hour(*a, **k):
+        out = train_step(*a, **k)
+        shift[0] = 3600.0
+        return out
+      self.train_step = first_call_takes_an_hour
+
+    steps.Trainer.__init__ = patched_init
+    app.run(train.main, flags_parser=train._parse_flags)
+''')
+
 
 def run_in_terminal(args: list[str], timeout: float, cols: int = 120) -> str:
   """Runs the command with stdout/stderr on a pseudo-terminal; returns the raw bytes
@@ -265,10 +294,12 @@ def test_terminal_output_is_readable(tmp_path):
   """Under a pseudo-terminal (bar shown): every log line starts on a line of its own,
   after the bar was cleared, never glued behind bar text; the bar is drawn; no
   backend-probe line; the compile notice comes before the first step and the summary
-  states the resolutions."""
+  states the resolutions. The first step's call is made to take an hour (clocks moved
+  on, see HOUR_LONG_COMPILE): the bar says it is compiling, a line gives the hour, and
+  the bar's elapsed time and step rate leave it out."""
   cfg = tmp_path / 'tiny.py'
   cfg.write_text(TINY)
-  out = run_in_terminal([sys.executable, '-m', 'nfnet_jax.train', f'--config={cfg}',
+  out = run_in_terminal([sys.executable, '-c', HOUR_LONG_COMPILE, f'--config={cfg}',
                          f'--workdir={tmp_path / "w"}'], timeout=600)
   assert 'Unable to initialize backend' not in out
   assert re.search(r'\d+/6 \[', out), out[-3000:]  # the bar was drawn
@@ -291,6 +322,19 @@ def test_terminal_output_is_readable(tmp_path):
   assert summary and 0 <= notice < first_step, out[-3000:]
   assert 'first step' in out[notice:notice + 300]
   assert 'Final top-1' in out
+  # The compile: ticking on the bar, then one line with its length, before step 1.
+  assert 'compiling the train step: 0 s' in out[notice:first_step], out[-3000:]
+  compiled = re.search(r'Compiled the train step in (\d+)\.\d s; step rates and ETAs '
+                       r'leave it out', out)
+  assert compiled and notice < compiled.start() < first_step, out[-3000:]
+  assert int(compiled.group(1)) >= 3600, compiled.group(0)
+  # The bar's last rendering, 6/6 [elapsed<remaining, rate]: neither holds the hour.
+  bars = re.findall(r'6/6 \[(?:(\d+):)?(\d\d):(\d\d)<[^,]*,\s*([\d.]+)(s/step|step/s)\]',
+                    out)
+  assert bars, out[-3000:]
+  h, m, s, rate, unit = bars[-1]
+  assert int(h or 0) * 3600 + int(m) * 60 + int(s) < 1800, bars[-1]
+  assert unit == 'step/s' or float(rate) < 36, bars[-1]
 
 
 # ---------------------------------------------------------------------------

@@ -69,13 +69,20 @@ def test_bucket_path_goes_to_the_bucket(tmp_path, monkeypatch):
 
   # epath picks its TensorFlow backend for gs:// when TF is installed; use the mock.
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
+  def fwd2(name):  # Operations on two paths (source, target).
+    return lambda fn, path, dst, *a, **k: getattr(epath.backend.os_backend, name)(
+        local(path), local(dst), *a, **k)
+
   with epath_testing.mock_epath(**{n: fwd(n) for n in (
-      'open', 'exists', 'isdir', 'makedirs', 'mkdir', 'listdir', 'glob', 'stat')}):
+      'open', 'exists', 'isdir', 'makedirs', 'mkdir', 'listdir', 'glob', 'stat',
+      'remove')}, replace=fwd2('replace')):
     write('gs://my-bucket/runs/f0')
     write_path = epath.Path('gs://my-bucket/runs/f1')
     write(write_path)
+    evaluate_twice('gs://my-bucket/runs/f2')
   check_dir(bucket / 'my-bucket' / 'runs' / 'f0')
   check_dir(bucket / 'my-bucket' / 'runs' / 'f1')
+  check_evaluated_twice(bucket / 'my-bucket' / 'runs' / 'f2')
   assert os.listdir(cwd) == []  # no local './gs:' folder
 
 
@@ -84,3 +91,29 @@ def test_disabled_writes_nothing(tmp_path):
   w.write(1, {'a': 1.0})
   w.close()
   assert not (tmp_path / 'x').exists()
+
+
+def evaluate_twice(logdir):
+  """A training run's rows, a torn line, then --mode=eval of step 7 (its eval row
+  replaced) and of a step without one (appended)."""
+  write(logdir)
+  with epath.Path(logdir, 'metrics.jsonl').open('a') as f:
+    f.write('{"step": 8, "train/lo')  # a run killed mid-line
+  w = MetricsWriter(logdir)
+  w.replace(7, {'top1': 0.5}, prefix='eval')
+  w.replace(3, {'top1': 0.125}, prefix='eval')
+  w.close()
+
+
+def check_evaluated_twice(path):
+  lines = open(os.path.join(path, 'metrics.jsonl')).read().splitlines()
+  assert lines == [json.dumps({'step': 3, 'train/loss': 1.5, 'train/top1': 0.25}),
+                   '{"step": 8, "train/lo',  # kept, on a line of its own
+                   json.dumps({'step': 7, 'eval/top1': 0.5}),
+                   json.dumps({'step': 3, 'eval/top1': 0.125})]
+  assert sorted(os.listdir(path))[-1] == 'metrics.jsonl'  # no temporary file left
+
+
+def test_replace_keeps_one_eval_row_per_step(tmp_path):
+  evaluate_twice(str(tmp_path))
+  check_evaluated_twice(tmp_path)

@@ -26,10 +26,19 @@ def test_unknown_name_is_one_line():
   assert r.stdout == ''  # nothing computed, no partial table
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1, r.stderr
-  assert "unknown model 'F9'" in lines[0] and 'nf_regnet_b0' in lines[0]  # valid names
+  assert "Unknown model 'F9'" in lines[0] and 'nf_regnet_b0' in lines[0]  # valid names
   assert 'Traceback' not in r.stderr
   r = _run('nf_resnet5')
-  assert r.returncode == 2 and "did you mean 'nf_resnet50'?" in r.stderr
+  assert r.returncode == 2 and 'Did you mean nf_resnet50 ' in r.stderr
+
+
+def test_wrong_case_suggests_the_registered_name():
+  """'f0' is F0 in other case: the suggestion ignores case, the name stays exact."""
+  r = _run('f0')
+  assert r.returncode == 2 and r.stdout == ''
+  assert r.stderr.strip() == (
+      "python -m nfnet_jax.models: error: Unknown model 'f0'. Did you mean F0 or F0+? "
+      f'Valid: {", ".join(registry.names())}')
 
 
 def test_table_row_for_a_small_model():

@@ -126,6 +126,31 @@ def test_cli_tiny_model(tmp_path):
   np.testing.assert_allclose(curves2['F0']['avg_var'], c['avg_var'], rtol=1e-6)
 
 
+def test_cli_keeps_existing_files_unless_overwrite(tmp_path):
+  """An existing PNG (or its JSON) at --out: one line, exit status 1, nothing computed
+  and the files unchanged; with --overwrite both are replaced."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out, js = tmp_path / 'spp_f0.png', tmp_path / 'spp_f0.json'
+  out.write_bytes(b'committed plot')
+  r = subprocess.run([sys.executable, '-m', 'nfnet_jax.spp', '--model', 'F0', '--out',
+                      str(out), *TINY_ARGS], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1 and not r.stdout, r.stderr
+  assert r.stderr.strip() == (f'python -m nfnet_jax.spp: error: {out} already exists; '
+                              'pass --overwrite to replace, or another --out')
+  assert out.read_bytes() == b'committed plot' and not js.exists()
+  js.write_text('{}')  # The JSON alone is guarded too.
+  out.unlink()
+  with pytest.raises(SystemExit) as e:
+    spp.main(['--out', str(out)] + TINY_ARGS)
+  assert e.value.code == 1 and js.read_text() == '{}' and not out.exists()
+  out.write_bytes(b'committed plot')
+  spp.main(['--out', str(out), '--overwrite'] + TINY_ARGS)
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert json.loads(js.read_text())['config']['model'] == 'F0'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['spp_f0.json', 'spp_f0.png']
+
+
 def test_cli_rejects_both_comparisons(tmp_path):
   with pytest.raises(SystemExit):
     spp.main(['--compare', 'F1', '--compare-ws', '--out', str(tmp_path / 'x.png')])

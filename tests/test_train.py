@@ -278,6 +278,7 @@ class Runs:
                   hook=('nan', ','.join(map(str, self.nan_steps))))
         if one.rc == 0:
           shutil.copytree(one.workdir, self.root / 'evaluate')
+          mark_eval_rows(self.root / 'evaluate' / 'metrics.jsonl')
           self._run('evaluate', 1, '--mode=eval', workdir=self.root / 'evaluate')
         self._run('tf', 1, '--mode=train_and_eval', '--config.eval_every=2', arg='tf')
         if one.rc == 0:  # Resumed with a longer schedule.
@@ -354,6 +355,16 @@ class Runs:
       subprocess.run(['umount', '-l', str(self.tmpfs)], check=False)
 
 
+def mark_eval_rows(path: Path) -> None:
+  """Sets eval/count to -1 in the eval rows of a metrics.jsonl: a row that is still
+  there after another evaluation of its step was kept, not replaced."""
+  rows = [json.loads(l) for l in path.read_text().splitlines()]
+  for row in rows:
+    if 'eval/count' in row:
+      row['eval/count'] = -1.0
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+
+
 def damage_array_file(step_dir: Path) -> tuple[Path, int]:
   """Inverts 4 KiB (or the middle half of a smaller file) in the middle of the largest
   file of a checkpoint's state, keeping its size; returns (file, size)."""
@@ -389,6 +400,12 @@ def test_reference_run_logs_and_prints_final_top1(runs):
   assert all(v['finite'] == 1 and v['skipped'] == 0 for v in m.values())
   assert f'step {STEPS}/{STEPS} loss' in one.output and 'img/s ETA' in one.output
   assert one.steps() == [STEPS]
+  # Without a terminal: the compile's length in one line, before the first step, and
+  # a rate from the first step on (the clock starts when its call returns).
+  compiled = one.output.find('Compiled the train step in ')
+  assert 0 <= compiled < one.output.find('step 1/5 loss'), one.output[-3000:]
+  assert all(np.isfinite(v['images_per_sec']) and v['images_per_sec'] > 0
+             for v in m.values()), m
 
 
 @pytest.mark.slow
@@ -618,6 +635,11 @@ def test_eval_mode_and_summaries(runs):
   assert 'on 40 held-out examples' in final[0]
   ev_metrics = ev.metrics('eval')
   assert ev_metrics[STEPS]['count'] == 40
+  # Evaluating step 5 again replaced the training run's eval row of step 5 (marked
+  # count -1 in the copy) instead of adding a second one; the train rows are kept.
+  rows = [json.loads(l) for l in (ev.workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['eval/count'] for r in rows if r['step'] == STEPS and 'eval/count' in r] == [40]
+  assert ev.metrics() == one.metrics()
   # TensorBoard: the event file holds the same scalars as metrics.jsonl.
   events = read_events(one.workdir)
   assert events[0].file_version.startswith('brain.Event')

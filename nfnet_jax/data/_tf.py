@@ -1,7 +1,8 @@
 """The one place the data package imports TensorFlow (CPU only).
 
 Importing this module hides every GPU/TPU from TensorFlow before any op runs, so
-TF never claims accelerator memory that JAX needs.
+TF never claims accelerator memory that JAX needs, and silences TFDS's warnings about
+version folders that do not exist.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from nfnet_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _hide_accelerators() -> None:
@@ -23,5 +26,8 @@ def _hide_accelerators() -> None:
 
 
 _hide_accelerators()
+# TFDS warns about version folders that do not exist (a dataset not prepared yet);
+# the pipeline's own error says that, with the command that prepares it.
+console.quiet_missing_tfds_variants()
 
 __all__ = ['tf']

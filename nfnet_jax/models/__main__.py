@@ -4,10 +4,9 @@
     python -m nfnet_jax.models F0 F1      # the named ones
 """
 import argparse
-import difflib
-import sys
 from typing import Optional, Sequence
 
+from nfnet_jax import errors
 from nfnet_jax.models import registry, summary
 
 
@@ -23,11 +22,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  help='registered model names (default: all of them)')
   args = p.parse_args(argv)
   unknown = [n for n in args.names if n not in known]
-  if unknown:
-    close = difflib.get_close_matches(unknown[0], known, n=1)
-    hint = f' (did you mean {close[0]!r}?)' if close else ''
-    p.exit(2, f'{p.prog}: error: unknown model {unknown[0]!r}{hint}; valid: '
-              f'{", ".join(known)}\n')
+  if unknown:  # One line, suggestions ignoring case ('f0' -> F0).
+    p.exit(2, f'{p.prog}: error: {errors.unknown_name("model", unknown[0], known)}\n')
   print(f'{"model":<16}{"params (M)":>12}{"GMACs @test":>14}{"train px":>10}{"test px":>9}',
         flush=True)
   for row in summary.table(args.names or known):
