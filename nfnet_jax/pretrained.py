@@ -242,27 +242,6 @@ def _model_leaves(model: Optional[str], num_classes: Optional[int]) -> list[tupl
           for _, shape, dtype in ls]
 
 
-def _read_pickle(path: str, fd: int, size: int, budget: Budget,
-                 model_leaves: list[tuple]) -> Params:
-  """Parses the pickle open on `fd` in a child process (`unpickle_child`) and reads
-  its arrays back from the child's .npz through the bounded .npz reader."""
-  out, report = read_params_in_child(fd, path, size, budget.max_bytes, budget.model,
-                                     model_leaves)
-  with out:
-    arrays = _read_npz_arrays(out, os.fstat(out.fileno()).st_size, path, budget)
-  names = report['names']
-  if [key for key, _ in arrays] != [f'a{i}' for i in range(len(names))]:
-    raise UnsafePickleError(f'{path}: the pickle parser returned arrays that do not '
-                            'match its names; refused')
-  params: Params = {}
-  for (module, leaf), (_, array) in zip(names, arrays):
-    params.setdefault(module, {})[leaf] = array
-  log.debug('%s: parsed in a child process in %.2f s (its peak RSS %.1f MiB, %.1f MiB '
-            'after start-up)', path, report.get('seconds') or 0,
-            (report.get('peak_rss_kb') or 0) / 1024, (report.get('base_rss_kb') or 0) / 1024)
-  return params
-
-
 def _open_regular(path: str) -> tuple[int, int]:
   """Opens `path` for reading if it is a regular file: (descriptor, size).
 
@@ -321,7 +300,7 @@ def read_checkpoint(path: Union[str, os.PathLike], *, model: Optional[str] = Non
     if head.startswith(_PICKLE_MAGIC):
       if len(head) < 2 or not 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
         raise ValueError(_describe_head(path, head))
-      return _read_pickle(path, f.fileno(), size, budget, leaves)
+      return read_params_in_child(f.fileno(), path, size, budget, leaves)
     if head.startswith(_ZIP_MAGIC) or head.startswith(_EMPTY_ZIP_MAGIC):
       f.seek(0)
       try:

@@ -187,6 +187,9 @@ class Budget:
     self.array_bytes = 0
     self.copies = 0
     self.copy_allowance: Optional[int] = None
+    # False: arrays already in native C order come out as read-only views of the
+    # file's bytes (the child process, which only writes them out, sets this).
+    self.copy_arrays = True
     self._data_ids: set[int] = set()
     self.model = model
     if model is not None:
@@ -549,7 +552,8 @@ class _PendingArray:
     self.filled = True
 
   def materialise(self) -> np.ndarray:
-    """The array, in native byte order and its own memory; frees the file's bytes."""
+    """The array, in native byte order and its own memory (see `Budget.copy_arrays`);
+    frees the file's bytes."""
     if not self.filled:
       raise UnsafePickleError(f'{self._what}: declared but never given its data '
                               '(it would be uninitialised memory); refused')
@@ -557,8 +561,12 @@ class _PendingArray:
     if len(self.data) != nbytes:
       raise UnsafePickleError(f'{self._what}: its data changed size after it was checked '
                               f'({nbytes:,} -> {len(self.data):,} bytes); refused')
+    # Charged either way: the child process's view is written out (a copy there).
     self._budget.charge(nbytes, f'a copy of {self._what}')
     flat = np.frombuffer(self.data, dtype=self.dtype, count=math.prod(self.shape))
+    if not self._budget.copy_arrays and self.dtype.isnative and (
+        not self.fortran or len(self.shape) < 2):
+      return flat.reshape(self.shape)  # a read-only view of the file's own bytes
     array = np.array(flat.reshape(self.shape, order='F' if self.fortran else 'C'),
                      dtype=self.dtype.newbyteorder('='), order='C')
     del flat

@@ -9,12 +9,17 @@ Python process (numpy and `nfnet_jax.safe_pickle` only: no jax, no TensorFlow) t
 * runs under `RLIMIT_AS` (its address space after imports plus the load's memory
   bound), `RLIMIT_CPU`, `RLIMIT_FSIZE` and no core dumps, with a wall-clock timeout in
   the parent,
-* parses with `safe_pickle.read_params` and writes the arrays as an uncompressed
-  `.npz` (members `a0.npy`, `a1.npy`, ... in the file's order) to an unlinked
-  temporary file, and their (module, leaf) names as one JSON line on stdout.
+* parses with `safe_pickle.read_params` and writes the arrays' raw bytes (C order,
+  native byte order, each at a 64-byte aligned offset) to a file with no name (a
+  memfd, else an unlinked temporary file), and their (module, leaf, dtype, shape,
+  offset) as one JSON line on stdout.
 
-The parent (`nfnet_jax.pretrained`) reads that `.npz` back with its bounded reader
-(`allow_pickle` never involved). A refusal in the child comes back as the same
+The parent treats that output as untrusted too: each entry's dtype and shape go
+through the same `Budget.check_array` (fresh dtypes, plain numeric only, the model's
+bounds), the regions must be aligned, in order and inside the file, and the arrays
+are copy-on-write views of one private mapping of it (nothing is unpickled, no
+`allow_pickle`, no second copy). Raw bytes rather than an `.npz`: zip CRCs and
+`np.savez`'s chunked copies made a released F0 file's load several seconds slower. A refusal in the child comes back as the same
 exception type and one-line message; a crash, a kill or a limit hit becomes one
 `UnsafePickleError` line naming the file. The temporary file has no name on disk, so
 nothing is left behind whatever happens to either process.
@@ -22,6 +27,9 @@ nothing is left behind whatever happens to either process.
 from __future__ import annotations
 
 import json
+import logging
+import math
+import mmap
 import os
 import pickle
 import signal
@@ -29,12 +37,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import IO, Any, Optional, Sequence
+from typing import IO, Any, Optional
 
-from nfnet_jax.safe_pickle import (COPY_SLACK_BYTES, CheckpointTooLargeError,
-                                   UnsafePickleError)
+import numpy as np
 
-__all__ = ['read_params_in_child', 'ChildReport', 'address_space_bound']
+from nfnet_jax.safe_pickle import (COPY_SLACK_BYTES, Budget, CheckpointTooLargeError,
+                                   Params, UnsafePickleError)
+
+__all__ = ['read_params_in_child', 'address_space_bound']
 
 # Interpreter objects the opcodes build (about 100 B each, at most 1M opcodes) and
 # allocator slack on top of the load's byte bound, for RLIMIT_AS.
@@ -44,16 +54,16 @@ _AS_SLACK = 384 * 2**20
 _CPU_BASE_S = 30
 _CPU_BYTES_PER_S = 32 * 2**20
 
+log = logging.getLogger('nfnet_jax.pretrained')
+
 _ERRORS = {cls.__name__: cls for cls in (UnsafePickleError, CheckpointTooLargeError,
                                         pickle.UnpicklingError, ValueError)}
 
+# Each array starts at a multiple of this offset in the child's output (aligned views).
+_ALIGN = 64
+
 _BOOT = ('import sys; sys.path.insert(0, sys.argv[1]); '
          'from nfnet_jax import unpickle_child; unpickle_child.child_main()')
-
-
-class ChildReport(dict):
-  """What the child reports beside the arrays: `names` [(module, leaf), ...],
-  `peak_rss_kb`, `base_rss_kb` (after its imports), `seconds`."""
 
 
 def address_space_bound(size: int, max_bytes: int) -> int:
@@ -63,23 +73,20 @@ def address_space_bound(size: int, max_bytes: int) -> int:
   return min(int(max_bytes), 3 * int(size) + 2 * COPY_SLACK_BYTES) + _AS_SLACK
 
 
-def read_params_in_child(fd: int, path: str, size: int, max_bytes: int,
-                         model: Optional[str] = None,
-                         model_leaves: Sequence[tuple[Sequence[int], str]] = ()
-                         ) -> tuple[IO[bytes], ChildReport]:
-  """Parses the pickle open on `fd` in a child process.
+def read_params_in_child(fd: int, path: str, size: int, budget: Budget,
+                         model_leaves: list[tuple] = ()) -> Params:
+  """Parses the pickle open on `fd` (`size` bytes) in a child process.
 
-  Returns (an unlinked temporary file holding the `.npz`, positioned at 0, the child's
-  report). The caller reads and closes the file. Raises the child's refusal (same
-  type, one line naming `path`) or `UnsafePickleError` for a crash, a signal, a limit
-  or a timeout.
+  `budget` (with `model_leaves`, the (shape, dtype) of its model's parameters) bounds
+  the child's parse and, again, the arrays read back here. Returns {module: {leaf:
+  array}}. Raises the child's refusal (same type, one line naming `path`) or
+  `UnsafePickleError` for a crash, a signal, a limit or a timeout.
   """
   cpu_s = _CPU_BASE_S + size // _CPU_BYTES_PER_S
-  spec = {'path': path, 'size': size, 'max_bytes': int(max_bytes), 'model': model,
-          'model_leaves': [[list(s), str(d)] for s, d in model_leaves], 'in_fd': fd,
-          'cpu_s': cpu_s, 'as_bytes': address_space_bound(size, max_bytes)}
-  out = tempfile.TemporaryFile(prefix='nfnet_unpickle_', suffix='.npz')
-  try:
+  spec = {'path': path, 'size': size, 'max_bytes': budget.max_bytes,
+          'model': budget.model, 'model_leaves': [[list(s), str(d)] for s, d in model_leaves],
+          'in_fd': fd, 'cpu_s': cpu_s, 'as_bytes': address_space_bound(size, budget.max_bytes)}
+  with _anonymous_file() as out:
     spec['out_fd'] = out.fileno()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {'OPENBLAS_NUM_THREADS': '1', 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
@@ -101,14 +108,65 @@ def read_params_in_child(fd: int, path: str, size: int, max_bytes: int,
       proc.wait()
       raise
     report = _report(proc.returncode, stdout, stderr, path)
-    out.seek(0)
-    return out, report
-  except BaseException:
-    out.close()
-    raise
+    params = _map_arrays(out.fileno(), report['arrays'], path, budget)
+  log.debug('%s: parsed in a child process in %.2f s (its peak RSS %.1f MiB, %.1f MiB '
+            'after start-up)', path, report.get('seconds') or 0,
+            (report.get('peak_rss_kb') or 0) / 1024, (report.get('base_rss_kb') or 0) / 1024)
+  return params
 
 
-def _report(rc: int, stdout: bytes, stderr: bytes, path: str) -> ChildReport:
+def _anonymous_file() -> IO[bytes]:
+  """A file with no name on disk: memfd (memory only) where Linux has it, else an
+  unlinked temporary file."""
+  if hasattr(os, 'memfd_create'):
+    try:
+      return os.fdopen(os.memfd_create('nfnet_unpickle', os.MFD_CLOEXEC), 'w+b')
+    except OSError:
+      pass
+  return tempfile.TemporaryFile(prefix='nfnet_unpickle_')
+
+
+def _map_arrays(fd: int, entries: Any, path: str, budget: Budget) -> Params:
+  """The arrays the child wrote to `fd`, as copy-on-write views of one private mapping
+  of it (no copy here; writing to an array copies only the pages written). Each entry
+  is checked like a declared array; the regions must be aligned, in order, disjoint
+  and inside the file."""
+  size = os.fstat(fd).st_size
+  mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else b''
+  if not isinstance(entries, list):
+    raise UnsafePickleError(f'{path}: the pickle parser returned no array list; refused')
+  params: Params = {}
+  end = 0
+  for entry in entries:
+    ok = (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str)
+          and isinstance(entry[1], str) and isinstance(entry[2], str)
+          and len(entry[2]) <= 8 and isinstance(entry[3], list)
+          and type(entry[4]) is int)
+    if not ok:
+      raise UnsafePickleError(f'{path}: the pickle parser returned a malformed entry; '
+                              'refused')
+    module, leaf, code, shape, offset = entry
+    what = f'{path}: {module}/{leaf}'
+    try:
+      dtype = np.dtype(code)
+    except TypeError:
+      raise UnsafePickleError(f'{what}: the pickle parser returned dtype {code!r}; '
+                              'refused') from None
+    shape, dtype, nbytes = budget.check_array(shape, dtype, what)
+    if offset % _ALIGN or offset < end or offset + nbytes > size:
+      raise UnsafePickleError(f'{what}: the pickle parser returned bytes {offset:,}-'
+                              f'{offset + nbytes:,} of {size:,} after {end:,}; refused')
+    budget.charge(nbytes, what)
+    if nbytes:
+      array = np.frombuffer(mapped, dtype, math.prod(shape), offset).reshape(shape)
+    else:
+      array = np.zeros(shape, dtype)
+    params.setdefault(module, {})[leaf] = array
+    end = offset + nbytes
+  return params
+
+
+def _report(rc: int, stdout: bytes, stderr: bytes, path: str) -> dict:
   lines = stdout.decode('utf-8', 'replace').strip().splitlines()
   result = None
   if lines:
@@ -120,8 +178,8 @@ def _report(rc: int, stdout: bytes, stderr: bytes, path: str) -> ChildReport:
     if 'error' in result:
       cls = _ERRORS.get(result['error'], UnsafePickleError)
       raise cls(' '.join(str(result['message']).split('\n')))
-    if isinstance(result.get('names'), list):
-      return ChildReport(result)
+    if isinstance(result.get('arrays'), list):
+      return result
   if rc < 0:
     try:
       name = signal.Signals(-rc).name
@@ -154,8 +212,6 @@ def child_main() -> None:
   """Entry point of the child: reads its spec on stdin, prints one JSON line."""
   import resource  # pylint: disable=g-import-not-at-top
 
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   from nfnet_jax import safe_pickle  # pylint: disable=g-import-not-at-top
 
   start = time.monotonic()
@@ -171,20 +227,22 @@ def child_main() -> None:
   path = spec['path']
   budget = safe_pickle.Budget(path, spec['max_bytes'], spec['model'],
                               [(tuple(s), d) for s, d in spec['model_leaves']])
+  budget.copy_arrays = False  # written out as they are: no copy of the file's bytes
   result: dict[str, Any]
   out_of_memory = False
   try:
     with os.fdopen(spec['in_fd'], 'rb') as f:
       params = safe_pickle.read_params(f, spec['size'], path, budget)
-    names, arrays = [], {}
-    for module, leaves in params.items():
-      for leaf, array in leaves.items():
-        arrays[f'a{len(names)}'] = array
-        names.append([module, leaf])
-    del params
+    entries = []
     with os.fdopen(spec['out_fd'], 'wb') as out:
-      np.savez(out, **arrays)
-    result = {'names': names}
+      for module, leaves in params.items():
+        for leaf, array in leaves.items():
+          array = np.asarray(array, order='C')  # materialised arrays already are
+          offset = -(-out.tell() // _ALIGN) * _ALIGN
+          out.write(bytes(offset - out.tell()))
+          entries.append([module, leaf, array.dtype.str, list(array.shape), offset])
+          out.write(memoryview(array.reshape(-1).view(np.uint8)))
+    result = {'arrays': entries}
   except MemoryError:
     out_of_memory = True
   except tuple(_ERRORS.values()) as e:
