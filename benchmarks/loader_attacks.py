@@ -5,9 +5,12 @@ at full size, loads it in a fresh process and prints one JSON row per file: the 
 status (139 = SIGSEGV), what `load` returned or raised, and the peak RSS of the loading
 process and of its children (the pickle parser runs in one), in MB.
 
-  python benchmarks/loader_attacks.py [--out DIR] [--only NAME,...]
+  python benchmarks/loader_attacks.py [--out DIR] [--only NAME,...] [--time N]
 
-Each load gets a 120 s wall-clock limit (a FIFO blocks a reader forever).
+Each load gets a 120 s wall-clock limit (a FIFO blocks a reader forever). `--time N`
+also times `read_checkpoint` N times on an honest released-style F0 file (random
+weights, 285 MB). The loads run the `nfnet_jax` on PYTHONPATH (this checkout if
+unset), so the same command measures another version of the code.
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', default=None, help='where to write the files (a temp dir)')
   parser.add_argument('--only', default='', help='comma-separated names to run')
+  parser.add_argument('--time', type=int, default=0,
+                      help='time this many reads of an honest F0 file')
   args = parser.parse_args()
   directory = Path(args.out or tempfile.mkdtemp(prefix='loader_attacks_'))
   only = set(filter(None, args.only.split(',')))
@@ -78,7 +83,7 @@ def main() -> None:
     # A shell's fork gives the loader a fresh peak RSS (Linux carries it across exec).
     cmd = ['/bin/sh', '-c', '"$@"; exit $?', 'sh', sys.executable, '-c', _LOAD, str(path),
            model]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.environ.get('PYTHONPATH') or str(ROOT))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True)
     try:
@@ -94,6 +99,29 @@ def main() -> None:
     print(json.dumps(row), flush=True)
     if make is not None:
       path.unlink()
+  if args.time:
+    time_f0(directory, args.time)
+
+
+
+
+def time_f0(directory: Path, reads: int) -> None:
+  """Seconds per `read_checkpoint` of an honest released-style F0 pickle."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  import test_pretrained as released  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  path = directory / 'F0_haiku.npz'
+  released.write_released(released.random_params(pretrained.model_shapes('F0')), path)
+  seconds = []
+  for _ in range(reads):
+    start = time.perf_counter()
+    pretrained.read_checkpoint(path)
+    seconds.append(round(time.perf_counter() - start, 3))
+  print(json.dumps({'name': 'honest-F0-read', 'file_mb': round(path.stat().st_size / 1e6, 1),
+                    'seconds': seconds, 'median_s': sorted(seconds)[len(seconds) // 2],
+                    'loader': pretrained.__file__}), flush=True)
+  path.unlink()
 
 
 if __name__ == '__main__':

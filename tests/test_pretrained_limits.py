@@ -3,9 +3,11 @@
 Every file here is written byte by byte (pickle opcodes, zip records), as an attacker
 would, not by a pickler. Each refusal is checked in a fresh process whose peak RSS
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) is read before and after the load: the
-growth must stay under RSS_BOUND_MB. `test_rss_probe_sees_an_allocation` shows the
-probe registers a real allocation, and `test_hand_written_pickle_loads` that the
-hand-written opcodes are a valid pickle when the sizes are honest.
+growth must stay under RSS_BOUND_MB, and so must the growth of its children's peak
+(the pickle parser runs in a child process). `test_rss_probe_sees_an_allocation`
+shows the probe registers a real allocation, and `test_hand_written_pickle_loads`
+that the hand-written opcodes are a valid pickle when the sizes are honest.
+benchmarks/loader_attacks.py loads the hostile files below at full size.
 """
 from __future__ import annotations
 
