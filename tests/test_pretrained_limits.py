@@ -618,3 +618,18 @@ def test_a_parser_crash_is_a_one_line_refusal(tmp_path, monkeypatch, signal_name
   monkeypatch.undo()
   got = pretrained.read_checkpoint(path)  # the same file with the real parser
   np.testing.assert_array_equal(got['NFNet/~/m0']['w'], np.zeros((2, 3), np.float32))
+
+
+def test_the_parser_process_imports_neither_jax_nor_tensorflow():
+  """The child starts with `python -I` and imports only what parsing needs."""
+  from nfnet_jax import unpickle_child
+  root = Path(unpickle_child.__file__).resolve().parents[1]
+  probe = unpickle_child._BOOT.replace(
+      'unpickle_child.child_main()',
+      "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jaxlib', "
+      "'tensorflow', 'haiku', 'torch'}))")
+  assert probe != unpickle_child._BOOT
+  r = subprocess.run([sys.executable, '-I', '-c', probe, str(root)], capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip() == '[]'
