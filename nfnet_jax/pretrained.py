@@ -52,11 +52,10 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from nfnet_jax.safe_pickle import (ALLOWED_GLOBALS, MAX_CHECKPOINT_BYTES, Budget,
-                                   CheckpointTooLargeError, SafeUnpickler,
-                                   UnsafePickleError, as_two_level, format_bytes,
-                                   safe_loads)
-from nfnet_jax.unpickle_child import read_params_in_child
+                                   CheckpointTooLargeError, Params, SafeUnpickler,
+                                   UnsafePickleError, format_bytes, safe_loads)
 from nfnet_jax.timm_convert import TIMM_MODEL_OVERRIDES, TIMM_STD_CONV_EPS, from_timm
+from nfnet_jax.unpickle_child import read_params_in_child
 
 __all__ = [
     'load', 'save', 'read_checkpoint', 'from_timm', 'infer_model', 'model_shapes',
@@ -67,8 +66,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Params = dict[str, dict[str, np.ndarray]]
 
 RELEASED_URL = 'https://storage.googleapis.com/dm-nfnets/{variant}_haiku.npz'
 RELEASED_VARIANTS = ('F0', 'F1', 'F2', 'F3', 'F4', 'F5', 'F6')
@@ -149,20 +146,10 @@ def _read_npy_header(member, what: str) -> tuple[tuple, bool, np.dtype, int]:
   return shape, bool(fortran), dtype, member.tell()
 
 
-def _by_key(arrays: list[tuple[str, np.ndarray]], path: str) -> Params:
-  """{module: {leaf: array}} from .npz keys `<module path>/<leaf>`."""
-  params: Params = {}
-  for key, array in arrays:
-    module, leaf = _split_key(key, path)
-    params.setdefault(module, {})[leaf] = array
-  return params
-
-
-def _read_npz_arrays(f, file_size: int, path: str,
-                     budget: Budget) -> list[tuple[str, np.ndarray]]:
+def _read_npz(f, file_size: int, path: str, budget: Budget) -> Params:
   """Reads the .npz open in `f`: every member's .npy header first (sizes checked,
   nothing allocated), then the arrays, each filled completely from its member or
-  refused. Returns (key, array) in the archive's order."""
+  refused."""
   entries = _npz_member_count(f)
   if entries is not None and entries > _MAX_NPZ_MEMBERS:
     raise CheckpointTooLargeError(f'{path}: the zip declares {entries:,} members; at '
@@ -188,6 +175,7 @@ def _read_npz_arrays(f, file_size: int, path: str,
       if key in keys:
         raise ValueError(f'{what} appears twice in the archive')
       keys.add(key)
+      module, leaf = _split_key(key, path)
       try:
         with zf.open(info) as member:
           shape, fortran, dtype, header = _read_npy_header(member, what)
@@ -199,16 +187,19 @@ def _read_npz_arrays(f, file_size: int, path: str,
                          f'({header + nbytes:,} bytes with the header), the zip entry '
                          f'holds {info.file_size:,}')
       budget.charge(nbytes, what)
-      plan.append((info, key, shape, fortran, dtype, header, nbytes))
+      plan.append((info, module, leaf, shape, fortran, dtype, header, nbytes))
     declared = sum(p[-1] for p in plan)
     if declared > _NPZ_EXPANSION_FLOOR and declared > MAX_NPZ_EXPANSION * file_size:
       raise CheckpointTooLargeError(
           f'{path}: its arrays expand to {format_bytes(declared)}, '
           f'{declared / max(file_size, 1):.0f}x the {format_bytes(file_size)} file (at '
           f'most {MAX_NPZ_EXPANSION}x: parameters barely compress); a zip bomb?')
-    return [(key, _read_npz_member(zf, info, f'{path}: member {info.filename!r}', shape,
-                                   fortran, dtype, header, nbytes))
-            for info, key, shape, fortran, dtype, header, nbytes in plan]
+    params: Params = {}
+    for info, module, leaf, shape, fortran, dtype, header, nbytes in plan:
+      params.setdefault(module, {})[leaf] = _read_npz_member(
+          zf, info, f'{path}: member {info.filename!r}', shape, fortran, dtype, header,
+          nbytes)
+  return params
 
 
 def _read_npz_member(zf, info, what, shape, fortran, dtype, header, nbytes) -> np.ndarray:
@@ -304,12 +295,11 @@ def read_checkpoint(path: Union[str, os.PathLike], *, model: Optional[str] = Non
     if head.startswith(_ZIP_MAGIC) or head.startswith(_EMPTY_ZIP_MAGIC):
       f.seek(0)
       try:
-        arrays = _read_npz_arrays(f, size, path, budget)
+        return _read_npz(f, size, path, budget)
       except UnsafePickleError as e:
         if str(e).startswith(path):
           raise
         raise type(e)(f'{path}: {e}') from None
-      return _by_key(arrays, path)
   raise ValueError(_describe_head(path, head))
 
 
