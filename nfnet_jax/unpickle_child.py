@@ -218,12 +218,15 @@ def child_main() -> None:
   spec = json.loads(sys.stdin.read())
   base_kb = _status_kb('VmHWM') or 0
   vm_kb = _status_kb('VmSize') or 0
-  limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, spec['cpu_s']),
-            (resource.RLIMIT_FSIZE, spec['as_bytes'] + spec['max_bytes'])]
+  # (soft, hard); the CPU's hard limit is a little higher, so that the kernel sends
+  # SIGXCPU (named in the refusal) before SIGKILL.
+  limits = [(resource.RLIMIT_CORE, 0, 0),
+            (resource.RLIMIT_CPU, spec['cpu_s'], spec['cpu_s'] + 5),
+            (resource.RLIMIT_FSIZE, *(2 * [spec['as_bytes'] + spec['max_bytes']]))]
   if vm_kb:
-    limits.append((resource.RLIMIT_AS, vm_kb * 1024 + spec['as_bytes']))
-  for which, value in limits:
-    resource.setrlimit(which, (value, value))
+    limits.append((resource.RLIMIT_AS, *(2 * [vm_kb * 1024 + spec['as_bytes']])))
+  for which, soft, hard in limits:
+    resource.setrlimit(which, (soft, hard))
   path = spec['path']
   budget = safe_pickle.Budget(path, spec['max_bytes'], spec['model'],
                               [(tuple(s), d) for s, d in spec['model_leaves']])

@@ -596,13 +596,21 @@ def test_non_regular_files_are_refused_in_one_line(tmp_path, kind):
     pretrained.read_checkpoint(path)
 
 
-@pytest.mark.parametrize('signal_name', ['SIGSEGV', 'SIGKILL'])
+_DEATHS = {
+    'SIGSEGV': 'import os, signal; os.kill(os.getpid(), signal.SIGSEGV)',
+    'SIGKILL': 'import os, signal; os.kill(os.getpid(), signal.SIGKILL)',
+    # A runaway parse: RLIMIT_CPU's signal.
+    'SIGXCPU': 'import resource; resource.setrlimit(resource.RLIMIT_CPU, (1, 3))\n'
+               'while True: pass',
+}
+
+
+@pytest.mark.parametrize('signal_name', sorted(_DEATHS))
 def test_a_parser_crash_is_a_one_line_refusal(tmp_path, monkeypatch, signal_name):
   """Whatever kills the parser's process, the caller gets one line naming the file,
-  and the temporary .npz it would have written leaves nothing behind."""
+  and the temporary file it would have written leaves nothing behind."""
   from nfnet_jax import unpickle_child
-  monkeypatch.setattr(unpickle_child, '_BOOT', 'import os, signal; os.kill(os.getpid(), '
-                      f'signal.{signal_name})')
+  monkeypatch.setattr(unpickle_child, '_BOOT', _DEATHS[signal_name])
   scratch = tmp_path / 'tmp'
   scratch.mkdir()
   monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
@@ -612,7 +620,9 @@ def test_a_parser_crash_is_a_one_line_refusal(tmp_path, monkeypatch, signal_name
     pretrained.load(path)
   message = str(info.value)
   assert message.startswith(f'{path}: the pickle parser ')
-  assert signal_name in message or 'was killed' in message, message
+  expected = {'SIGSEGV': 'crashed (SIGSEGV)', 'SIGKILL': 'was killed',
+              'SIGXCPU': 'hit its CPU-time limit'}[signal_name]
+  assert expected in message, message
   assert '\n' not in message
   assert not list(scratch.iterdir())
   monkeypatch.undo()
@@ -633,3 +643,20 @@ def test_the_parser_process_imports_neither_jax_nor_tensorflow():
                      text=True, timeout=120)
   assert r.returncode == 0, r.stderr
   assert r.stdout.strip() == '[]'
+
+
+def test_a_parser_out_of_memory_is_a_one_line_refusal(tmp_path, monkeypatch):
+  """The child's address space is capped (RLIMIT_AS); a parse that needs more than the
+  cap (here made 1 MiB for an honest 4 MB array) is refused in one line."""
+  from nfnet_jax import unpickle_child
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(shared_array(1))
+  monkeypatch.setattr(unpickle_child, 'address_space_bound', lambda size, max_bytes: 2**20)
+  with pytest.raises(CheckpointTooLargeError) as info:
+    pretrained.read_checkpoint(path)
+  message = str(info.value)
+  assert message.startswith(f'{path}: ran out of memory while unpickling'), message
+  assert '\n' not in message
+  monkeypatch.undo()
+  got = pretrained.read_checkpoint(path)['NFNet/~/m0']['w']  # control: the real cap
+  np.testing.assert_array_equal(got, np.arange(500_000, dtype='<f8'))
