@@ -53,7 +53,8 @@ import numpy as np
 
 from nfnet_jax.safe_pickle import (ALLOWED_GLOBALS, MAX_CHECKPOINT_BYTES, Budget,
                                    CheckpointTooLargeError, Params, SafeUnpickler,
-                                   UnsafePickleError, format_bytes, safe_loads)
+                                   UnsafePickleError, format_bytes, safe_loads,
+                                   split_key)
 from nfnet_jax.timm_convert import TIMM_MODEL_OVERRIDES, TIMM_STD_CONV_EPS, from_timm
 from nfnet_jax.unpickle_child import read_params_in_child
 
@@ -108,14 +109,6 @@ def _describe_head(path: str, head: bytes) -> str:
   elif head[:1] in (b'(', b']', b'}'):
     text += ' It may be a protocol-0/1 pickle, which is not supported.'
   return text
-
-
-def _split_key(key: str, path: str) -> tuple[str, str]:
-  module, sep, leaf = key.rpartition('/')
-  if not sep or not module or not leaf:
-    raise ValueError(f'{path}: key {key!r} is not "<module path>/<leaf>" (the last "/" '
-                     'separates the module path from the parameter name)')
-  return module, leaf
 
 
 def _npz_member_count(f) -> Optional[int]:
@@ -175,7 +168,7 @@ def _read_npz(f, file_size: int, path: str, budget: Budget) -> Params:
       if key in keys:
         raise ValueError(f'{what} appears twice in the archive')
       keys.add(key)
-      module, leaf = _split_key(key, path)
+      module, leaf = split_key(key, path)
       try:
         with zf.open(info) as member:
           shape, fortran, dtype, header = _read_npy_header(member, what)

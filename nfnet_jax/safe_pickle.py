@@ -44,7 +44,7 @@ __all__ = [
     'SafeUnpickler', 'safe_loads', 'scan_pickle', 'Budget', 'UnsafePickleError',
     'CheckpointTooLargeError', 'ALLOWED_GLOBALS', 'MAX_CHECKPOINT_BYTES',
     'MAX_PICKLE_OPCODES', 'MAX_NESTING', 'COPY_SLACK_BYTES', 'as_two_level',
-    'read_params',
+    'read_params', 'split_key',
 ]
 
 # ---------------------------------------------------------------------------
@@ -855,6 +855,16 @@ def safe_loads(data: Union[bytes, bytearray, memoryview],
 Params = dict[str, dict[str, np.ndarray]]
 
 
+def split_key(key: str, path: str) -> tuple[str, str]:
+  """'NFNet/~/linear/w' -> ('NFNet/~/linear', 'w'): the last '/' splits the module
+  path from the leaf name. ValueError naming `path` for a key without one."""
+  module, sep, leaf = key.rpartition('/')
+  if not sep or not module or not leaf:
+    raise ValueError(f'{path}: key {key!r} is not "<module path>/<leaf>" (the last "/" '
+                     'separates the module path from the parameter name)')
+  return module, leaf
+
+
 def as_two_level(obj: Any, path: str) -> Params:
   """Normalises an unpickled object into {module: {leaf: ndarray}}.
 
@@ -872,10 +882,7 @@ def as_two_level(obj: Any, path: str) -> Params:
       for leaf, array in value.items():
         params.setdefault(module, {})[str(leaf)] = array
     else:  # a flat {'module/leaf': array} mapping
-      mod, sep, leaf = module.rpartition('/')
-      if not sep or not mod or not leaf:
-        raise ValueError(f'{path}: key {module!r} is not "<module path>/<leaf>" (the last '
-                         '"/" separates the module path from the parameter name)')
+      mod, leaf = split_key(module, path)
       params.setdefault(mod, {})[leaf] = value
   for module, leaves in params.items():
     for leaf, array in leaves.items():
