@@ -12,7 +12,10 @@ the tree `nfnet_jax.models.create(name).init` gives, so `apply` takes it unchang
   too: every size a file declares (pickle length fields, array shapes, `.npy` headers,
   zip sizes) is checked before anything is allocated, against `MAX_CHECKPOINT_BYTES`
   and, when `load` is given the model, against that model's parameters; an array the
-  file does not fill completely, or one referenced twice, is refused.
+  file does not fill completely, or one referenced twice, is refused. The pickle is
+  parsed in a child process with hard resource limits (`nfnet_jax.unpickle_child`),
+  which passes back plain arrays, so a crash there is a refusal, not a dead caller.
+  Only regular files are read (a FIFO would block forever).
 * `save(params, path)` writes a real `.npz` (flattened keys, see below), atomically.
 * `from_timm(state_dict, variant)` converts a timm `dm_nfnet_f*` PyTorch state_dict.
 
@@ -39,6 +42,7 @@ import logging
 import os
 import pickle
 import re
+import stat
 import struct
 import tempfile
 import zipfile
@@ -48,10 +52,11 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from nfnet_jax.safe_pickle import (ALLOWED_GLOBALS, MAX_CHECKPOINT_BYTES, Budget,
-                                   CheckpointTooLargeError, SafeUnpickler,
+                                   CheckpointTooLargeError, Params, SafeUnpickler,
                                    UnsafePickleError, format_bytes, safe_loads,
-                                   scan_pickle)
+                                   split_key)
 from nfnet_jax.timm_convert import TIMM_MODEL_OVERRIDES, TIMM_STD_CONV_EPS, from_timm
+from nfnet_jax.unpickle_child import read_params_in_child
 
 __all__ = [
     'load', 'save', 'read_checkpoint', 'from_timm', 'infer_model', 'model_shapes',
@@ -62,8 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Params = dict[str, dict[str, np.ndarray]]
 
 RELEASED_URL = 'https://storage.googleapis.com/dm-nfnets/{variant}_haiku.npz'
 RELEASED_VARIANTS = ('F0', 'F1', 'F2', 'F3', 'F4', 'F5', 'F6')
@@ -108,14 +111,6 @@ def _describe_head(path: str, head: bytes) -> str:
   return text
 
 
-def _split_key(key: str, path: str) -> tuple[str, str]:
-  module, sep, leaf = key.rpartition('/')
-  if not sep or not module or not leaf:
-    raise ValueError(f'{path}: key {key!r} is not "<module path>/<leaf>" (the last "/" '
-                     'separates the module path from the parameter name)')
-  return module, leaf
-
-
 def _npz_member_count(f) -> Optional[int]:
   """Entries the zip's end record declares, read before zipfile parses the directory."""
   end_record = getattr(zipfile, '_EndRecData', None)  # stable since Python 2; private
@@ -144,60 +139,59 @@ def _read_npy_header(member, what: str) -> tuple[tuple, bool, np.dtype, int]:
   return shape, bool(fortran), dtype, member.tell()
 
 
-def _read_npz(path: str, budget: Budget) -> Params:
-  """Reads an .npz: every member's .npy header first (sizes checked, nothing
-  allocated), then the arrays, each filled completely from its member or refused."""
-  file_size = os.path.getsize(path)
-  with open(path, 'rb') as f:
-    entries = _npz_member_count(f)
-    if entries is not None and entries > _MAX_NPZ_MEMBERS:
-      raise CheckpointTooLargeError(f'{path}: the zip declares {entries:,} members; at '
-                                    f'most {_MAX_NPZ_MEMBERS:,}')
-    try:
-      zf = zipfile.ZipFile(f)
-    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
-      raise ValueError(f'{path}: not a readable .npz (zip) archive: {e}') from None
-    with zf:
-      plan = []
-      keys = set()
-      for info in zf.infolist():
-        name = info.filename
-        what = f'{path}: member {name!r}'
-        if not name.endswith('.npy') or info.is_dir():
-          raise ValueError(f'{what} is not a .npy array')
-        if info.flag_bits & 0x1:
-          raise ValueError(f'{what} is encrypted')
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-          raise ValueError(f'{what}: compression method {info.compress_type} (np.savez '
-                           'stores, np.savez_compressed deflates)')
-        key = name[:-len('.npy')]
-        if key in keys:
-          raise ValueError(f'{what} appears twice in the archive')
-        keys.add(key)
-        module, leaf = _split_key(key, path)
-        try:
-          with zf.open(info) as member:
-            shape, fortran, dtype, header = _read_npy_header(member, what)
-        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-          raise ValueError(f'{what}: damaged: {e}') from None
-        shape, dtype, nbytes = budget.check_array(shape, dtype, what)
-        if header + nbytes != info.file_size:
-          raise ValueError(f'{what}: its header declares {shape} {dtype.name} '
-                           f'({header + nbytes:,} bytes with the header), the zip entry '
-                           f'holds {info.file_size:,}')
-        budget.charge(nbytes, what)
-        plan.append((info, module, leaf, shape, fortran, dtype, header, nbytes))
-      declared = sum(p[-1] for p in plan)
-      if declared > _NPZ_EXPANSION_FLOOR and declared > MAX_NPZ_EXPANSION * file_size:
-        raise CheckpointTooLargeError(
-            f'{path}: its arrays expand to {format_bytes(declared)}, '
-            f'{declared / max(file_size, 1):.0f}x the {format_bytes(file_size)} file (at '
-            f'most {MAX_NPZ_EXPANSION}x: parameters barely compress); a zip bomb?')
-      params: Params = {}
-      for info, module, leaf, shape, fortran, dtype, header, nbytes in plan:
-        params.setdefault(module, {})[leaf] = _read_npz_member(
-            zf, info, f'{path}: member {info.filename!r}', shape, fortran, dtype, header,
-            nbytes)
+def _read_npz(f, file_size: int, path: str, budget: Budget) -> Params:
+  """Reads the .npz open in `f`: every member's .npy header first (sizes checked,
+  nothing allocated), then the arrays, each filled completely from its member or
+  refused."""
+  entries = _npz_member_count(f)
+  if entries is not None and entries > _MAX_NPZ_MEMBERS:
+    raise CheckpointTooLargeError(f'{path}: the zip declares {entries:,} members; at '
+                                  f'most {_MAX_NPZ_MEMBERS:,}')
+  try:
+    zf = zipfile.ZipFile(f)
+  except (zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
+    raise ValueError(f'{path}: not a readable .npz (zip) archive: {e}') from None
+  with zf:
+    plan = []
+    keys = set()
+    for info in zf.infolist():
+      name = info.filename
+      what = f'{path}: member {name!r}'
+      if not name.endswith('.npy') or info.is_dir():
+        raise ValueError(f'{what} is not a .npy array')
+      if info.flag_bits & 0x1:
+        raise ValueError(f'{what} is encrypted')
+      if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise ValueError(f'{what}: compression method {info.compress_type} (np.savez '
+                         'stores, np.savez_compressed deflates)')
+      key = name[:-len('.npy')]
+      if key in keys:
+        raise ValueError(f'{what} appears twice in the archive')
+      keys.add(key)
+      module, leaf = split_key(key, path)
+      try:
+        with zf.open(info) as member:
+          shape, fortran, dtype, header = _read_npy_header(member, what)
+      except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+        raise ValueError(f'{what}: damaged: {e}') from None
+      shape, dtype, nbytes = budget.check_array(shape, dtype, what)
+      if header + nbytes != info.file_size:
+        raise ValueError(f'{what}: its header declares {shape} {dtype.name} '
+                         f'({header + nbytes:,} bytes with the header), the zip entry '
+                         f'holds {info.file_size:,}')
+      budget.charge(nbytes, what)
+      plan.append((info, module, leaf, shape, fortran, dtype, header, nbytes))
+    declared = sum(p[-1] for p in plan)
+    if declared > _NPZ_EXPANSION_FLOOR and declared > MAX_NPZ_EXPANSION * file_size:
+      raise CheckpointTooLargeError(
+          f'{path}: its arrays expand to {format_bytes(declared)}, '
+          f'{declared / max(file_size, 1):.0f}x the {format_bytes(file_size)} file (at '
+          f'most {MAX_NPZ_EXPANSION}x: parameters barely compress); a zip bomb?')
+    params: Params = {}
+    for info, module, leaf, shape, fortran, dtype, header, nbytes in plan:
+      params.setdefault(module, {})[leaf] = _read_npz_member(
+          zf, info, f'{path}: member {info.filename!r}', shape, fortran, dtype, header,
+          nbytes)
   return params
 
 
@@ -221,60 +215,41 @@ def _read_npz_member(zf, info, what, shape, fortran, dtype, header, nbytes) -> n
   return array.astype(native, order='C', copy=False)  # a copy only if F-order/swapped
 
 
-def _as_two_level(obj: Any, path: str) -> Params:
-  """Normalises an unpickled object into {module: {leaf: ndarray}}."""
-  if not isinstance(obj, Mapping):
-    raise ValueError(f'{path}: unpickled a {type(obj).__name__}, expected a mapping of '
-                     'Haiku module paths to parameter mappings')
-  params: Params = {}
-  for module, value in obj.items():
-    if not isinstance(module, str):
-      raise ValueError(f'{path}: non-string key {module!r}')
-    if isinstance(value, Mapping):
-      for leaf, array in value.items():
-        params.setdefault(module, {})[str(leaf)] = array
-    else:  # a flat {'module/leaf': array} mapping
-      mod, leaf = _split_key(module, path)
-      params.setdefault(mod, {})[leaf] = value
-  for module, leaves in params.items():
-    for leaf, array in leaves.items():
-      if isinstance(array, np.generic):
-        leaves[leaf] = array = np.asarray(array)
-      if not isinstance(array, np.ndarray):
-        raise ValueError(f'{path}: {module}/{leaf} is a {type(array).__name__}, not an array')
-  return params
-
-
-def _budget(path: str, max_bytes: Optional[int], model: Optional[str],
-            num_classes: Optional[int]) -> Budget:
-  """The read's budget; with `model`, its parameters bound the arrays too. The
+def _model_leaves(model: Optional[str], num_classes: Optional[int]) -> list[tuple]:
+  """(shape, dtype name) of every parameter of `model` ([] for None). The
   classifier's size is the file's until read: it is counted at max(1000, num_classes)
   classes (a file with more needs num_classes=its count)."""
   if model is None:
-    return Budget(path, max_bytes)
+    return []
   classes = max(1000, int(num_classes or 0))
-  leaves = [(shape, dtype) for _, ls in _model_shapes_cached(model, classes)
-            for _, shape, dtype in ls]
-  return Budget(path, max_bytes, model, leaves)
+  return [(shape, dtype) for _, ls in _model_shapes_cached(model, classes)
+          for _, shape, dtype in ls]
 
 
-def _read_pickle(path: str, f, size: int, budget: Budget) -> Params:
-  try:
-    scan_pickle(f, size)
-    f.seek(0)
-    budget.charge(size, 'the file')
-    unpickler = SafeUnpickler(f, budget)
-    obj = unpickler.load()
-    del unpickler
-  except UnsafePickleError as e:
-    raise type(e)(f'{path}: {e}') from None
-  except MemoryError:
-    raise CheckpointTooLargeError(f'{path}: ran out of memory while unpickling') from None
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
-          AttributeError, IndexError, RecursionError) as e:
-    raise pickle.UnpicklingError(f'{path}: corrupt or unsupported pickle: '
-                                 f'{type(e).__name__}: {e}') from e
-  return _as_two_level(obj, path)
+def _open_regular(path: str) -> tuple[int, int]:
+  """Opens `path` for reading if it is a regular file: (descriptor, size).
+
+  A FIFO, a device or a directory is refused before it is opened for reading (opening
+  a FIFO blocks until a writer appears; reading a device may never end); the open
+  itself does not block, and the descriptor is checked again in case the path changed.
+  """
+  def refuse(mode: int) -> ValueError:
+    kind = ('a FIFO' if stat.S_ISFIFO(mode) else 'a directory' if stat.S_ISDIR(mode)
+            else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else 'a socket' if stat.S_ISSOCK(mode) else 'not a regular file')
+    return ValueError(f'{path}: is {kind}, not a regular file; a checkpoint is a file')
+
+  mode = os.stat(path).st_mode
+  if not stat.S_ISREG(mode):
+    raise refuse(mode)
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_NOCTTY', 0)
+               | getattr(os, 'O_CLOEXEC', 0))
+  st = os.fstat(fd)
+  if not stat.S_ISREG(st.st_mode):
+    os.close(fd)
+    raise refuse(st.st_mode)
+  os.set_blocking(fd, True)
+  return fd, st.st_size
 
 
 def read_checkpoint(path: Union[str, os.PathLike], *, model: Optional[str] = None,
@@ -292,29 +267,32 @@ def read_checkpoint(path: Union[str, os.PathLike], *, model: Optional[str] = Non
   Names and exact shapes are checked afterwards by `load`.
 
   Raises FileNotFoundError (with a download hint) for a missing file, ValueError for
-  any other format or a damaged .npz, `UnsafePickleError` for a pickle with a
-  disallowed global or arrays the file does not fill, `CheckpointTooLargeError` (a
-  subclass) for declared sizes over the budget; each names the file.
+  something other than a regular file, any other format or a damaged .npz,
+  `UnsafePickleError` for a pickle with a disallowed global, arrays the file does not
+  fill or a parser process that crashed or hit its limits, `CheckpointTooLargeError`
+  (a subclass) for declared sizes over the budget; each is one line naming the file.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(errno.ENOENT, f'No such checkpoint: {path!r}. '
                             + _download_hint(path), path)
-  budget = _budget(path, max_bytes, model, num_classes)
-  size = os.path.getsize(path)
-  with open(path, 'rb') as f:
+  leaves = _model_leaves(model, num_classes)
+  budget = Budget(path, max_bytes, model, leaves)
+  fd, size = _open_regular(path)
+  with os.fdopen(fd, 'rb') as f:
     head = f.read(16)
     if head.startswith(_PICKLE_MAGIC):
       if len(head) < 2 or not 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
         raise ValueError(_describe_head(path, head))
-      return _read_pickle(path, f, size, budget)
-  if head.startswith(_ZIP_MAGIC) or head.startswith(_EMPTY_ZIP_MAGIC):
-    try:
-      return _read_npz(path, budget)
-    except UnsafePickleError as e:
-      if str(e).startswith(path):
-        raise
-      raise type(e)(f'{path}: {e}') from None
+      return read_params_in_child(f.fileno(), path, size, budget, leaves)
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_EMPTY_ZIP_MAGIC):
+      f.seek(0)
+      try:
+        return _read_npz(f, size, path, budget)
+      except UnsafePickleError as e:
+        if str(e).startswith(path):
+          raise
+        raise type(e)(f'{path}: {e}') from None
   raise ValueError(_describe_head(path, head))
 
 
@@ -558,7 +536,8 @@ def save(params: Mapping[str, Mapping[str, Any]], path: Union[str, os.PathLike])
   """Writes params as a real `.npz` with keys `<module path>/<leaf>`, atomically.
 
   The archive is written to a temporary file in the target directory and moved into
-  place with os.replace, so a reader never sees a half-written file. Floating arrays
+  place with os.replace, so a reader never sees a half-written file; its mode is what
+  the umask gives a new file (0644 under the usual 022). Floating arrays
   are stored as float32 (bfloat16 etc. upcast). `load` reads it back.
   """
   path = os.fspath(path)
@@ -575,6 +554,7 @@ def save(params: Mapping[str, Mapping[str, Any]], path: Union[str, os.PathLike])
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
                              suffix='.tmp')
   try:
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
     with os.fdopen(fd, 'wb') as f:
       np.savez(f, **flat)
       f.flush()
@@ -584,3 +564,17 @@ def save(params: Mapping[str, Mapping[str, Any]], path: Union[str, os.PathLike])
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux shows it."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+  os.umask(mask)
+  return mask

@@ -3,14 +3,30 @@
 `SafeUnpickler` resolves only the globals in `ALLOWED_GLOBALS` (numpy arrays, dtypes
 and scalars, dill's array wrapper, Haiku 2021's FlatMapping, copies of plain
 containers and byte strings), each to a restricted stand-in, so a hostile pickle
-cannot run code. It also bounds memory: the opcodes are walked before unpickling
-(`scan_pickle`: length fields, memo indices, opcode count) and every size an allowed
-constructor is asked for is checked against a `Budget` before it is allocated. Arrays
-are built only from their own bytes in the file: one declared but never filled, one
-with data shorter than declared, or one reached twice is refused.
+cannot run code. Before unpickling, `scan_pickle` walks the opcodes without building
+anything: length fields, memo indices, the opcode count, and the nesting depth of
+everything the pickle would build (keys and set items included: hashing a deeply
+nested tuple recurses in C and can crash the interpreter), at most `MAX_NESTING`.
 
-`nfnet_jax.pretrained` reads checkpoint files with it; docs/pretrained.md describes
-the allowed globals and the budget.
+Arrays are built only from their own bytes in the file: one declared but never
+filled, one with data shorter than declared, or one reached twice is refused. The
+dtype, shape and byte count of an array are frozen when checked: a pickle gets a
+stand-in for `numpy.dtype` (`_DtypeSpec`), never a numpy dtype it could rebuild with
+BUILD later, and the checked values are copies it cannot reach.
+
+Memory bound. Every size an allowed constructor is asked for is checked against a
+`Budget` before it is allocated. For a pickle of S bytes whose arrays total A bytes
+the parser holds at most about
+
+    S (the file's byte strings) + S + 16 MiB (copies: bytearray, latin-1, containers)
+      + A (each array's own buffer) + ~100 B per opcode (at most MAX_PICKLE_OPCODES)
+
+and never more than the budget (`MAX_CHECKPOINT_BYTES` or `max_bytes`). A file that
+copies its own bytes over and over is refused at its second copy, not at the budget.
+
+`nfnet_jax.pretrained` runs this parser in a child process with hard resource limits
+(`nfnet_jax.unpickle_child`); docs/pretrained.md describes the allowed globals and the
+budget.
 """
 from __future__ import annotations
 
@@ -27,7 +43,8 @@ import numpy as np
 __all__ = [
     'SafeUnpickler', 'safe_loads', 'scan_pickle', 'Budget', 'UnsafePickleError',
     'CheckpointTooLargeError', 'ALLOWED_GLOBALS', 'MAX_CHECKPOINT_BYTES',
-    'MAX_PICKLE_OPCODES',
+    'MAX_PICKLE_OPCODES', 'MAX_NESTING', 'COPY_SLACK_BYTES', 'as_two_level',
+    'read_params', 'split_key',
 ]
 
 # ---------------------------------------------------------------------------
@@ -44,6 +61,15 @@ MAX_CHECKPOINT_BYTES = 4 * 2**30
 # name, a number), so this bounds the interpreter objects a pickle can create on top of
 # the budget (<= ~100 MB); an F6 file in the released format has about 50,000.
 MAX_PICKLE_OPCODES = 1_000_000
+# Deepest nesting of containers a pickle may build. Released files nest about 8 deep
+# (as `scan_pickle` counts: dict -> FlatMapping args -> dict -> array state -> shape);
+# CPython hashes and compares nested tuples recursively in C, without a depth guard
+# for hashing, so a 300,000-deep tuple used as a key overflows the C stack.
+MAX_NESTING = 64
+# Copies a pickle's allowed constructors may make (bytearray, latin-1 bytes, container
+# copies) beyond one copy of the file's own bytes: protocol 2 stores every array's data
+# as latin-1 text copied once to bytes, so an honest file needs about its own size.
+COPY_SLACK_BYTES = 16 * 2**20
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -69,7 +95,14 @@ def format_bytes(n: int) -> str:
 
 
 def _check_param_dtype(dtype: Any, what: str) -> np.dtype:
-  """A plain numeric dtype (bool, int, float, complex; no fields or subarrays)."""
+  """A fresh plain numeric dtype (bool, int, float, complex; no fields or subarrays).
+
+  `dtype` is a `_DtypeSpec` (what a pickle gets for `numpy.dtype`) or a numpy dtype
+  (an .npy header's). The result is a new object built from the type code and byte
+  order alone, so nothing the pickle holds can change it after the check.
+  """
+  if isinstance(dtype, _DtypeSpec):
+    dtype = dtype.resolve(what)
   if not isinstance(dtype, np.dtype):
     raise UnsafePickleError(f'{what}: dtype {dtype!r} is not a numpy dtype')
   if dtype.hasobject:
@@ -79,7 +112,47 @@ def _check_param_dtype(dtype: Any, what: str) -> np.dtype:
       or not 0 < dtype.itemsize <= 16):
     raise UnsafePickleError(f'{what}: dtype {dtype!r} refused; parameters have a plain '
                             'numeric dtype')
-  return dtype
+  fresh = np.dtype(dtype.str)  # e.g. '<f4': a builtin descriptor, not the caller's
+  if fresh.itemsize != dtype.itemsize or fresh.kind != dtype.kind:
+    raise UnsafePickleError(f'{what}: dtype {dtype!r} is inconsistent; refused')
+  return fresh
+
+
+class _DtypeSpec:
+  """What a pickle gets for `numpy.dtype(code, align, copy)`: a type code and a byte
+  order, never a numpy dtype (numpy's dtypes accept BUILD, so a pickle could turn one
+  into a 16-byte sub-array dtype after an array was checked against it).
+
+  BUILD accepts only the state numpy writes for a plain numeric dtype,
+  `(3, byteorder, None, None, None, -1, -1, 0)` (version 4 adds metadata, None), once.
+  """
+  __slots__ = ('code', 'byteorder', 'built')
+
+  def __init__(self, code: str):
+    self.code, self.byteorder, self.built = code, '=', False
+
+  def __setstate__(self, state):
+    if self.built:
+      raise UnsafePickleError(f'numpy.dtype({self.code!r}): state given twice; refused')
+    plain = (None, None, None, -1, -1, 0)
+    ok = (type(state) is tuple and len(state) in (8, 9)
+          and state[0] == (3 if len(state) == 8 else 4)
+          and state[1] in ('<', '>', '|', '=') and state[2:8] == plain
+          and (len(state) == 8 or state[8] is None))
+    if not ok:
+      shown = repr(state) if len(repr(state)) < 200 else f'{repr(state)[:200]}...'
+      raise UnsafePickleError(f'numpy.dtype({self.code!r}): state {shown} refused; only '
+                              'the state of a plain numeric dtype is accepted')
+    self.byteorder, self.built = state[1], True
+
+  def resolve(self, what: str) -> np.dtype:
+    dtype = np.dtype(self.code)
+    if self.byteorder in '<>' and dtype.itemsize > 1:
+      dtype = dtype.newbyteorder(self.byteorder)
+    return dtype
+
+  def __repr__(self):
+    return f'numpy.dtype({self.code!r}, byteorder {self.byteorder!r})'
 
 
 def _check_shape(shape: Any, what: str) -> tuple[int, ...]:
@@ -112,6 +185,11 @@ class Budget:
     self.max_bytes = int(MAX_CHECKPOINT_BYTES if max_bytes is None else max_bytes)
     self.held = 0
     self.array_bytes = 0
+    self.copies = 0
+    self.copy_allowance: Optional[int] = None
+    # False: arrays already in native C order come out as read-only views of the
+    # file's bytes (the child process, which only writes them out, sets this).
+    self.copy_arrays = True
     self._data_ids: set[int] = set()
     self.model = model
     if model is not None:
@@ -131,6 +209,22 @@ class Budget:
 
   def release(self, nbytes: int) -> None:
     self.held -= nbytes
+
+  def allow_copies(self, file_size: int) -> None:
+    """Bounds copies to one of the file's bytes plus COPY_SLACK_BYTES (see the module
+    docstring): a file cannot multiply its own data."""
+    self.copy_allowance = int(file_size) + COPY_SLACK_BYTES
+
+  def charge_copy(self, nbytes: int, what: str) -> None:
+    """Charges a copy an allowed constructor makes, to the budget and the allowance."""
+    if self.copy_allowance is not None and self.copies + nbytes > self.copy_allowance:
+      raise CheckpointTooLargeError(
+          f'{what} ({format_bytes(nbytes)}) would take the copies this pickle makes to '
+          f'{format_bytes(self.copies + nbytes)}, more than its size plus '
+          f'{format_bytes(COPY_SLACK_BYTES)} ({format_bytes(self.copy_allowance)}): a file '
+          'that multiplies its own bytes; refused before allocating')
+    self.charge(nbytes, what)
+    self.copies += nbytes
 
   def claim_data(self, data: Any, what: str) -> None:
     """Each byte string may fill one array (else one read could be copied many times)."""
@@ -177,16 +271,159 @@ _COUNT_FIELDS = {pickletools.TAKEN_FROM_ARGUMENT1: (1, False),
                  pickletools.TAKEN_FROM_ARGUMENT8U: (8, False)}
 
 
-def scan_pickle(f, size: int) -> None:
-  """Walks the opcodes of the pickle in `f` without building anything.
+class _Node:
+  """What `scan_pickle` knows of one object the pickle would build: how deeply it
+  nests, and whether it already sits inside another container."""
+  __slots__ = ('depth', 'inside')
+
+  def __init__(self, depth: int = 0):
+    self.depth, self.inside = depth, False
+
+
+_LEAF_OPS = frozenset((
+    'INT', 'BININT', 'BININT1', 'BININT2', 'LONG', 'LONG1', 'LONG4', 'STRING',
+    'BINSTRING', 'SHORT_BINSTRING', 'BINBYTES', 'SHORT_BINBYTES', 'BINBYTES8',
+    'BYTEARRAY8', 'NONE', 'NEWTRUE', 'NEWFALSE', 'UNICODE', 'SHORT_BINUNICODE',
+    'BINUNICODE', 'BINUNICODE8', 'FLOAT', 'BINFLOAT', 'GLOBAL', 'EXT1', 'EXT2', 'EXT4'))
+_EMPTY_OPS = frozenset(('EMPTY_LIST', 'EMPTY_DICT', 'EMPTY_SET', 'EMPTY_TUPLE'))
+_FROM_MARK_OPS = frozenset(('TUPLE', 'LIST', 'DICT', 'FROZENSET', 'OBJ', 'INST'))
+_ADD_FROM_MARK_OPS = frozenset(('APPENDS', 'SETITEMS', 'ADDITEMS'))
+_TUPLE_N = {'TUPLE1': 1, 'TUPLE2': 2, 'TUPLE3': 3}
+_POPS_FOR_CALL = {'REDUCE': 2, 'NEWOBJ': 2, 'NEWOBJ_EX': 3, 'STACK_GLOBAL': 2}
+_NO_STACK_OPS = frozenset(('PROTO', 'FRAME'))
+
+
+class _StackModel:
+  """The unpickler's stack, marks and memo, holding `_Node`s instead of objects.
+
+  A container's depth is one more than its deepest item; an object a call returns is
+  counted as deep as its arguments. A container may gain items (APPEND, SETITEM, BUILD)
+  only while it is not inside another one: no pickler writes that, and it would make
+  an outer container deeper after its depth was counted.
+  """
+
+  def __init__(self):
+    self.stack: list[_Node] = []
+    self.marks: list[int] = []
+    self.memo: dict[int, _Node] = {}
+
+  def _fence(self) -> int:
+    return self.marks[-1] if self.marks else 0
+
+  def pop(self, name: str, pos: int) -> _Node:
+    if len(self.stack) <= self._fence():
+      raise pickle.UnpicklingError(f'{name} at byte {pos}: unpickling stack underflow')
+    return self.stack.pop()
+
+  def top(self, name: str, pos: int) -> _Node:
+    if len(self.stack) <= self._fence():
+      raise pickle.UnpicklingError(f'{name} at byte {pos}: unpickling stack underflow')
+    return self.stack[-1]
+
+  def pop_mark(self, name: str, pos: int) -> list[_Node]:
+    if not self.marks:
+      raise pickle.UnpicklingError(f'{name} at byte {pos}: no MARK before it')
+    k = self.marks.pop()
+    items = self.stack[k:]
+    del self.stack[k:]
+    return items
+
+  @staticmethod
+  def _deepest(items: Sequence[_Node], name: str, pos: int) -> int:
+    depth = 1 + max((item.depth for item in items), default=0)
+    if depth > MAX_NESTING:
+      raise UnsafePickleError(f'{name} at byte {pos} would nest containers more than '
+                              f'{MAX_NESTING} deep; refused before building them')
+    return depth
+
+  def new(self, items: Sequence[_Node], name: str, pos: int) -> _Node:
+    node = _Node(self._deepest(items, name, pos))
+    for item in items:
+      item.inside = True
+    return node
+
+  def add(self, target: _Node, items: Sequence[_Node], name: str, pos: int) -> None:
+    if target.inside and items:
+      raise UnsafePickleError(f'{name} at byte {pos} changes a container that already '
+                              'sits inside another one; refused')
+    target.depth = max(target.depth, self._deepest(items, name, pos))
+    for item in items:
+      item.inside = True
+
+  def step(self, name: str, pos: int, index: Optional[int]) -> None:
+    """Applies one opcode (its argument already read) to the model."""
+    if name in _LEAF_OPS:
+      self.stack.append(_Node())
+    elif name in _EMPTY_OPS:
+      self.stack.append(_Node(1))
+    elif name == 'MARK':
+      self.marks.append(len(self.stack))
+    elif name in _FROM_MARK_OPS:
+      self.stack.append(self.new(self.pop_mark(name, pos), name, pos))
+    elif name in _TUPLE_N:
+      items = [self.pop(name, pos) for _ in range(_TUPLE_N[name])]
+      self.stack.append(self.new(items, name, pos))
+    elif name == 'APPEND':
+      item = self.pop(name, pos)
+      self.add(self.top(name, pos), [item], name, pos)
+    elif name == 'SETITEM':
+      value, key = self.pop(name, pos), self.pop(name, pos)
+      self.add(self.top(name, pos), [key, value], name, pos)
+    elif name in _ADD_FROM_MARK_OPS:
+      items = self.pop_mark(name, pos)
+      self.add(self.top(name, pos), items, name, pos)
+    elif name == 'BUILD':
+      state = self.pop(name, pos)
+      self.add(self.top(name, pos), [state], name, pos)
+    elif name in _POPS_FOR_CALL:
+      items = [self.pop(name, pos) for _ in range(_POPS_FOR_CALL[name])]
+      node = self.new(items, name, pos)
+      node.depth -= 1  # a call's result is as deep as its arguments
+      self.stack.append(node)
+    elif name == 'POP':
+      if len(self.stack) > self._fence():
+        self.stack.pop()
+      elif self.marks:
+        self.marks.pop()
+      else:
+        raise pickle.UnpicklingError(f'POP at byte {pos}: unpickling stack underflow')
+    elif name == 'POP_MARK':
+      self.pop_mark(name, pos)
+    elif name == 'DUP':
+      self.stack.append(self.top(name, pos))
+    elif name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
+      self.memo[index] = self.top(name, pos)
+    elif name == 'MEMOIZE':
+      self.memo[len(self.memo)] = self.top(name, pos)
+    elif name in ('GET', 'BINGET', 'LONG_BINGET'):
+      if index not in self.memo:
+        raise pickle.UnpicklingError(f'{name} at byte {pos}: memo index {index} was '
+                                     'never stored')
+      self.stack.append(self.memo[index])
+    elif name == 'STOP':
+      self.pop(name, pos)
+    elif name not in _NO_STACK_OPS:  # pragma: no cover (every opcode is listed above)
+      raise UnsafePickleError(f'{name} at byte {pos}: opcode not understood; refused')
+
+
+_MEMO_INDEX_OPS = frozenset(('BINPUT', 'LONG_BINPUT', 'BINGET', 'LONG_BINGET'))
+_PUT_OPS = frozenset(('PUT', 'BINPUT', 'LONG_BINPUT'))
+
+
+def scan_pickle(f, size: int) -> int:
+  """Walks the opcodes of the pickle in `f` without building anything; returns their
+  count.
 
   Every length field must fit in the rest of the file (the unpickler allocates a
   declared length before reading it), memo indices (the unpickler sizes its memo
-  table by the largest index) and the opcode count stay under MAX_PICKLE_OPCODES, and
-  out-of-band buffers are refused. Data is skipped with seek, not read.
+  table by the largest index) and the opcode count stay under MAX_PICKLE_OPCODES,
+  out-of-band buffers are refused, and a model of the unpickler's stack and memo
+  (`_StackModel`) bounds the nesting of what would be built by MAX_NESTING. Data is
+  skipped with seek, not read.
   """
   f.seek(0)
   count = 0
+  model = _StackModel()
   while True:
     pos = f.tell()
     code = f.read(1)
@@ -212,7 +449,7 @@ def scan_pickle(f, size: int) -> None:
       if len(raw) < arg.n:
         raise pickle.UnpicklingError(f'{op.name} at byte {pos}: file ends inside its '
                                      'argument (truncated?)')
-      if op.name in ('BINPUT', 'LONG_BINPUT'):
+      if op.name in _MEMO_INDEX_OPS:
         index = int.from_bytes(raw, 'little')
       elif op.name == 'FRAME' and int.from_bytes(raw, 'little') > size - f.tell():
         raise pickle.UnpicklingError(
@@ -221,11 +458,12 @@ def scan_pickle(f, size: int) -> None:
     elif arg.n == pickletools.UP_TO_NEWLINE:
       for _ in range(2 if op.name in ('GLOBAL', 'INST') else 1):
         line = _skip_line(f, op.name, pos)
-      if op.name == 'PUT':
+      if op.name in ('PUT', 'GET'):
         try:
           index = int(line)
         except ValueError:
-          raise pickle.UnpicklingError(f'PUT at byte {pos}: bad memo index') from None
+          raise pickle.UnpicklingError(f'{op.name} at byte {pos}: bad memo '
+                                       'index') from None
     else:
       width, signed = _COUNT_FIELDS[arg.n]
       raw = f.read(width)
@@ -239,12 +477,13 @@ def scan_pickle(f, size: int) -> None:
             f'{op.name} at byte {pos} declares {n:,} bytes of data, the file has '
             f'{left:,} left (truncated or forged)')
       f.seek(n, io.SEEK_CUR)
-    if index is not None and not 0 <= index < MAX_PICKLE_OPCODES:
+    if op.name in _PUT_OPS and not 0 <= index < MAX_PICKLE_OPCODES:
       raise CheckpointTooLargeError(f'{op.name} at byte {pos}: memo index {index:,} '
                                     f'(the unpickler would size its memo table by it); '
                                     f'at most {MAX_PICKLE_OPCODES:,}')
+    model.step(op.name, pos, index)
     if op.name == 'STOP':
-      return
+      return count
 
 
 def _skip_line(f, name: str, pos: int) -> bytes:
@@ -270,7 +509,8 @@ class _PendingArray:
   exactly the declared size that no other array used. `materialise` copies it into an
   array of its own after unpickling; one never filled is refused there.
   """
-  __slots__ = ('_budget', '_what', 'shape', 'dtype', 'fortran', 'data', 'filled')
+  __slots__ = ('_budget', '_what', 'shape', 'dtype', 'fortran', 'data', 'nbytes',
+               'filled')
 
   def __init__(self, budget: 'Budget', what: str):
     self._budget, self._what = budget, what
@@ -293,9 +533,9 @@ class _PendingArray:
     what = self._what
     shape, dtype, nbytes = self._budget.check_array(shape, dtype, what)
     if isinstance(data, str):  # written by Python 2: bytes as latin-1 text
-      self._budget.charge(len(data), f'{what}\'s latin-1 data')
+      self._budget.charge_copy(len(data), f'{what}\'s latin-1 data')
       data = data.encode('latin1')
-    if isinstance(data, (bytes, bytearray)):
+    if type(data) in (bytes, bytearray):
       size = len(data)
     else:
       raise UnsafePickleError(f'{what}: array data of type {type(data).__name__} refused; '
@@ -305,17 +545,28 @@ class _PendingArray:
                               f'its data has {size:,}; refused (an array is never '
                               'returned with bytes the file did not give)')
     self._budget.claim_data(data, what)
+    # `shape` and `dtype` are fresh objects the pickle cannot reach. A bytearray can
+    # still grow (APPENDS calls its extend), so its length is checked again when read.
     self.shape, self.dtype, self.fortran, self.data = shape, dtype, fortran, data
+    self.nbytes = nbytes
     self.filled = True
 
   def materialise(self) -> np.ndarray:
-    """The array, in native byte order and its own memory; frees the file's bytes."""
+    """The array, in native byte order and its own memory (see `Budget.copy_arrays`);
+    frees the file's bytes."""
     if not self.filled:
       raise UnsafePickleError(f'{self._what}: declared but never given its data '
                               '(it would be uninitialised memory); refused')
-    nbytes = math.prod(self.shape) * self.dtype.itemsize
+    nbytes = self.nbytes
+    if len(self.data) != nbytes:
+      raise UnsafePickleError(f'{self._what}: its data changed size after it was checked '
+                              f'({nbytes:,} -> {len(self.data):,} bytes); refused')
+    # Charged either way: the child process's view is written out (a copy there).
     self._budget.charge(nbytes, f'a copy of {self._what}')
     flat = np.frombuffer(self.data, dtype=self.dtype, count=math.prod(self.shape))
+    if not self._budget.copy_arrays and self.dtype.isnative and (
+        not self.fortran or len(self.shape) < 2):
+      return flat.reshape(self.shape)  # a read-only view of the file's own bytes
     array = np.array(flat.reshape(self.shape, order='F' if self.fortran else 'C'),
                      dtype=self.dtype.newbyteorder('='), order='C')
     del flat
@@ -386,7 +637,7 @@ class _FlatMappingAsDict:
           f'haiku FlatMapping argument of type {type(data).__name__} not understood; '
           'expected a mapping or (key, value) pairs')
     if cls._budget is not None:
-      cls._budget.charge(_container_bytes(data), 'a FlatMapping copy')
+      cls._budget.charge_copy(_container_bytes(data), 'a FlatMapping copy')
     return dict(data)
 
   @staticmethod
@@ -423,17 +674,21 @@ def _allowed_globals(budget: Optional[Budget] = None) -> dict[tuple[str, str], A
     return pending
 
   def dtype(obj, align=False, copy=True):
-    """`numpy.dtype(code, align, copy)`, always a fresh copy (BUILD then sets it)."""
-    if not isinstance(obj, str) or len(obj) > 16:
+    """`numpy.dtype(code, align, copy)`: a `_DtypeSpec` (BUILD then sets its order)."""
+    if type(obj) is not str or len(obj) > 16:
       raise UnsafePickleError(f'numpy.dtype({obj!r}) refused; only a type code string')
-    return _check_param_dtype(np.dtype(obj, align=bool(align), copy=True), 'numpy.dtype')
+    try:
+      _check_param_dtype(np.dtype(obj), 'numpy.dtype')
+    except TypeError:
+      raise UnsafePickleError(f'numpy.dtype({obj!r}): not a type code') from None
+    return _DtypeSpec(obj)
 
   def scalar(dtype, data=None):
     """`numpy.core.multiarray.scalar(dtype, bytes)`: how np.float32(...) etc. pickle."""
-    _check_param_dtype(dtype, 'numpy scalar')
+    dtype = _check_param_dtype(dtype, 'numpy scalar')
     if isinstance(data, str):  # written by Python 2 / protocol < 3
       data = data.encode('latin1') if len(data) == dtype.itemsize else None
-    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+    if type(data) not in (bytes, bytearray) or len(data) != dtype.itemsize:
       raise UnsafePickleError(f'numpy {dtype.name} scalar payload must be '
                               f'{dtype.itemsize} bytes')
     return np.frombuffer(data, dtype=dtype, count=1)[0].copy()
@@ -455,7 +710,7 @@ def _allowed_globals(budget: Optional[Budget] = None) -> dict[tuple[str, str], A
                                                       'iso-8859-1'):
       raise UnsafePickleError(f'_codecs.encode({type(text).__name__}, {encoding!r}) '
                               'refused; only latin1 text -> bytes')
-    budget.charge(len(text), 'latin-1 bytes')
+    budget.charge_copy(len(text), 'latin-1 bytes')
     return text.encode('latin1', errors)
 
   def byte_array(*args):
@@ -463,11 +718,11 @@ def _allowed_globals(budget: Optional[Budget] = None) -> dict[tuple[str, str], A
     if not args:
       return bytearray()
     if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
-      budget.charge(len(args[0]), 'a bytearray copy')
+      budget.charge_copy(len(args[0]), 'a bytearray copy')
       return bytearray(args[0])
     if (len(args) == 2 and isinstance(args[0], str)
         and args[1] in ('latin1', 'latin-1', 'latin_1', 'iso-8859-1')):
-      budget.charge(len(args[0]), 'a bytearray copy')
+      budget.charge_copy(len(args[0]), 'a bytearray copy')
       return bytearray(args[0], 'latin1')
     shown = ', '.join(repr(a) if isinstance(a, (int, str)) and len(repr(a)) < 40
                       else type(a).__name__ for a in args)
@@ -479,7 +734,7 @@ def _allowed_globals(budget: Optional[Budget] = None) -> dict[tuple[str, str], A
       if not args:
         return kind()
       if len(args) == 1 and isinstance(args[0], _CONTAINERS):
-        budget.charge(_container_bytes(args[0]), f'a {kind.__name__} copy')
+        budget.charge_copy(_container_bytes(args[0]), f'a {kind.__name__} copy')
         return kind(args[0])
       types = ', '.join(type(a).__name__ for a in args)
       raise UnsafePickleError(f'{kind.__name__}({types}) refused: only a copy of a '
@@ -593,4 +848,76 @@ def safe_loads(data: Union[bytes, bytearray, memoryview],
     f.seek(0)
     budget = Budget('<pickle>', max_bytes)
     budget.charge(size, 'the pickle')
+    budget.allow_copies(size)
     return SafeUnpickler(f, budget).load()
+
+
+Params = dict[str, dict[str, np.ndarray]]
+
+
+def split_key(key: str, path: str) -> tuple[str, str]:
+  """'NFNet/~/linear/w' -> ('NFNet/~/linear', 'w'): the last '/' splits the module
+  path from the leaf name. ValueError naming `path` for a key without one."""
+  module, sep, leaf = key.rpartition('/')
+  if not sep or not module or not leaf:
+    raise ValueError(f'{path}: key {key!r} is not "<module path>/<leaf>" (the last "/" '
+                     'separates the module path from the parameter name)')
+  return module, leaf
+
+
+def as_two_level(obj: Any, path: str) -> Params:
+  """Normalises an unpickled object into {module: {leaf: ndarray}}.
+
+  Accepts {module: {leaf: array}} and flat {'module/leaf': array}; numpy scalars
+  become 0-d arrays. Raises ValueError naming `path` for anything else.
+  """
+  if not isinstance(obj, Mapping):
+    raise ValueError(f'{path}: unpickled a {type(obj).__name__}, expected a mapping of '
+                     'Haiku module paths to parameter mappings')
+  params: Params = {}
+  for module, value in obj.items():
+    if not isinstance(module, str):
+      raise ValueError(f'{path}: non-string key {module!r}')
+    if isinstance(value, Mapping):
+      for leaf, array in value.items():
+        params.setdefault(module, {})[str(leaf)] = array
+    else:  # a flat {'module/leaf': array} mapping
+      mod, leaf = split_key(module, path)
+      params.setdefault(mod, {})[leaf] = value
+  for module, leaves in params.items():
+    for leaf, array in leaves.items():
+      if isinstance(array, np.generic):
+        leaves[leaf] = array = np.asarray(array)
+      if not isinstance(array, np.ndarray):
+        raise ValueError(f'{path}: {module}/{leaf} is a {type(array).__name__}, not an array')
+  return params
+
+
+def read_params(f, size: int, path: str, budget: Budget) -> Params:
+  """Reads the parameter pickle in `f` (`size` bytes): scan, unpickle, normalise.
+
+  Every failure is one line naming `path`: `UnsafePickleError` (or its subclass
+  `CheckpointTooLargeError`) for a refusal, `pickle.UnpicklingError` for a corrupt
+  pickle, ValueError for a pickle that holds something other than parameters.
+  """
+  try:
+    scan_pickle(f, size)
+    f.seek(0)
+    budget.charge(size, 'the file')
+    budget.allow_copies(size)
+    unpickler = SafeUnpickler(f, budget)
+    obj = unpickler.load()
+    del unpickler
+  except UnsafePickleError as e:
+    raise type(e)(f'{path}: {_one_line(e)}') from None
+  except MemoryError:
+    raise CheckpointTooLargeError(f'{path}: ran out of memory while unpickling') from None
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
+          AttributeError, IndexError, RecursionError, OverflowError) as e:
+    raise pickle.UnpicklingError(f'{path}: corrupt or unsupported pickle: '
+                                 f'{type(e).__name__}: {_one_line(e)}') from None
+  return as_two_level(obj, path)
+
+
+def _one_line(e: BaseException) -> str:
+  return ' '.join(str(e).split('\n'))

@@ -510,6 +510,20 @@ def test_npz_save_load_round_trip(tmp_path, f0_params, f0_shapes):
   assert raw['NFNet/~/nf_block']['skip_gain'].shape == ()
 
 
+@pytest.mark.parametrize('umask,mode', [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_save_gives_the_mode_the_umask_gives_a_new_file(tmp_path, umask, mode):
+  old = os.umask(umask)
+  try:
+    pretrained.save(SMALL, tmp_path / 'w.npz')
+    with open(tmp_path / 'plain', 'wb'):  # what any new file gets under this umask
+      pass
+  finally:
+    os.umask(old)
+  assert (tmp_path / 'w.npz').stat().st_mode & 0o777 == mode
+  assert (tmp_path / 'plain').stat().st_mode & 0o777 == mode
+  assert sorted(os.listdir(tmp_path)) == ['plain', 'w.npz']
+
+
 def test_npz_with_bad_key_is_named(tmp_path):
   path = tmp_path / 'bad.npz'
   np.savez(path, noslash=np.zeros(2))

@@ -3,9 +3,11 @@
 Every file here is written byte by byte (pickle opcodes, zip records), as an attacker
 would, not by a pickler. Each refusal is checked in a fresh process whose peak RSS
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) is read before and after the load: the
-growth must stay under RSS_BOUND_MB. `test_rss_probe_sees_an_allocation` shows the
-probe registers a real allocation, and `test_hand_written_pickle_loads` that the
-hand-written opcodes are a valid pickle when the sizes are honest.
+growth must stay under RSS_BOUND_MB, and so must the growth of its children's peak
+(the pickle parser runs in a child process). `test_rss_probe_sees_an_allocation`
+shows the probe registers a real allocation, and `test_hand_written_pickle_loads`
+that the hand-written opcodes are a valid pickle when the sizes are honest.
+benchmarks/loader_attacks.py loads the hostile files below at full size.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -145,6 +149,50 @@ def honest(n: int = 3) -> bytes:
                for i in range(n)])
 
 
+def dtype_rebuilt_after_check(n_bytes: int = 2**16) -> bytes:
+  """A float32 array of `n_bytes` zeros whose memoised dtype is then rebuilt (BUILD)
+  as the sub-array dtype ('f16', (1,)): 16-byte items over data checked as 4-byte ones.
+
+  A reader that keeps the pickle's dtype object would copy the array out with the new
+  itemsize, reading 4x past the file's bytes.
+  """
+  f16 = dtype('f16') + MARK + integer(3) + text('<') + b'NNN' + integer(-1) + integer(-1)
+  f16 += integer(0) + TUPLE + BUILD
+  subarray_state = (MARK + integer(3) + text('|') + f16 + shape_tuple((1,)) + b'\x86'
+                    + b'NN' + integer(16) + integer(16) + integer(0) + TUPLE)
+  n = n_bytes // 4
+  array = (reconstruct() + MARK + integer(1) + shape_tuple((n,)) + get(0) + NEWFALSE
+           + binbytes(bytes(4 * n)) + TUPLE + BUILD)
+  return (PROTO4 + dtype('<f4') + MEMOIZE + b'0' + EMPTY_DICT + text('NFNet/~/m0')
+          + EMPTY_DICT + text('w') + array + SETITEM + SETITEM
+          + get(0) + subarray_state + BUILD + b'0' + STOP)
+
+
+def deep_key(depth: int = 300_000, where: str = 'leaf-key') -> bytes:
+  """A tuple nested `depth` deep ((((None,),),)...: one TUPLE1 per level) used as a
+  dict key (module or leaf) or a frozenset item: hashing it recurses once per level."""
+  deep = b'N' + b'\x85' * depth
+  if where == 'module-key':
+    body = EMPTY_DICT + deep + EMPTY_DICT + SETITEM
+  elif where == 'leaf-key':
+    body = EMPTY_DICT + text('NFNet/~/m0') + EMPTY_DICT + deep + b'N' + SETITEM + SETITEM
+  elif where == 'frozenset':
+    body = (EMPTY_DICT + text('NFNet/~/m0') + EMPTY_DICT + text('w') + MARK + deep
+            + b'\x91' + SETITEM + SETITEM)
+  else:
+    raise ValueError(where)
+  return PROTO4 + body + STOP
+
+
+def bytearray_copies(size: int, copies: int) -> bytes:
+  """One `size`-byte string (memoised), then `copies` bytearray copies of it kept in a
+  list: a file of `size` bytes asking for `copies` times that."""
+  one = glob('builtins', 'bytearray') + get(0) + TUPLE1 + REDUCE
+  return (PROTO4 + binbytes(bytes(size)) + MEMOIZE + b'0' + EMPTY_DICT
+          + text('NFNet/~/m0') + EMPTY_DICT + text('w') + b']' + MARK + one * copies
+          + b'e' + SETITEM + SETITEM + STOP)
+
+
 def npy_header(shape, descr='<f4') -> bytes:
   buf = io.BytesIO()
   np.lib.format.write_array_header_1_0(
@@ -198,9 +246,14 @@ import json, resource, sys
 import numpy as np
 from nfnet_jax import pretrained
 path, model, how = sys.argv[1], sys.argv[2] or None, sys.argv[3]
+max_bytes = int(sys.argv[4]) if len(sys.argv) > 4 else None
 if model:
   pretrained.model_shapes(model)  # jax import and tracing before the baseline
 peak_kb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# The pickle parser's process (a child): its peak, which starts at this process's
+# size when it is started (Linux carries the peak across exec), so growth above
+# `before` bounds what the parse itself used.
+children_kb = lambda: resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 before = peak_kb()
 out = {}
 try:
@@ -208,8 +261,7 @@ try:
     keep = np.ones(300 * 2**20, np.uint8)
     out['returned'] = {}
   elif how == 'read':
-    got = (pretrained.read_checkpoint(path, model=model) if model
-           else pretrained.read_checkpoint(path))
+    got = pretrained.read_checkpoint(path, model=model, max_bytes=max_bytes)
     out['returned'] = {m: {k: [list(a.shape), str(a.dtype)] for k, a in l.items()}
                        for m, l in got.items()}
   else:
@@ -220,11 +272,13 @@ except BaseException as e:
   out['error'] = [c.__name__ for c in type(e).__mro__]
   out['message'] = str(e)
 out['growth_mb'] = (peak_kb() - before) / 1024
+out['children_growth_mb'] = max(0, children_kb() - before) / 1024
 print(json.dumps(out))
 '''
 
 
-def load_in_child(path: Path, model: str = '', how: str = 'load') -> dict:
+def load_in_child(path: Path, model: str = '', how: str = 'load',
+                  max_bytes: Optional[int] = None) -> dict:
   """Runs _CHILD in a grandchild forked by a small shell.
 
   Linux carries a process's peak RSS across exec, so a child exec'd straight from
@@ -232,7 +286,8 @@ def load_in_child(path: Path, model: str = '', how: str = 'load') -> dict:
   no growth below it; the shell's fork gives the grandchild a fresh, small peak.
   """
   r = subprocess.run(['/bin/sh', '-c', '"$@"; exit $?', 'sh', sys.executable, '-c',
-                      _CHILD, str(path), model, how],
+                      _CHILD, str(path), model, how]
+                     + ([str(max_bytes)] if max_bytes else []),
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
   return json.loads(r.stdout.strip().splitlines()[-1])
@@ -246,6 +301,7 @@ def assert_refused(result: dict, path: Path, error=UnsafePickleError, match: str
   assert '\n' not in result['message']
   assert match in result['message'], result['message']
   assert result['growth_mb'] < RSS_BOUND_MB, result
+  assert result['children_growth_mb'] < RSS_BOUND_MB, result
 
 
 # ---------------------------------------------------------------------------
@@ -434,3 +490,173 @@ def test_npz_damage_and_foreign_members_are_named(tmp_path):
   path.write_bytes(two[:at] + b'PK\x00\x00' + two[at + 4:])
   with pytest.raises(ValueError, match=r"linear/b\.npy': damaged: Bad magic number"):
     pretrained.read_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------
+# Objects a pickle changes after they were checked, nesting, copies, odd files.
+# ---------------------------------------------------------------------------
+def test_dtype_rebuilt_after_the_check_is_refused(tmp_path):
+  """The array was checked as float32; rebuilding its memoised dtype afterwards must
+  not make the copy read past the file's bytes (which are all zero)."""
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(dtype_rebuilt_after_check(2**16))
+  assert 2**16 < path.stat().st_size < 2**16 + 400
+  assert pickle.loads(path.read_bytes())['NFNet/~/m0']['w'].shape == (2**14,)
+  result = load_in_child(path, how='read')
+  assert_refused(result, path, UnsafePickleError, 'changes a container that already '
+                 'sits inside another one')
+
+
+def test_dtype_state_other_than_a_plain_dtype_is_refused():
+  """The second wall: a dtype given a sub-array state before any array uses it (which
+  the opcode scan allows) is refused by the dtype stand-in itself."""
+  rebuilt = dtype_rebuilt_after_check(64)
+  state_at = rebuilt.index(b'h\x00(J\x03\x00\x00\x00\x8c\x01|')  # BINGET 0, MARK, 3, '|'
+  subarray_state = rebuilt[state_at + 2:rebuilt.rindex(BUILD)]
+  data = (PROTO4 + dtype('<f4') + subarray_state + BUILD + MEMOIZE + b'0'
+          + rebuilt[rebuilt.index(EMPTY_DICT):state_at] + STOP)
+  with pytest.raises(UnsafePickleError, match=r"numpy\.dtype\('<f4'\): state \(3, '\|', "
+                     r'.*refused; only the state of a plain numeric dtype'):
+    pretrained.safe_loads(data)
+  plain = data.replace(subarray_state, MARK + integer(3) + text('<') + b'NNN'
+                       + integer(-1) + integer(-1) + integer(0) + TUPLE)
+  got = pretrained.safe_loads(plain)['NFNet/~/m0']['w']  # control: numpy's own state
+  assert got.dtype == np.float32 and got.shape == (16,) and not got.any()
+
+
+@pytest.mark.parametrize('where', ['module-key', 'leaf-key', 'frozenset'])
+def test_deeply_nested_keys_are_refused_without_crashing(tmp_path, where):
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(deep_key(300_000, where))
+  assert path.stat().st_size < 310_000
+  assert_refused(load_in_child(path), path, UnsafePickleError,
+                 'would nest containers more than 64 deep')
+  path.write_bytes(deep_key(10, where))  # control: shallow, the same file loads or is
+  with pytest.raises(ValueError, match='not an array|non-string key'):  # refused as
+    pretrained.read_checkpoint(path)  # something other than parameters
+
+
+def test_container_grown_after_it_was_nested_is_refused():
+  """Depth through the memo: append to a list already inside another, level by level
+  (each level a few opcodes, the stack never deep)."""
+  data = PROTO4 + b']' + MEMOIZE  # memo i: the list at level i
+  for i in range(200):  # GET level i, a new list (memo i + 1) in a 1-tuple, APPEND, POP
+    data += get(i) + b']' + MEMOIZE + TUPLE1 + b'a' + b'0'
+  data += STOP
+  assert len(pickle.loads(data)) == 1  # a list in a tuple in a list ... 200 levels
+  with pytest.raises(UnsafePickleError, match='changes a container that already sits '
+                     'inside another one'):
+    pretrained.safe_loads(data)
+
+
+def test_a_file_cannot_multiply_its_own_bytes(tmp_path):
+  """4 MiB copied 100 times through bytearray: refused at the copy that takes the
+  copies past the file's size plus 16 MiB, not at the 512 MiB budget."""
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(bytearray_copies(4 * 2**20, 100))
+  assert path.stat().st_size < 4 * 2**20 + 4000
+  result = load_in_child(path, how='read', max_bytes=512 * 2**20)
+  assert_refused(result, path, CheckpointTooLargeError, 'a file that multiplies its own '
+                 'bytes')
+  assert 'more than its size plus 16.00 MiB (20.00 MiB)' in result['message']
+  assert max(result['growth_mb'], result['children_growth_mb']) < 64, result
+  # Control: one copy of the file's bytes is what protocol 2 needs; it is allowed.
+  path.write_bytes(bytearray_copies(4 * 2**20, 1))
+  with pytest.raises(ValueError, match=r'NFNet/~/m0/w is a list, not an array'):
+    pretrained.read_checkpoint(path)
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'directory', 'device'])
+def test_non_regular_files_are_refused_in_one_line(tmp_path, kind):
+  path = tmp_path / 'F0_haiku.npz'
+  if kind == 'fifo':
+    os.mkfifo(path)
+  elif kind == 'directory':
+    path.mkdir()
+  else:
+    path = Path('/dev/zero')
+  # In a process of its own, as a user runs it: a reader that opens a FIFO would
+  # block forever, so the process group is killed after 120 s.
+  proc = subprocess.Popen(
+      [sys.executable, '-c', 'import sys; from nfnet_jax import pretrained; '
+       'pretrained.load(sys.argv[1])', str(path)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    _, stderr = proc.communicate(timeout=120)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, 9)
+    proc.communicate()
+    pytest.fail(f'pretrained.load({path}) still blocked after 120 s')
+  assert proc.returncode == 1
+  last = stderr.strip().splitlines()[-1]
+  word = {'fifo': 'a FIFO', 'directory': 'a directory', 'device': 'a device'}[kind]
+  assert last == (f'ValueError: {path}: is {word}, not a regular file; a checkpoint is '
+                  'a file'), stderr
+  with pytest.raises(ValueError, match='not a regular file'):
+    pretrained.read_checkpoint(path)
+
+
+_DEATHS = {
+    'SIGSEGV': 'import os, signal; os.kill(os.getpid(), signal.SIGSEGV)',
+    'SIGKILL': 'import os, signal; os.kill(os.getpid(), signal.SIGKILL)',
+    # A runaway parse: RLIMIT_CPU's signal.
+    'SIGXCPU': 'import resource; resource.setrlimit(resource.RLIMIT_CPU, (1, 3))\n'
+               'while True: pass',
+}
+
+
+@pytest.mark.parametrize('signal_name', sorted(_DEATHS))
+def test_a_parser_crash_is_a_one_line_refusal(tmp_path, monkeypatch, signal_name):
+  """Whatever kills the parser's process, the caller gets one line naming the file,
+  and the temporary file it would have written leaves nothing behind."""
+  from nfnet_jax import unpickle_child
+  monkeypatch.setattr(unpickle_child, '_BOOT', _DEATHS[signal_name])
+  scratch = tmp_path / 'tmp'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(honest(1))
+  with pytest.raises(UnsafePickleError) as info:
+    pretrained.load(path)
+  message = str(info.value)
+  assert message.startswith(f'{path}: the pickle parser ')
+  expected = {'SIGSEGV': 'crashed (SIGSEGV)', 'SIGKILL': 'was killed',
+              'SIGXCPU': 'hit its CPU-time limit'}[signal_name]
+  assert expected in message, message
+  assert '\n' not in message
+  assert not list(scratch.iterdir())
+  monkeypatch.undo()
+  got = pretrained.read_checkpoint(path)  # the same file with the real parser
+  np.testing.assert_array_equal(got['NFNet/~/m0']['w'], np.zeros((2, 3), np.float32))
+
+
+def test_the_parser_process_imports_neither_jax_nor_tensorflow():
+  """The child starts with `python -I` and imports only what parsing needs."""
+  from nfnet_jax import unpickle_child
+  root = Path(unpickle_child.__file__).resolve().parents[1]
+  probe = unpickle_child._BOOT.replace(
+      'unpickle_child.child_main()',
+      "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jaxlib', "
+      "'tensorflow', 'haiku', 'torch'}))")
+  assert probe != unpickle_child._BOOT
+  r = subprocess.run([sys.executable, '-I', '-c', probe, str(root)], capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip() == '[]'
+
+
+def test_a_parser_out_of_memory_is_a_one_line_refusal(tmp_path, monkeypatch):
+  """The child's address space is capped (RLIMIT_AS); a parse that needs more than the
+  cap (here made 1 MiB for an honest 4 MB array) is refused in one line."""
+  from nfnet_jax import unpickle_child
+  path = tmp_path / 'F0_haiku.npz'
+  path.write_bytes(shared_array(1))
+  monkeypatch.setattr(unpickle_child, 'address_space_bound', lambda size, max_bytes: 2**20)
+  with pytest.raises(CheckpointTooLargeError) as info:
+    pretrained.read_checkpoint(path)
+  message = str(info.value)
+  assert message.startswith(f'{path}: ran out of memory while unpickling'), message
+  assert '\n' not in message
+  monkeypatch.undo()
+  got = pretrained.read_checkpoint(path)['NFNet/~/m0']['w']  # control: the real cap
+  np.testing.assert_array_equal(got, np.arange(500_000, dtype='<f8'))
