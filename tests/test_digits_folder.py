@@ -64,7 +64,8 @@ def digits_run(tmp_path_factory):
   done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=1800, check=False)
   seconds = time.monotonic() - start
-  sys.stderr.write(f'digits run: {seconds:.0f} s\n')
+  final = re.findall(r'Final top-1: .*', done.stdout)
+  sys.stderr.write(f'digits run: {seconds:.0f} s, {final}\n')  # shown with pytest -s
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
   return done, seconds
 
