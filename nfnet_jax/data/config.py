@@ -131,7 +131,8 @@ def resolve_eval_crop(cfg) -> str:
 # train and test sizes (all >= 192 px) keep the paper's exact window.
 PAPER_MARGIN = 32
 # Training crops that show the model the whole image: evaluating on a centre crop
-# would zoom in on what training never did (CIFAR-style pad_crop, squash, none).
+# would zoom in where training never did (CIFAR-style pad_crop, the 'resize' squash,
+# none).
 WHOLE_IMAGE_CROPS = ('pad_crop', 'resize', 'none')
 
 

@@ -30,7 +30,8 @@ import numpy as np
 
 from nfnet_jax.data import indexing
 from nfnet_jax.data.config import check_augment_config, image_sizes, resolve_crop
-from nfnet_jax.data.config import eval_resize_side, resolve_eval_crop
+from nfnet_jax.data.config import eval_rendered_as_is, eval_resize_side
+from nfnet_jax.data.config import resolve_eval_crop
 from nfnet_jax.data.config import mix_on as _mix_on
 from nfnet_jax.data import mixing
 from nfnet_jax.data import randaugment as ra
@@ -229,6 +230,7 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
   crop, eval_crop = resolve_crop(cfg), resolve_eval_crop(cfg)
   _, size = image_sizes(cfg)
   resized = eval_resize_side(size, float(cfg.eval_crop_fraction), crop)
+  as_rendered = eval_rendered_as_is(cfg)
   plan = list(indexing.eval_batches(src.num_examples, global_batch_size,
                                     process_index, process_count))
   idx = np.concatenate([p[0] for p in plan]) if plan else np.zeros([0], np.int64)
@@ -244,7 +246,7 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
   @_no_autograph
   def per_example(data, label, mask):
     data = src.load_one(data)
-    if crop in ('pad_crop', 'none') and src.raw:
+    if as_rendered:
       image = tf.cast(data, tf.float32)
       image.set_shape([size, size, 3])
     else:
