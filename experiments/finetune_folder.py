@@ -3,10 +3,11 @@ r"""Fine-tune a released NFNet on a folder of your own images.
   python -m nfnet_jax.train --config=experiments/finetune_folder.py:F0 --workdir=... \
       --config.init_from=F0_haiku.npz --config.data.folder=/path/to/images
 
-The folder holds one subfolder per class (with train/ and val/ subfolders, or a
-held-out fraction). The classifier is re-initialised for the folder's classes; the
-body starts from the released weights. AdamW-free SGD at a small learning rate,
-short schedule, no AGC on a small batch, light augmentation.
+The folder holds one subfolder per class, in train/ and val/ subfolders; val/ is
+the eval split whenever it exists, else 10% of each class is held out. The
+classifier is re-initialised for the folder's classes; the body starts from the
+released weights. AdamW-free SGD at a small learning rate, short schedule, no AGC
+on a small batch, light augmentation.
 """
 from nfnet_jax import configs
 
@@ -14,7 +15,7 @@ from nfnet_jax import configs
 def get_config(arg: str = 'F0'):
   c = configs.nfnet_config(arg)
   c.data.source = 'folder'
-  c.data.holdout_fraction = 0.1
+  c.data.holdout_fraction = 0.1   # only for a folder without val/ (val/ always wins)
   c.data.randaugment.enabled = False
   c.data.mix.enabled = False
   c.batch_size = 64

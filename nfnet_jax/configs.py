@@ -78,13 +78,27 @@ def nfnet_config(variant: str) -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------
 # Validation: every check of a config, before anything is built or compiled.
 # ---------------------------------------------------------------------------
+# Keys that were renamed: the old name gets a pointer to the new one.
+RENAMED_KEYS = {
+    'config.data.eval_resize_margin': 'config.data.eval_crop_fraction (the share of '
+                                      'the side the eval crop keeps: 1.0 = no crop, '
+                                      '0 = auto; see docs/data.md)',
+}
+
+
+def _unknown_key(key: str, choices: list[str], name: str, shown: Optional[str] = None) -> str:
+  """The message for config key `name` (a full path) that is not in `choices`."""
+  if name in RENAMED_KEYS:
+    return f'{name} was renamed to {RENAMED_KEYS[name]}'
+  return errors.unknown_name('config key', key, choices, shown=shown or name)
+
+
 def _check_keys(config, reference, prefix: str) -> None:
   """Every key of `config` must exist in `reference` (recursively)."""
   for key in config.keys():
     name = f'{prefix}.{key}'
     if key not in reference:
-      raise ValueError(errors.unknown_name('config key', key, sorted(reference.keys()),
-                                           shown=name))
+      raise ValueError(_unknown_key(key, sorted(reference.keys()), name))
     value, ref = config[key], reference[key]
     if isinstance(ref, ml_collections.ConfigDict) and name != 'config.model_kwargs':
       if not isinstance(value, (ml_collections.ConfigDict, dict)):
@@ -238,8 +252,8 @@ def unknown_override(argv: list[str]) -> Optional[str]:
       if prefix == 'config.model_kwargs' or not isinstance(node, ml_collections.ConfigDict):
         break
       if key not in node:
-        return errors.unknown_name('config key', key, sorted(node.keys()),
-                                   shown=f'{prefix}.{key} (from {arg})')
+        return _unknown_key(key, sorted(node.keys()), f'{prefix}.{key}',
+                            shown=f'{prefix}.{key} (from {arg})')
       node, prefix = node[key], f'{prefix}.{key}'
   return None
 

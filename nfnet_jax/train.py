@@ -159,6 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   nproc, pidx = jax.process_count(), jax.process_index()
   configs.validate_config(config, jax.device_count(), nproc, mode)
   info = data.dataset_info(config.data)
+  logging.info(data.describe_eval(config.data))
   num_classes = info['num_classes']
   model = create_model(config, num_classes)
   total_steps, warmup_steps = configs.schedule_lengths(config, info['num_train'])

@@ -369,7 +369,7 @@ def test_short_run_on_a_png_folder_reaches_high_accuracy(tmp_path):
             '--config.data.source=folder', f'--config.data.folder={folder}',
             '--config.data.folder_verify=none', '--config.data.crop=none',
             '--config.data.image_size=16', '--config.data.eval_size=16',
-            '--config.data.eval_resize_margin=0', '--config.model_kwargs.depths=(1,1)',
+            '--config.data.eval_crop_fraction=1', '--config.model_kwargs.depths=(1,1)',
             '--config.batch_size=32', '--config.total_steps=400',
             '--config.optimizer.base_lr=1.6', '--config.warmup_epochs=0.2',
             '--config.ema_decay=0.9', '--config.eval_batch_size=100',

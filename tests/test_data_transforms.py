@@ -70,7 +70,7 @@ def test_resize_reference_is_tf_bicubic(image):
 @pytest.mark.parametrize('raw', [True, False])
 def test_eval_squash_resizes_whole_image_then_centre_crops(image, raw):
   data = tf.constant(image) if raw else tf.constant(_png(image))
-  got = T.eval_image(data, S, MARGIN, raw=raw, crop='squash').numpy()
+  got = T.eval_image(data, S, S + MARGIN, raw=raw, crop='squash').numpy()
   ref = ref_resize(image, S + MARGIN)[16:16 + S, 16:16 + S]
   assert got.shape == (S, S, 3)
   np.testing.assert_allclose(got, ref, atol=1e-3)
@@ -79,13 +79,13 @@ def test_eval_squash_resizes_whole_image_then_centre_crops(image, raw):
 @pytest.mark.parametrize('raw', [True, False])
 def test_eval_center_crop_keeps_aspect_then_resizes(image, raw):
   data = tf.constant(image) if raw else tf.constant(_png(image))
-  got = T.eval_image(data, S, MARGIN, raw=raw, crop='center_crop').numpy()
+  got = T.eval_image(data, S, S + MARGIN, raw=raw, crop='center_crop').numpy()
   box = ref_center_box(H, W, S, MARGIN)
   assert box == (17, 9, 29, 21)         # side int(30 * 24 / 56) = 12, centred
   ref = ref_resize(np.asarray(Image.fromarray(image).crop(box)), S)
   assert got.shape == (S, S, 3)
   np.testing.assert_allclose(got, ref, atol=1e-3)
-  squash = T.eval_image(data, S, MARGIN, raw=raw, crop='squash').numpy()
+  squash = T.eval_image(data, S, S + MARGIN, raw=raw, crop='squash').numpy()
   assert np.abs(got - squash).mean() > 10  # the two transforms really differ
 
 
@@ -93,14 +93,14 @@ def test_eval_center_crop_on_jpeg_decodes_only_the_window(image):
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, 'JPEG', quality=95)
   full = tf.io.decode_jpeg(buf.getvalue(), channels=3).numpy()
-  got = T.eval_image(tf.constant(buf.getvalue()), S, MARGIN, crop='center_crop').numpy()
+  got = T.eval_image(tf.constant(buf.getvalue()), S, S + MARGIN, crop='center_crop').numpy()
   ref = ref_resize(np.asarray(Image.fromarray(full).crop(ref_center_box(H, W, S, MARGIN))), S)
   np.testing.assert_allclose(got, ref, atol=1e-3)
 
 
 def test_unknown_eval_crop_is_refused(image):
   with pytest.raises(ValueError, match='center_crop'):
-    T.eval_image(tf.constant(image), S, raw=True, crop='crop_resize')
+    T.eval_image(tf.constant(image), S, S + MARGIN, raw=True, crop='crop_resize')
 
 
 def test_inception_crop_falls_back_to_the_eval_centre_crop():
@@ -115,7 +115,7 @@ def test_inception_crop_falls_back_to_the_eval_centre_crop():
   for raw, data in ((True, tf.constant(strip)), (False, tf.constant(_png(strip)))):
     for s in range(5):
       got = T.inception_crop(data, tf.constant([s, 7]), raw=raw, area_range=(0.5, 1.0),
-                             size=S, margin=MARGIN).numpy()
+                             size=S, resized=S + MARGIN).numpy()
       np.testing.assert_array_equal(got, ref)
 
 
@@ -123,7 +123,7 @@ def test_inception_crop_is_random_when_the_sampler_succeeds(image):
   shapes = set()
   for s in range(20):
     got = T.inception_crop(tf.constant(image), tf.constant([s, 3]), raw=True,
-                           size=S, margin=MARGIN).numpy()
+                           size=S, resized=S + MARGIN).numpy()
     assert got.shape[0] * got.shape[1] >= 0.08 * H * W * 0.99
     shapes.add(got.shape)
   assert len(shapes) > 5                               # not the fixed fallback window
@@ -133,7 +133,7 @@ def test_one_pixel_image_gives_a_one_pixel_crop():
   px = np.full([1, 1, 3], 77, np.uint8)
   got = T.inception_crop(tf.constant(px), tf.constant([0, 0]), raw=True, size=S).numpy()
   np.testing.assert_array_equal(got, px)
-  out = T.eval_image(tf.constant(px), S, MARGIN, raw=True, crop='center_crop').numpy()
+  out = T.eval_image(tf.constant(px), S, S + MARGIN, raw=True, crop='center_crop').numpy()
   np.testing.assert_allclose(out, 77.0, atol=1e-3)
 
 

@@ -7,6 +7,7 @@ every GPU/TPU hidden from it. Public API:
 
   default_config() -> ConfigDict
   dataset_info(cfg) -> {num_classes, num_train, num_eval, train_size, eval_size}
+  describe_eval(cfg) -> one line saying what the eval transform does
   build_train_iter(cfg, global_batch_size, seed, start_step=0,
                    process_index=None, process_count=None)
       -> infinite iterator of {images [local, H, W, 3] float32|bfloat16,
@@ -27,10 +28,10 @@ from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
-from nfnet_jax.data.config import default_config, image_sizes
+from nfnet_jax.data.config import default_config, describe_eval, image_sizes
 
-__all__ = ['default_config', 'dataset_info', 'build_train_iter', 'build_eval_iter',
-           'imagenet_class_names', 'imagenet_wnids']
+__all__ = ['default_config', 'dataset_info', 'describe_eval', 'build_train_iter',
+           'build_eval_iter', 'imagenet_class_names', 'imagenet_wnids']
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 Batch = Dict[str, np.ndarray]

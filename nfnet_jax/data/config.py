@@ -8,6 +8,7 @@ docs/data.md and docs/augmentation.md). Every field has a concrete type so that
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import ml_collections
@@ -38,12 +39,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = 'F0'
   c.image_size = 0               # train resolution
   c.eval_size = 0                # test resolution
-  # Eval transform: 'squash' = bicubic resize of the whole image to
-  # (eval_size + margin)^2, centre crop eval_size (NFNets); 'center_crop' = the
-  # aspect-preserving centre square of side short_side * S / (S + margin), bicubic
-  # resize to S (NF-ResNets, NF-RegNets).
+  # Eval transform: 'squash' = bicubic resize of the whole image to R x R, centre
+  # crop eval_size (NFNets); 'center_crop' = the aspect-preserving centre square of
+  # side short_side * S / R, bicubic resize to S (NF-ResNets, NF-RegNets). R, the
+  # side the image is resized to before the crop, comes from `eval_crop_fraction`,
+  # the share S / R of the side the crop keeps (`eval_resize_side`): 0 = auto (the
+  # paper's R = S + 32 at the sizes it uses, 6/7 of small images, no crop after a
+  # whole-image training crop); a value in (0, 1] = that share (1.0: no crop).
   c.eval_crop = 'squash'
-  c.eval_resize_margin = 32
+  c.eval_crop_fraction = 0.0
   # 'auto' = 'inception' for tfds/folder, 'pad_crop' for offline; 'inception' =
   # random area/aspect crop (fused decode-and-crop on JPEG) then bicubic resize;
   # 'pad_crop' = zero-pad by `pad_crop_padding`, random crop back to the size;
@@ -108,9 +112,78 @@ def resolve_crop(cfg) -> str:
 
 
 def resolve_eval_crop(cfg) -> str:
+  """data.eval_crop, checked; also checks data.eval_crop_fraction."""
   if cfg.eval_crop not in EVAL_CROPS:
     raise ValueError(f'Unknown data.eval_crop {cfg.eval_crop!r}; one of {EVAL_CROPS}')
+  fraction = cfg.get('eval_crop_fraction', 0.0)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f'data.eval_crop_fraction must be in (0, 1] (the share of the '
+                     f'image side the eval crop keeps; 1.0 = no crop) or 0 (auto), '
+                     f'got {fraction!r}')
   return cfg.eval_crop
+
+
+# The paper's eval rule (DeepMind's NFNet code): resize to S + 32, crop S. Fixed in
+# pixels, it keeps 6/7 of the side at 192 px (the smallest size the paper trains or
+# tests at) and more at larger sizes, but only half of a 32 px image. Below the size
+# where the 32 px margin is more than 1/7 of S, the margin stays at S / 6 (the
+# paper's share at 192 px), so the rule is continuous and every registered model's
+# train and test sizes (all >= 192 px) keep the paper's exact window.
+PAPER_MARGIN = 32
+# Training crops that show the model the whole image: evaluating on a centre crop
+# would zoom in where training never did (CIFAR-style pad_crop, the 'resize' squash,
+# none).
+WHOLE_IMAGE_CROPS = ('pad_crop', 'resize', 'none')
+
+
+def _round_half_up(x: float) -> int:
+  return int(math.floor(x + 0.5))
+
+
+def eval_resize_side(size: int, fraction: float = 0.0, crop: str = 'inception') -> int:
+  """R, the side the eval transform resizes to before cutting the centred `size`
+  (the 'center_crop' transform keeps the share size / R of the short side).
+
+  `fraction` > 0: R = round(size / fraction) (1.0: R = size, no crop). 0 (auto):
+  R = size for a whole-image training `crop` (`WHOLE_IMAGE_CROPS`), else
+  size + min(32, round(size / 6)): the paper's size + 32 from 192 px up, the
+  share 6/7 below. E.g. 256 -> 288 (F0's test size), 192 -> 224, 32 -> 37.
+  """
+  if fraction > 0:
+    return max(size, _round_half_up(size / fraction))
+  if crop in WHOLE_IMAGE_CROPS:
+    return size
+  small = (size + 3) // 6  # round(size / 6), half up, in integers: the share 6/7
+  return size + min(PAPER_MARGIN, small)
+
+
+def eval_rendered_as_is(cfg) -> bool:
+  """Whether eval images are used as the offline source renders them (already
+  S x S): the offline source with a whole-image training crop other than 'resize'."""
+  return cfg.source == 'offline' and resolve_crop(cfg) in ('pad_crop', 'none')
+
+
+def describe_eval(cfg) -> str:
+  """One line saying what the eval transform does, e.g. 'eval: bicubic resize of the
+  whole image to 37x37, centre crop 32x32 (86.5% of each side) ...'."""
+  _, size = image_sizes(cfg)
+  fraction = float(cfg.get('eval_crop_fraction', 0.0))
+  how = 'auto' if fraction == 0 else f'{fraction:g}'
+  keys = f'data.eval_crop={cfg.eval_crop}, data.eval_crop_fraction={how}'
+  if eval_rendered_as_is(cfg):
+    return f'eval: the offline images as rendered, {size}x{size}, no crop'
+  side = eval_resize_side(size, fraction, resolve_crop(cfg))
+  kept = f'{100 * size / side:.1f}%'
+  if resolve_eval_crop(cfg) == 'center_crop':
+    if side == size:
+      return (f'eval: centre square of the whole short side, bicubic resize to '
+              f'{size}x{size}, no crop ({keys})')
+    return (f'eval: centre square of {kept} of the short side, bicubic resize to '
+            f'{size}x{size} ({keys})')
+  if side == size:
+    return f'eval: bicubic resize of the whole image to {size}x{size}, no crop ({keys})'
+  return (f'eval: bicubic resize of the whole image to {side}x{side}, centre crop '
+          f'{size}x{size} ({kept} of each side; {keys})')
 
 
 def image_sizes(cfg) -> Tuple[int, int]:

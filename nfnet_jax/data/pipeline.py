@@ -30,6 +30,7 @@ import numpy as np
 
 from nfnet_jax.data import indexing
 from nfnet_jax.data.config import check_augment_config, image_sizes, resolve_crop
+from nfnet_jax.data.config import eval_rendered_as_is, eval_resize_side
 from nfnet_jax.data.config import resolve_eval_crop
 from nfnet_jax.data.config import mix_on as _mix_on
 from nfnet_jax.data import mixing
@@ -77,6 +78,8 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
   n, k = src.num_examples, src.num_classes
   crop = resolve_crop(cfg)
   size, _ = image_sizes(cfg)
+  # The Inception crop's fallback window: the eval centre crop at the train size.
+  fallback_side = eval_resize_side(size, float(cfg.eval_crop_fraction), 'inception')
   check_augment_config(cfg)
   device = cfg.get('augment_on', 'host') == 'device'
   mix_on = _mix_on(cfg)
@@ -127,7 +130,7 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
                                aspect_ratio_range=tuple(ic.aspect_ratio_range),
                                min_object_covered=ic.min_object_covered,
                                max_attempts=ic.max_attempts, size=size,
-                               margin=int(cfg.eval_resize_margin))
+                               resized=fallback_side)
     else:
       image = data if src.raw else T.decode(data)
       if crop == 'pad_crop':
@@ -226,6 +229,8 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
   src = sources.get_source(cfg, 'eval')
   crop, eval_crop = resolve_crop(cfg), resolve_eval_crop(cfg)
   _, size = image_sizes(cfg)
+  resized = eval_resize_side(size, float(cfg.eval_crop_fraction), crop)
+  as_rendered = eval_rendered_as_is(cfg)
   plan = list(indexing.eval_batches(src.num_examples, global_batch_size,
                                     process_index, process_count))
   idx = np.concatenate([p[0] for p in plan]) if plan else np.zeros([0], np.int64)
@@ -241,12 +246,11 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
   @_no_autograph
   def per_example(data, label, mask):
     data = src.load_one(data)
-    if crop in ('pad_crop', 'none') and src.raw:
+    if as_rendered:
       image = tf.cast(data, tf.float32)
       image.set_shape([size, size, 3])
     else:
-      image = T.eval_image(data, size, int(cfg.eval_resize_margin), raw=src.raw,
-                           crop=eval_crop)
+      image = T.eval_image(data, size, resized, raw=src.raw, crop=eval_crop)
     label = tf.one_hot(label, k, dtype=tf.float32) * mask
     return dict(images=_finish(image, cfg), labels=label, mask=mask)
 

@@ -246,12 +246,14 @@ def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'decode'
                 seed: int = 0, cache_dir: str = '') -> FolderIndex:
   """Scans `root` laid out as root/{train,val}/CLASS/*.jpg or root/CLASS/*.jpg.
 
-  Without a val/ (or validation/) folder, `holdout_fraction` of every class
-  (a seeded, deterministic choice) becomes the eval split. Files that are not
-  images, are empty, or fail the `verify` check ('decode': decoded once with TF;
-  'open': PIL header/structure check; 'none') are skipped and counted in one log
-  line; the verdicts are cached (`verify_files`). A training class folder left
-  without a usable image is an error that names it.
+  With root/train/, the eval split is root/val/ (or validation/, test/) when there
+  is one, whatever `holdout_fraction` says; without one, `holdout_fraction` of
+  every class (a seeded, deterministic choice) becomes the eval split; the log line
+  names the split used. Files that are not images, are empty, or fail the `verify`
+  check ('decode': decoded once with TF; 'open': PIL header/structure check;
+  'none') are skipped and counted in one log line; the verdicts are cached
+  (`verify_files`). A training class folder left without a usable image is an
+  error that names it.
   """
   if not root or not os.path.isdir(root):
     raise FileNotFoundError(
@@ -269,7 +271,7 @@ def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'decode'
   skipped: Dict[str, str] = {}
   train = _list_dir(train_dir, classes, skipped)
   evals: List[Tuple[str, int]] = []
-  if eval_dir is not None and holdout_fraction <= 0:
+  if eval_dir is not None:
     extra = sorted(d for d in os.listdir(eval_dir)
                    if os.path.isdir(os.path.join(eval_dir, d)) and d not in classes
                    and not d.startswith('.'))
@@ -288,7 +290,17 @@ def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'decode'
         + (f' (and {len(empty) - 1} more: {", ".join(map(_printable, empty[1:4]))})'
            if len(empty) > 1 else '')
         + '; add images or remove the folder.')
-  if holdout_fraction > 0:
+  # The log names the split in use: a user's val/ folder always wins.
+  if eval_dir is not None:
+    split = f'eval split {_printable(eval_dir)}'
+    if holdout_fraction > 0:
+      split += (f' (data.holdout_fraction={holdout_fraction:g} unused: the eval folder '
+                'wins)')
+  elif holdout_fraction <= 0:
+    split = 'no eval split'
+  else:
+    split = (f'eval split {holdout_fraction:g} of each class of {_printable(train_dir)} '
+             '(data.holdout_fraction)')
     rng = np.random.default_rng([seed, 0xF01D])
     kept = []
     for label in range(len(classes)):
@@ -299,8 +311,8 @@ def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'decode'
       kept += [t for i, t in enumerate(items) if i not in chosen]
     train = kept
   msg = (f'Folder dataset {_printable(root)}: {len(classes)} classes, {len(train)} train '
-         f'and {len(evals)} eval images ({checked} file(s) verified now, the rest from '
-         f'the cache); skipped {len(skipped)} file(s)')
+         f'and {len(evals)} eval images, {split} ({checked} file(s) verified now, the '
+         f'rest from the cache); skipped {len(skipped)} file(s)')
   if skipped:
     msg += ': ' + '; '.join(f'{_printable(p)} ({r})' for p, r in list(skipped.items())[:5])
     msg += ' ...' if len(skipped) > 5 else ''

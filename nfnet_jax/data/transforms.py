@@ -6,9 +6,10 @@ All randomness is stateless: every function takes a `seed` tensor of shape [2].
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from nfnet_jax.data._tf import tf
+from nfnet_jax.data.config import eval_resize_side
 from nfnet_jax.data.normalize import MEAN_RGB, STDDEV_RGB
 
 
@@ -36,12 +37,13 @@ def decode(data) -> tf.Tensor:
   return image
 
 
-def center_window(shape, size: int, margin: int = 32) -> tf.Tensor:
-  """[4] int32 (y, x, h, w): the centred square that leaves `margin` of (size +
-  margin) as a border, i.e. side int(min(h, w) * size / (size + margin)) (at least
-  1), offset ((h - side + 1) // 2, (w - side + 1) // 2)."""
+def center_window(shape, size: int, resized: int) -> tf.Tensor:
+  """[4] int32 (y, x, h, w): the centred square that keeps the share size / resized
+  of the short side, i.e. side int(min(h, w) / resized * size) (at least 1), offset
+  ((h - side + 1) // 2, (w - side + 1) // 2). `resized` = size + 32 is DeepMind's
+  crop_resize window."""
   h, w = shape[0], shape[1]
-  scale = tf.minimum(tf.cast(h, tf.float32), tf.cast(w, tf.float32)) / float(size + margin)
+  scale = tf.minimum(tf.cast(h, tf.float32), tf.cast(w, tf.float32)) / float(resized)
   side = tf.maximum(tf.cast(scale * float(size), tf.int32), 1)
   return tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
 
@@ -63,15 +65,17 @@ def inception_crop(data, seed, raw: bool = False,
                    area_range: Sequence[float] = (0.08, 1.0),
                    aspect_ratio_range: Sequence[float] = (3 / 4, 4 / 3),
                    min_object_covered: float = 0.1, max_attempts: int = 10,
-                   size: int = 224, margin: int = 32) -> tf.Tensor:
+                   size: int = 224, resized: Optional[int] = None) -> tf.Tensor:
   """Random area/aspect crop -> uint8 [h', w', 3]; decodes only the crop of a JPEG.
 
   The window comes from `tf.image.stateless_sample_distorted_bounding_box` with
   the whole image as the object box. When the sampler gives up after
   `max_attempts` it returns the whole image; that window is replaced by the eval
-  centre crop (`center_window(shape, size, margin)`, `size` = the train
-  resolution), as DeepMind's pipeline does.
+  centre crop at the train resolution `size` (`center_window(shape, size,
+  resized)`; default `resized`: `config.eval_resize_side(size)`, size + 32 from
+  192 px up), as DeepMind's pipeline does.
   """
+  resized = eval_resize_side(size) if resized is None else resized
   shape = image_shape(data, raw)
   begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.concat([shape, [3]], 0), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
@@ -80,7 +84,7 @@ def inception_crop(data, seed, raw: bool = False,
       use_image_if_no_bounding_boxes=True)
   window = tf.stack([begin[0], begin[1], box[0], box[1]])
   gave_up = tf.reduce_all(tf.equal(box[:2], shape))
-  window = tf.where(gave_up, center_window(shape, size, margin), window)
+  window = tf.where(gave_up, center_window(shape, size, resized), window)
   return crop_window(data, window, raw)
 
 
@@ -100,23 +104,27 @@ def flip(image, seed) -> tf.Tensor:
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
-def eval_image(data, size: int, margin: int = 32, raw: bool = False,
+def eval_image(data, size: int, resized: int, raw: bool = False,
                crop: str = 'squash') -> tf.Tensor:
   """The eval transform -> float32 [size, size, 3] (0-255 scale, unclamped).
 
-  'squash': bicubic resize of the whole image to (size + margin)^2 (aspect ratio
-  not kept), then the size x size window at offset (margin + 1) // 2. 'center_crop': the aspect-preserving
-  centre square of side min(h, w) * size / (size + margin) (`center_window`),
-  bicubic resize to size.
+  'squash': bicubic resize of the whole image to resized x resized (aspect ratio
+  not kept), then the size x size window at offset (resized - size + 1) // 2
+  (resized == size: the whole image, no crop). 'center_crop': the
+  aspect-preserving centre square of side min(h, w) * size / resized
+  (`center_window`), bicubic resize to size. `resized` comes from
+  `config.eval_resize_side`.
   """
+  if resized < size:
+    raise ValueError(f'eval resize side {resized} is smaller than the crop {size}')
   if crop == 'center_crop':
-    window = center_window(image_shape(data, raw), size, margin)
+    window = center_window(image_shape(data, raw), size, resized)
     return resize(crop_window(data, window, raw), size)
   if crop != 'squash':
     raise ValueError(f"eval crop must be 'squash' or 'center_crop', got {crop!r}")
   image = data if raw else decode(data)
-  image = resize(image, size + margin)
-  off = (margin + 1) // 2
+  image = resize(image, resized)
+  off = (resized - size + 1) // 2
   return image[off:off + size, off:off + size]
 
 
