@@ -12,7 +12,7 @@ from nfnet_jax.data.indexing import CUTMIX, MIXUP
 from nfnet_jax.data.policy import OP_NAMES, SIGNED_OPS
 
 tf = pytest.importorskip('tensorflow')
-from nfnet_jax.data import randaugment as oracle  # noqa: E402
+import tf_randaugment as oracle  # noqa: E402
 
 # Ops computed in float in TF (a blend, or AutoContrast's scale and offset): XLA
 # may fuse a multiply and an add into one rounding, so a pixel can land one grey
