@@ -1004,15 +1004,20 @@ def test_augment_on_device_refusals_before_compilation(tmp_path, no_compilation)
 
 
 @pytest.mark.slow
-def test_quickstart_with_device_augmentation_learns(tmp_path):
+@pytest.mark.parametrize('augment_on,arg', [('device', ''), ('host', ''), ('host', 'numpy')])
+def test_quickstart_with_augmentation_learns(tmp_path, augment_on, arg):
   """experiments/quickstart.py, shortened (two blocks, 300 steps of 32 images) with
-  augment_on='device' and RandAugment on (one layer, M=2), through the real CLI:
+  MixUp/CutMix and RandAugment on (one layer, M=2), augmented on the device, on the
+  host, and on the host of the TF-free path ('numpy'), through the real CLI:
   held-out top-1 well above chance (10%). (The full quickstart needs ~800 steps.)"""
   run = Run(tmp_path, tmp_path / 'xla_cache', 'quick', 1, workdir=tmp_path / 'quick')
+  config = REPO / 'experiments' / 'quickstart.py'
   cmd = [sys.executable, '-m', 'nfnet_jax.train',
-         f'--config={REPO / "experiments" / "quickstart.py"}', f'--workdir={run.workdir}',
-         DEVICE_AUG, '--config.data.randaugment.enabled=True',
+         f'--config={config}:{arg}' if arg else f'--config={config}',
+         f'--workdir={run.workdir}',
+         f'--config.data.augment_on={augment_on}', '--config.data.randaugment.enabled=True',
          '--config.data.randaugment.num_layers=1', '--config.data.randaugment.magnitude=2',
+         '--config.data.mix.enabled=True',
          '--config.model_kwargs.depths=(1, 1)', '--config.total_steps=300',
          '--config.batch_size=32', '--config.data.offline.num_train=9600',
          '--config.data.offline.num_eval=200', '--config.eval_batch_size=200',
