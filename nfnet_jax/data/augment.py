@@ -360,14 +360,16 @@ def _equalize_luts(hist: jax.Array) -> jax.Array:
 def point(images: jax.Array, ops: jax.Array, recipe: Recipe) -> jax.Array:
   """The point family: each row's pixels looked up in its per-channel table."""
   b, h, w, c = images.shape
-  hist = histogram(images)
+  hist = jax.lax.optimization_barrier(histogram(images))
   o = ops[:, None, None]
   luts = jnp.broadcast_to(jnp.asarray(_static_luts(recipe))[ops][:, None, :], [b, 3, 256])
   luts = jnp.where(o == _OP['AutoContrast'], _autocontrast_luts(hist), luts)
   luts = jnp.where(o == _OP['Equalize'], _equalize_luts(hist), luts)
-  idx = images.astype(jnp.int32) + jnp.array([0, 256, 512], jnp.int32)
-  out = jnp.take_along_axis(luts.reshape(b, 768), idx.reshape(b, -1), axis=1)
-  return out.reshape(b, h, w, c)
+  # The barrier keeps XLA from fusing the table computation into the gather (which
+  # would recompute it per pixel).
+  luts = jax.lax.optimization_barrier(luts)
+  return jax.vmap(lambda x, t: jnp.stack([t[ch][x[..., ch]] for ch in range(c)], -1))(
+      images, luts)
 
 
 def cutout(images: jax.Array, ops: jax.Array, centres: jax.Array, recipe: Recipe
