@@ -86,13 +86,20 @@ def make_init_fn(config, model, tx, image_size: int) -> Callable:
 def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   """[B] 1.0 where the (hard) label is among the top-k logits [B, C], else 0.0.
 
-  The label's rank is the number of logits strictly above its own (a tie counts for
-  the label). A row with any non-finite logit scores 0: NaN compares false with
-  everything, so without that rule an all-NaN row would rank its label first.
+  The label's rank counts the logits strictly above its own plus the *other* logits
+  equal to it: a tie is broken against the label, so a constant row (a dead network)
+  is never correct, and neither is a label tied for the k-th place. Compared in
+  float32 whatever the eval dtype (bfloat16 logits are widened exactly; near-ties
+  that bfloat16 rounded together stay ties, and count against the label). A row with
+  any non-finite logit scores 0: NaN compares false with everything, so without that
+  rule an all-NaN row would rank its label first.
   """
+  logits = logits.astype(jnp.float32)
   target = jnp.argmax(labels, axis=-1)
   target_logit = jnp.take_along_axis(logits, target[:, None], axis=-1)
-  rank = jnp.sum(logits > target_logit, axis=-1)
+  others = jnp.arange(logits.shape[-1]) != target[:, None]
+  rank = jnp.sum(logits > target_logit, axis=-1) + jnp.sum(
+      (logits == target_logit) & others, axis=-1)
   finite = jnp.all(jnp.isfinite(logits), axis=-1)
   return ((rank < k) & finite).astype(jnp.float32)
 
