@@ -128,6 +128,15 @@ def latest_meta(workdir: str) -> Optional[tuple[int, dict[str, Any]]]:
   return None
 
 
+def kept_note(ckpt_dir: str, but: Optional[int] = None) -> str:
+  """'the last good checkpoint, step N, is kept' (the newest complete one in
+  `ckpt_dir` other than step `but`), or 'there is no earlier checkpoint': what a run
+  stopped by an error leaves to resume from. Reads only."""
+  good = [s for s in _complete_steps(ckpt_dir) if s != but]
+  return (f'the last good checkpoint, step {good[0]}, is kept' if good else
+          'there is no earlier checkpoint')
+
+
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir` holds a complete checkpoint (reads only)."""
   return bool(_complete_steps(checkpoint_dir(workdir)))
@@ -166,12 +175,18 @@ def set_aside_incomplete(ckpt_dir: str) -> list[str]:
 
 
 def manager(workdir: str, keep: int):
-  """An orbax CheckpointManager over `workdir/checkpoints`, keeping the last `keep`."""
+  """An orbax CheckpointManager over `workdir/checkpoints`, keeping the last `keep`.
+  Raises errors.RunError when the directory cannot be created (e.g. a full disk)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   ckpt_dir = checkpoint_dir(workdir)
   set_aside_incomplete(ckpt_dir)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(ckpt_dir, options=options)
+  try:
+    return ocp.CheckpointManager(ckpt_dir, options=options)
+  except OSError as e:  # It creates the directory: a full disk (or no inode) fails here.
+    raise errors.RunError(
+        f'Cannot create {ckpt_dir}: {_first_line(e)}. Nothing was written; fix the '
+        'cause (e.g. free space) and re-run the same command.') from None
 
 
 # ---------------------------------------------------------------------------
@@ -339,9 +354,7 @@ def save(mngr, state, step: int, meta: dict[str, Any]) -> None:
       import shutil  # pylint: disable=g-import-not-at-top
       for d in partial:
         shutil.rmtree(d, ignore_errors=True)
-    good = [s for s in _complete_steps(str(root)) if s != step]
-    kept = f'the last good checkpoint, step {good[0]}, is kept' if good else (
-        'there is no earlier checkpoint')
+    kept = kept_note(str(root), but=step)
     raise errors.RunError(
         f'Cannot save checkpoint {step} in {root}: {_first_line(e)}. Stopped at step '
         f'{step}; {kept}' + (', the partial one removed' if partial else '') +

@@ -335,3 +335,28 @@ def test_full_disk_stops_at_the_failed_save_and_keeps_the_last_good(small_filesy
   mngr = checkpoints.manager(str(small_filesystem), keep=5)
   state, _ = checkpoints.restore(mngr, _abstract(small))
   _tree_equal(state, small)
+
+
+def test_no_room_for_the_checkpoint_directory_is_one_line(tmp_path):
+  """A file system without a free inode (a tmpfs of 3, all taken): the checkpoint
+  directory cannot be created, and that is one line, not orbax's traceback."""
+  mnt = tmp_path / 'mnt'
+  mnt.mkdir()
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m,nr_inodes=3', 'tmpfs',
+                         str(mnt)], capture_output=True, text=True, check=False)
+  if done.returncode:
+    pytest.skip(f'cannot mount a small tmpfs here (not root?): {done.stderr.strip()}')
+  try:
+    (mnt / 'run').mkdir()
+    with pytest.raises(OSError, match='No space left'):  # every inode taken
+      for i in range(3):
+        (mnt / f'file{i}').write_bytes(b'')
+    with pytest.raises(errors.RunError) as e:
+      checkpoints.manager(str(mnt / 'run'), keep=3)
+    assert str(e.value) == (
+        f'Cannot create {mnt}/run/checkpoints: OSError: [Errno 28] No space left on '
+        f"device: '{mnt}/run/checkpoints'. Nothing was written; fix the cause (e.g. free "
+        'space) and re-run the same command.')
+    assert sorted(p.name for p in (mnt / 'run').iterdir()) == []
+  finally:
+    subprocess.run(['umount', '-l', str(mnt)], check=False)

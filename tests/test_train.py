@@ -45,6 +45,8 @@ import time
 import numpy as np
 import pytest
 
+from test_checkpoints import small_filesystem  # pylint: disable=unused-import
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
 TIMEOUT = 900  # Per run; CI needs a fraction of it.
@@ -809,6 +811,28 @@ def test_eval_mode_on_an_empty_workdir_says_so_and_creates_nothing(tmp_path):
       'config.init_from, so nothing to evaluate (nothing was created). Train in this '
       'workdir first, or pass --config.init_from=<weights file>.')
   assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_full_disk_at_the_start_is_one_line_and_writes_nothing(tmp_path, small_filesystem):
+  """The workdir's file system is full when the run starts: the first metrics record
+  (the event file's header) fails, and the run stops with one line, before training,
+  leaving no event file and no checkpoint."""
+  from test_metrics_writer import fill  # pylint: disable=g-import-not-at-top
+  fill(small_filesystem)
+  workdir = small_filesystem / 'run'
+  done = _cli(tmp_path, workdir)
+  out = done.stdout + done.stderr
+  assert done.returncode == 1 and 'Traceback' not in out, out[-4000:]
+  assert re.fullmatch(
+      rf'Error: Cannot write metrics to {re.escape(str(workdir))}/events\.out\.'
+      r'tfevents\.\S+: OSError: No space left on device; nothing was written to it\. '
+      r'Stopped at step 0; there is no earlier checkpoint\. Fix the cause \(e\.g\. '
+      r'free space\) and re-run the same command to resume\.',
+      done.stderr.strip().splitlines()[-1]), out[-4000:]
+  assert sorted(p.name for p in workdir.iterdir()) == ['checkpoints', 'metrics.jsonl']
+  assert not list((workdir / 'checkpoints').iterdir())
+  assert (workdir / 'metrics.jsonl').stat().st_size == 0
 
 
 def test_eval_mode_refuses_weights_for_another_class_count(tmp_path):
