@@ -71,6 +71,11 @@ _META_TYPES: dict[str, type] = dict(
     optimizer=str, schedule=dict, state_spec=str)
 
 
+def _is_int(value: Any) -> bool:
+  """A JSON integer (bool is an int subclass in Python; JSON's true is not one)."""
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _checksum_problem(value: Any) -> Optional[str]:
   """None if `value` is a checksum as `checksum` returns it (JSON: {leaf path: [sum,
   weighted sum]}, each an integer in [0, 2^32)), else what is wrong with it."""
@@ -78,7 +83,7 @@ def _checksum_problem(value: Any) -> Optional[str]:
     return f'its checksum is {type(value).__name__}, not an object of arrays'
   for key, sums in value.items():
     if not (isinstance(sums, list) and len(sums) == 2 and all(
-        type(v) is int and 0 <= v < 2**32 for v in sums)):  # pylint: disable=unidiomatic-typecheck
+        _is_int(v) and 0 <= v < 2**32 for v in sums)):
       return f'its checksum of {key} is {json.dumps(sums)[:40]}, not two 32-bit integers'
   return None
 
@@ -90,11 +95,11 @@ def meta_problem(meta: Any, step: int, accept_unverified: bool = False) -> Optio
   type than `_META_TYPES` says."""
   if not isinstance(meta, dict):
     return f'its meta is {json.dumps(meta)[:40]}, not a JSON object'
-  if type(meta.get('step')) is not int or meta['step'] != step:  # pylint: disable=unidiomatic-typecheck
+  if not _is_int(meta.get('step')) or meta['step'] != step:
     return f'its meta records step {json.dumps(meta.get("step"))[:40]}, not {step}'
   for key, kind in _META_TYPES.items():
     value = meta.get(key, kind())
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not (_is_int(value) if kind is int else isinstance(value, kind)):
       return f'its meta field {key} is {json.dumps(value)[:40]}, not {kind.__name__}'
   if 'checksum' in meta:
     return _checksum_problem(meta['checksum'])

@@ -83,7 +83,7 @@ def make_init_fn(config, model, tx, image_size: int) -> Callable:
   return init
 
 
-def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   """[B] 1.0 where the (hard) label is among the top-k logits [B, C], else 0.0.
 
   The label's rank counts the logits strictly above its own plus the *other* logits
@@ -131,7 +131,7 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     per_example = optim.softmax_cross_entropy(logits, batch['labels'], ls)
     mask = batch['mask']
     loss_sum = jnp.sum(per_example * mask)
-    top1 = jnp.sum(_top_k_correct(logits, batch['labels'], 1) * mask)
+    top1 = jnp.sum(top_k_correct(logits, batch['labels'], 1) * mask)
     return loss_sum / global_batch, ((loss_sum, top1), model_state)
 
   def gradients(params, model_state, batch, rng, offset):
@@ -265,8 +265,8 @@ def make_eval_step(config, model) -> Callable:
     mask = batch['mask']
     loss = optim.softmax_cross_entropy(logits, batch['labels'], 0.0)
     return dict(loss=jnp.sum(loss * mask),
-                top1=jnp.sum(_top_k_correct(logits, batch['labels'], 1) * mask),
-                top5=jnp.sum(_top_k_correct(logits, batch['labels'], 5) * mask),
+                top1=jnp.sum(top_k_correct(logits, batch['labels'], 1) * mask),
+                top5=jnp.sum(top_k_correct(logits, batch['labels'], 5) * mask),
                 count=jnp.sum(mask))
 
   def step_fn(params, ema_params, batch):

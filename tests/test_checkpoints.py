@@ -126,7 +126,8 @@ def test_damaged_checkpoint_is_set_aside_and_the_previous_restored(damage, tmp_p
     meta['checksum']["['params']['w']"][1] ^= 1
     meta_file.write_text(json.dumps(meta))
   elif edit in META_EDITS:
-    meta_file.write_text(json.dumps(META_EDITS[edit][0](json.loads(meta_file.read_text()))))
+    edited = META_EDITS[edit][0](json.loads(meta_file.read_text()))
+    meta_file.write_text(json.dumps(edited))
   elif edit == 'meta':
     meta_file.write_text('{"step": 2, "chec')
   if arrays == 'bit':

@@ -1,7 +1,7 @@
 """nfnet_jax/metrics_writer.py: metrics.jsonl and TensorBoard event files, written
 through etils.epath so that a gs:// workdir lands in the bucket (not in a local
 './gs:' folder). The bucket is simulated by etils' own mock backend, which maps
-gs://bucket/... onto a temporary directory."""
+gs://bucket/... onto a temporary directory. A full disk is a real, small tmpfs."""
 import json
 import os
 import struct
@@ -13,6 +13,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 
 from nfnet_jax import errors
 from nfnet_jax.metrics_writer import MetricsWriter, WriteError, crc32c
+from test_checkpoints import small_filesystem  # pylint: disable=unused-import
 
 
 def read_events(path):
@@ -90,9 +91,6 @@ def test_disabled_writes_nothing(tmp_path):
 # ---------------------------------------------------------------------------
 # A full disk: a real, small tmpfs (the fixture of tests/test_checkpoints.py).
 # ---------------------------------------------------------------------------
-from test_checkpoints import small_filesystem  # pylint: disable=unused-import,wrong-import-position
-
-
 def fill(mnt) -> None:
   """Leaves no free block on the file system at `mnt` (checked by a failing write)."""
   st = os.statvfs(mnt)

@@ -34,7 +34,7 @@ def test_top_k_matches_numpy_and_nan_is_never_correct(k):
   logits[9, (target[9] + 1) % c] = np.inf        # +inf elsewhere
   logits[12, target[12]] = np.inf                # +inf at the label
   logits[15, (target[15] + 2) % c] = -np.inf     # -inf elsewhere, label ranks 1st
-  got = np.asarray(steps._top_k_correct(logits, labels, k))  # pylint: disable=protected-access
+  got = np.asarray(steps.top_k_correct(logits, labels, k))
   want = _reference_top_k(logits, labels, k)
   np.testing.assert_array_equal(got, want)
   assert got[[0, 3, 6, 9, 12, 15]].sum() == 0  # non-finite rows score 0
@@ -57,7 +57,7 @@ def test_top_k_breaks_ties_against_the_label(k):
   logits[12, :] = np.nan                          # NaN rows
   logits[13, target[13]] = np.nan
   logits[14, (target[14] + 1) % c] = np.nan
-  got = np.asarray(steps._top_k_correct(logits, labels, k))  # pylint: disable=protected-access
+  got = np.asarray(steps.top_k_correct(logits, labels, k))
   np.testing.assert_array_equal(got, _reference_top_k(logits, labels, k))
   assert got[:15].sum() == 0
   # Rows where the label ties for place k with another class (would count if ties
@@ -73,7 +73,7 @@ def test_top_k_ties_count_against_the_label():
   logits = np.array([[1.0, 1.0, 0.0], [2.0, 1.0, 1.0]], np.float32)
   labels = np.eye(3, dtype=np.float32)[[1, 2]]
   for k, want in ((1, [0.0, 0.0]), (2, [1.0, 0.0]), (3, [1.0, 1.0])):
-    np.testing.assert_array_equal(steps._top_k_correct(logits, labels, k), want)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(steps.top_k_correct(logits, labels, k), want)
 
 
 @pytest.mark.parametrize('k', [1, 5])
@@ -93,9 +93,9 @@ def test_top_k_of_bfloat16_logits_near_ties_are_ties(k):
     others = [j for j in rng.permutation(c) if j != target[i]][:k]
     f32[i, target[i]] = 4.0 + 1e-3
     f32[i, others] = 4.0 + 1e-3 * np.arange(k)
-  assert steps._top_k_correct(f32, labels, k).sum() == n  # pylint: disable=protected-access
+  assert steps.top_k_correct(f32, labels, k).sum() == n
   bf16 = jnp.asarray(f32, jnp.bfloat16)
-  got = np.asarray(steps._top_k_correct(bf16, labels, k))  # pylint: disable=protected-access
+  got = np.asarray(steps.top_k_correct(bf16, labels, k))
   np.testing.assert_array_equal(got, _reference_top_k(np.asarray(bf16, np.float32),
                                                       labels, k))
   assert got.sum() == 0
@@ -122,7 +122,8 @@ def test_a_dead_network_evaluates_to_zero():
   trainer = steps.Trainer(config, model, tx, schedule, info['train_size'])
   state = trainer.init_state()
   is_fc = lambda path: path[0].key == 'NFNet/~/linear'  # the classifier (w and b)
-  assert sum(is_fc(p) for p, _ in jax.tree_util.tree_leaves_with_path(state['params'])) == 2
+  leaves = jax.tree_util.tree_leaves_with_path(state['params'])
+  assert sum(is_fc(path) for path, _ in leaves) == 2
   for key in ('params', 'ema_params'):
     state[key] = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.zeros_like(x) if is_fc(path) else x, state[key])

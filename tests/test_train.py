@@ -814,7 +814,8 @@ def test_eval_mode_on_an_empty_workdir_says_so_and_creates_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_at_the_start_is_one_line_and_writes_nothing(tmp_path, small_filesystem):
+def test_full_disk_at_the_start_is_one_line_and_writes_nothing(tmp_path,
+                                                               small_filesystem):
   """The workdir's file system is full when the run starts: the first metrics record
   (the event file's header) fails, and the run stops with one line, before training,
   leaving no event file and no checkpoint."""
