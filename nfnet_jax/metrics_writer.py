@@ -147,6 +147,8 @@ class MetricsWriter:
     raise WriteError(f'Cannot write metrics to {path}: {reason}; {what}', step)
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: Optional[str] = None):
+    """Appends one record `{step, prefix/name: value}` to each file; raises WriteError
+    (after which nothing more is written) when a file cannot take it whole."""
     if not self.enabled:
       return
     scalars = {(f'{prefix}/{k}' if prefix else k): float(v) for k, v in scalars.items()}

@@ -503,6 +503,41 @@ def test_damaged_checkpoint_is_set_aside_and_rerun_equals_uninterrupted_run(runs
 
 
 @pytest.mark.slow
+def test_checkpoint_without_checksum_is_refused_unless_the_config_accepts_it(runs,
+                                                                            tmp_path):
+  """'one's only checkpoint with its checksum deleted: --mode=eval sets it aside and
+  stops with one line naming the option; moved back, it evaluates with
+  --config.accept_unverified_checkpoints=True (a warning says so), as 'one' did."""
+  one = runs.get('one').ok()
+  workdir = tmp_path / 'wd'
+  shutil.copytree(one.workdir, workdir)
+  meta_file = workdir / 'checkpoints' / str(STEPS) / 'meta' / 'metadata'
+  meta = json.loads(meta_file.read_text())
+  del meta['checksum']
+  meta_file.write_text(json.dumps(meta))
+  done = _cli(runs.root, workdir, '--mode=eval', cache=runs.cache)
+  out = done.stdout + done.stderr
+  assert done.returncode == 1 and 'Traceback' not in out, out[-4000:]
+  (moved,) = (workdir / 'checkpoints').glob(f'damaged-{STEPS}-*')
+  assert done.stderr.strip().splitlines()[-1] == (
+      f'Error: Every checkpoint in {workdir}/checkpoints is damaged (set aside as '
+      f'{moved.name}): nothing to resume from. Move one back by hand to use it anyway '
+      '(to restore one without a checksum, move it back and pass '
+      '--config.accept_unverified_checkpoints=True), or start over with a new '
+      '--workdir.')
+  assert len([l for l in out.splitlines() if 'it has no checksum' in l]) == 1
+  moved.rename(workdir / 'checkpoints' / str(STEPS))
+  done = _cli(runs.root, workdir, '--mode=eval',
+              '--config.accept_unverified_checkpoints=True', cache=runs.cache)
+  out = done.stdout + done.stderr
+  assert done.returncode == 0, out[-4000:]
+  assert f'Checkpoint {STEPS} has no checksum: restored without verification' in out
+  final = [l for l in one.output.splitlines() if l.startswith('Final top-1')]
+  assert final and final == [l for l in done.stdout.splitlines()
+                             if l.startswith('Final top-1')]
+
+
+@pytest.mark.slow
 def test_workdir_of_another_width_is_refused_untouched(runs, tmp_path):
   one = runs.get('one').ok()
   workdir = tmp_path / 'wd'
