@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 5000
   c.checkpoint_every_minutes = 30.0
   c.keep_checkpoints = 3
+  # A checkpoint without a checksum cannot be verified, so it is set aside as damaged
+  # like one that fails its checksum; True restores it unverified (with a warning).
+  c.accept_unverified_checkpoints = False
   c.max_consecutive_nonfinite = 10
   # Models with BatchNorm (bn_resnet*): False normalizes with each device's own batch
   # statistics (the paper's TPU baselines); True averages them over all devices.

@@ -180,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                   trainer.abstract_state)
   mngr, state = checkpoints.start(config, workdir, mode, trainer, run_meta)
   start_step = int(jax.device_get(state['step']))
-  writer = metrics_writer.MetricsWriter(workdir, enabled=pidx == 0)
+  writer = None
 
   # Any eval batch size works: rounded up to a multiple of the devices, the padding
   # rows have mask 0.
@@ -199,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return metrics
 
   try:
+    writer = metrics_writer.MetricsWriter(workdir, enabled=pidx == 0, step=start_step)
     if mode == 'eval':
       return eval_now(start_step, state)
     with _catch_signals() as caught:
@@ -211,10 +212,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if info['num_eval']:
       return eval_now(step, state)
     return {}
+  except metrics_writer.WriteError as e:  # e.g. a full disk: one line, as for a save.
+    raise errors.RunError(
+        f'{e}. Stopped at step {e.step}; '
+        f'{checkpoints.kept_note(checkpoints.checkpoint_dir(workdir))}. Fix the cause '
+        '(e.g. free space) and re-run the same command to resume.') from None
   finally:
     if mngr is not None:
       checkpoints.close(mngr)
-    writer.close()
+    if writer is not None:
+      writer.close()
 
 
 def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[str, Any],

@@ -176,17 +176,17 @@ class _Identity:
     return {'logits': images.reshape(images.shape[0], -1)}
 
 
-@pytest.mark.parametrize('eval_dtype, top1', [('float32', 0.0), ('bfloat16', 1.0)])
+@pytest.mark.parametrize('eval_dtype, top1', [('float32', 1.0), ('bfloat16', 0.0)])
 def test_eval_step_computes_in_eval_dtype(eval_dtype, top1):
-  """Logits 1.0 (the label) and 1.001: float32 ranks the label second (top-1 0); in
-  bfloat16 both round to 1.0, a tie, which counts for the label (top-1 1). The train
-  precision (bfloat16) must not leak into evaluation."""
+  """Logits 1.001 (the label) and 1.0: float32 ranks the label first (top-1 1); in
+  bfloat16 both round to 1.0, a tie, which counts against the label (top-1 0). The
+  train precision (bfloat16) must not leak into evaluation."""
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   from nfnet_jax import steps  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(dict(compute_dtype='bfloat16', eval_dtype=eval_dtype))
   step = steps.make_eval_step(config, _Identity())
-  batch = dict(images=np.array([[[[1.0, 1.001, 0.0]]]], np.float32),  # [1, 1, 1, 3]
+  batch = dict(images=np.array([[[[1.001, 1.0, 0.0]]]], np.float32),  # [1, 1, 1, 3]
                labels=np.array([[1.0, 0.0, 0.0]], np.float32),
                mask=np.ones([1], np.float32))
   add_axis = lambda t: jax.tree.map(lambda x: x[None], t)
