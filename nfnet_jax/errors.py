@@ -11,11 +11,14 @@ def unknown_name(kind: str, name: str, choices: Iterable[str],
                  shown: Optional[str] = None) -> str:
   """'Unknown <kind> <shown>. Did you mean a or b? Valid: a, b, c'.
 
-  `name` is matched against `choices` (difflib, up to 3 matches); `shown` replaces
-  `repr(name)` in the message, e.g. a full config path such as 'config.bach_size'.
+  `name` is matched against `choices` (a choice that differs only in case first, then
+  difflib, up to 3 matches); `shown` replaces `repr(name)` in the message, e.g. a full
+  config path such as 'config.bach_size'.
   """
   choices = [str(c) for c in choices]
-  close = difflib.get_close_matches(str(name), choices, n=3)
+  same_but_case = [c for c in choices if c.lower() == str(name).lower()]
+  close = same_but_case + [c for c in difflib.get_close_matches(str(name), choices, n=3)
+                           if c not in same_but_case][:3 - len(same_but_case)]
   hint = f' Did you mean {" or ".join(close)}?' if close else ''
   return f'Unknown {kind} {shown or repr(name)}.{hint} Valid: {", ".join(choices)}'
 
