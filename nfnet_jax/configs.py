@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import copy
 import inspect
+import logging
 import math
 import os
 import pickle
@@ -265,7 +266,10 @@ def _check_model(config, num_classes: int = 10) -> int:
       raise ValueError(f'config.model_kwargs.{key}={rate!r} must be in [0, 1)')
   try:
     shapes, stride = model_facts(config.model, kwargs, num_classes)
-  except (TypeError, ValueError, ZeroDivisionError, IndexError, KeyError) as e:
+  except ZeroDivisionError:  # A layer of no channels (fan-in 0).
+    raise ValueError(f'config.model_kwargs={kwargs} leave model {config.model!r} a '
+                     'layer without channels: raise the width') from None
+  except (TypeError, ValueError, IndexError, KeyError) as e:
     raise ValueError(f'config.model_kwargs={kwargs} does not fit model '
                      f'{config.model!r}: {e}. Valid keys: {", ".join(valid)}') from None
   for module, leaves in shapes.items():
@@ -545,6 +549,9 @@ def _check_init_from(config, num_classes: int, mode: str) -> None:
     key = None
   if key in _FITTING_WEIGHTS:
     return
+  quiet = logging.getLogger(pretrained.__name__)
+  level = quiet.level
+  quiet.setLevel(logging.WARNING)  # The run logs the classifier resize itself.
   try:
     if mode == 'eval':
       params = pretrained.load(path, model=config.model)
@@ -553,6 +560,8 @@ def _check_init_from(config, num_classes: int, mode: str) -> None:
   except (OSError, ValueError, pickle.UnpicklingError, MemoryError) as e:
     text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     raise ValueError(f'config.init_from: {one_line(text)}') from None
+  finally:
+    quiet.setLevel(level)
   want, _ = model_facts(config.model, kwargs, num_classes)
   got = {m: {leaf: tuple(a.shape) for leaf, a in leaves.items()}
          for m, leaves in params.items()}
