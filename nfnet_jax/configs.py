@@ -505,6 +505,13 @@ def _check_data(data_config, mode: str) -> int:
   (verification decodes every image and caches the verdicts: the run does it)."""
   from nfnet_jax import data  # pylint: disable=g-import-not-at-top
   cfg = copy.deepcopy(data_config)
+  if cfg.source == 'offline':
+    if mode == 'eval' and not cfg.offline.num_eval:
+      raise ValueError('--mode=eval: config.data.offline.num_eval is 0, so nothing to '
+                       'evaluate on')
+    return int(cfg.offline.num_classes)
+  if '://' in (cfg.data_dir if cfg.source == 'tfds' else cfg.folder):
+    return _remote_classes(cfg)
   if cfg.source == 'folder':
     cfg.folder_verify = 'none'
   if cfg.source == 'tfds' and cfg.manual_dir:
@@ -526,6 +533,18 @@ def _check_data(data_config, mode: str) -> int:
     raise ValueError(f'--mode=eval: the {cfg.source} data has no eval split, so '
                      'nothing to evaluate on')
   return int(info['num_classes'])
+
+
+def _remote_classes(cfg) -> int:
+  """A bucket (gs://...) is read by the run; here only its class count is needed:
+  TFDS knows it without the data, a folder's is not known before it is listed."""
+  if cfg.source != 'tfds':
+    raise ValueError(f'config.data.folder={cfg.folder}: a folder dataset is read from '
+                     'the local file system; copy it to a local disk')
+  from nfnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+  builder = sources.tfds_builder(cfg, prepare=False)
+  label = (builder.info.supervised_keys or ('image', 'label'))[1]
+  return int(builder.info.features[label].num_classes)
 
 
 # init_from files already found to fit: (path, size, mtime, model, kwargs, classes,

@@ -47,6 +47,11 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 _CHECK_CONFIG = flags.DEFINE_bool('check_config', False,
                                   'Parse and validate the command line and config, print '
                                   'a one-line summary, exit (0: valid). Builds nothing.')
+_CHECK_PATHS = flags.DEFINE_bool('check_paths', True,
+                                 'With --check_config: also check what the file system '
+                                 'must hold (workdir, data, config.init_from). '
+                                 '--nocheck_paths checks the values only, for a command '
+                                 'that will run on another machine (a launcher).')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', None,
                                  'Call jax.distributed.initialize(); default: when '
                                  'coordinator flags are given or on a TPU pod.')
@@ -353,7 +358,8 @@ def main(argv) -> None:
   try:
     configs.validate_config(_CONFIG.value, jax.device_count(), jax.process_count(),
                             _MODE.value)
-    configs.check_run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    if _CHECK_PATHS.value or not _CHECK_CONFIG.value:  # A run always checks them.
+      configs.check_run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except ValueError as e:
     _fail('Config error', configs.one_line(e))
   line = f'{configs.summary(_CONFIG.value, config_spec())}, --mode={_MODE.value}'

@@ -173,8 +173,7 @@ def test_config_arguments_are_checked(arg, words):
 
 
 def test_config_argument_is_named_in_the_summary():
-  out = cli('--config=experiments/nfnet.py:F0,sam', '--check_config',
-            '--config.data.source=offline')
+  out = cli('--config=experiments/nfnet.py:F0,sam', '--check_config', '--nocheck_paths')
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith('Config OK: experiments/nfnet.py:F0,sam: F0('), out.stdout
   assert 'SAM (rho 0.05, ascent on 20% of the batch)' in out.stdout
@@ -276,13 +275,24 @@ def test_eval_without_anything_to_evaluate_fails_the_check(tmp_path):
   assert not (tmp_path / 'w').exists()
 
 
+def test_nocheck_paths_leaves_the_file_system_to_the_machine_that_runs(tmp_path):
+  """A launcher checks a pod's command where the data is not: --nocheck_paths with
+  --check_config runs every value check and none of the file system's."""
+  args = ['--config=experiments/nfnet.py:F0', f'--workdir={tmp_path / "w"}',
+          f'--config.data.data_dir={tmp_path / "tfds"}', '--check_config']
+  refused_in_one_line(cli(*args), "'imagenet2012' is not prepared")
+  out = cli(*args, '--nocheck_paths')
+  assert out.returncode == 0 and out.stdout.startswith('Config OK'), out.stderr
+  refused_in_one_line(cli(*args, '--nocheck_paths', '--config.seed=-1'), 'config.seed')
+
+
 # ---------------------------------------------------------------------------
 # Model keywords from the command line.
 # ---------------------------------------------------------------------------
 def test_model_kwargs_absent_from_the_config_can_be_set():
   """experiments/nfnet.py's model_kwargs has only stochdepth_rate; any keyword of the
   NFNet constructor can still be set, with its Python type (float, None, tuple, str)."""
-  out = cli('--config=experiments/nfnet.py:F0', '--check_config',
+  out = cli('--config=experiments/nfnet.py:F0', '--check_config', '--nocheck_paths',
             '--config.model_kwargs.width=0.125', '--config.model_kwargs.group_size=None',
             '--config.model_kwargs.depths=(1,1,2,1)',
             '--config.model_kwargs.activation', 'relu')
@@ -332,7 +342,7 @@ def test_model_kwargs_follow_the_final_model():
             '--config.model=nf_regnet_b0', '--config.model_kwargs.depths=(1,1,1,1)')
   assert out.returncode == 1 and "model 'nf_regnet_b0'" in out.stderr
   assert 'expansion' in out.stderr  # an NF-RegNet keyword among the valid ones
-  out = cli('--config=experiments/nfnet.py:F0', '--check_config',
+  out = cli('--config=experiments/nfnet.py:F0', '--check_config', '--nocheck_paths',
             '--config.model_kwargs.depths=(1,1,1,1)')
   assert out.returncode == 0, out.stderr
 
