@@ -2,7 +2,8 @@
 experiments' docstrings show passes `--check_config` as written, through the real
 entry point (absl flags, ml_collections config overrides, model keywords,
 `configs.validate_config` and `configs.check_run`; nothing is built or trained), or
-fails in one line for what this machine lacks: ImageNet and the released weights.
+fails in one line for what this machine lacks: ImageNet, the released weights, a
+trained workdir.
 
 The commands are read from the files when the test runs. Placeholders are filled in
 the way a reader would: `...` as a config is experiments/quickstart.py, `...` or a
@@ -150,8 +151,10 @@ def results(tmp_path_factory):
     return [f.result() for f in futures]
 
 
-# What a documented command may lack on a test machine, as its one-line refusal says it.
-MISSING_HERE = ("TFDS dataset 'imagenet2012' is not prepared", 'No such checkpoint')
+# What a documented command may lack on a test machine, as its one-line refusal says
+# it: ImageNet, released weights, a workdir that was trained in (for --mode=eval).
+MISSING_HERE = ("TFDS dataset 'imagenet2012' is not prepared", 'No such checkpoint',
+                'nothing to evaluate')
 
 
 @pytest.mark.slow  # ~4 s of imports per command, 4 at a time.
