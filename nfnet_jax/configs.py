@@ -233,8 +233,9 @@ def model_facts(model: str, kwargs: dict[str, Any], num_classes: int
       with hk.intercept_methods(record):
         return net.init(rng, images, is_training=True)
 
-    out = jax.eval_shape(init, jax.random.PRNGKey(0),
-                         jnp.zeros([1, _PROBE_SIZE, _PROBE_SIZE, 3], jnp.float32))
+    # Abstract inputs: not even the key is computed (an eager op would compile).
+    out = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32),
+                         jax.ShapeDtypeStruct((1, _PROBE_SIZE, _PROBE_SIZE, 3), jnp.float32))
     params = out[0] if models.is_stateful(model) else out
     shapes = {m: {leaf: tuple(v.shape) for leaf, v in leaves.items()}
               for m, leaves in params.items()}
@@ -464,9 +465,10 @@ def check_run(config: ml_collections.ConfigDict, workdir: Optional[str],
   resumes = workdir is not None and checkpoints.has_checkpoint(workdir)
   num_classes = _check_data(config.data, mode)
   if mode == 'eval' and not resumes and not config.init_from:
-    raise ValueError(f'--mode=eval: no checkpoint in --workdir={workdir} and no '
-                     'config.init_from, so nothing to evaluate. Train in this workdir '
-                     'first, or pass --config.init_from=<weights file>.')
+    raise ValueError(
+        f'--mode=eval: no checkpoint in {checkpoints.checkpoint_dir(workdir or ".")} and '
+        'no config.init_from, so nothing to evaluate (nothing was created). Train in '
+        'this workdir first, or pass --config.init_from=<weights file>.')
   if config.init_from and not resumes:
     _check_init_from(config, num_classes, mode)
 
@@ -588,13 +590,17 @@ def _check_init_from(config, num_classes: int, mode: str) -> None:
   for module in sorted(set(got) | set(want)):
     for leaf in sorted(set(got.get(module, {})) | set(want.get(module, {}))):
       g, w = got.get(module, {}).get(leaf), want.get(module, {}).get(leaf)
-      if g != w:
-        why = (f"this data's {num_classes} classes, so it would score an untrained "
-               'classifier: evaluate on the classes the weights were trained on, or '
-               'fine-tune first (--mode=train)') if mode == 'eval' else (
-                   f'{config.model} as config.model_kwargs={kwargs} build it')
-        raise ValueError(f'config.init_from={path} does not fit {why} ({module}/{leaf}: '
-                         f'{g} in the file, {w} here)')
+      if g == w:
+        continue
+      where = f'[{module!r}][{leaf!r}]: {g} in the file, {w} here'
+      if mode == 'eval':
+        raise ValueError(
+            f"--mode=eval: config.init_from={path} does not fit this data's "
+            f'{num_classes} classes ({where}), so it would score an untrained '
+            'classifier. Evaluate on data with the classes the weights were trained '
+            'on, or fine-tune first (--mode=train).')
+      raise ValueError(f'config.init_from={path} does not fit {config.model} as '
+                       f'config.model_kwargs={kwargs} build it ({where})')
   if key is not None:
     _FITTING_WEIGHTS.add(key)
 
