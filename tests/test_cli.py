@@ -1,7 +1,9 @@
 """The training command line as a user meets it (`python -m nfnet_jax.train`, real
-subprocesses): one-line errors for bad values, model keywords from flags, the
---check_config path, what a terminal shows (progress bar and log lines, the compile
-notice, the resolutions), float32 evaluation, and a short run on a folder of PNGs."""
+subprocesses): one-line errors for bad values, values without meaning, misspelled
+data values and experiment arguments, unusable workdirs, missing data and weights
+(nothing created), model keywords from flags, the --check_config path, what a
+terminal shows (progress bar and log lines, the compile notice, the resolutions),
+float32 evaluation, and a short run on a folder of PNGs."""
 from __future__ import annotations
 
 import fcntl
