@@ -10,10 +10,13 @@ released weights. AdamW-free SGD at a small learning rate, short schedule, no AG
 on a small batch, light augmentation.
 """
 from nfnet_jax import configs
+from nfnet_jax.models import nfnet
 
 
 def get_config(arg: str = 'F0'):
-  c = configs.nfnet_config(arg)
+  variant, _ = configs.config_arg(arg, 'experiments/finetune_folder.py',
+                                  list(nfnet.VARIANTS), default='F0')
+  c = configs.nfnet_config(variant)
   c.data.source = 'folder'
   c.data.holdout_fraction = 0.1   # only for a folder without val/ (val/ always wins)
   c.data.randaugment.enabled = False

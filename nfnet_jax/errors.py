@@ -11,8 +11,9 @@ def unknown_name(kind: str, name: str, choices: Iterable[str],
                  shown: Optional[str] = None) -> str:
   """'Unknown <kind> <shown>. Did you mean a or b? Valid: a, b, c'.
 
-  `name` is matched against `choices` (difflib, up to 3 matches); `shown` replaces
-  `repr(name)` in the message, e.g. a full config path such as 'config.bach_size'.
+  `name` is matched against `choices` (a choice that differs only in case first, then
+  difflib, up to 3 matches); `shown` replaces `repr(name)` in the message, e.g. a full
+  config path such as 'config.bach_size'.
   """
   choices = [str(c) for c in choices]
   close = close_matches(str(name), choices)

@@ -664,6 +664,8 @@ def test_tpu_vm_workdir_every_worker_reaches_and_devices_checked(accelerator, de
   flags, _, argv = log.read_text().strip().partition(' | ')
   assert flags == f'--xla_force_host_platform_device_count={devices}'
   assert argv.split()[:2] == ['-m', 'nfnet_jax.train'] and '--check_config' in argv
+  # Paths are the workers' (a bucket, a gcsfuse mount): only the values are checked here.
+  assert '--nocheck_paths' in argv.split()
   out = dry_run('tpu_vm.sh', *args, '--workdir=gs://b/f0', '--retries=2')  # always fine
   assert 'TPU VM\'s disk' not in out.stderr
 

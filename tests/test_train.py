@@ -763,7 +763,7 @@ def no_compilation():
     (lambda c: setattr(c.optimizer, 'name', 'lamb'),
      "config.optimizer.name: Unknown optimizer 'lamb'. Valid: sgd, adam, adamw"),
     (lambda c: setattr(c, 'log_every', 0), 'config.log_every=0 must be >= 1'),
-    (lambda c: setattr(c.data, 'source', 'imagenet'), "'tfds', 'folder' or 'offline'"),
+    (lambda c: setattr(c.data, 'source', 'imagenet'), 'Valid: tfds, folder, offline'),
 ], ids=['key', 'nested_key', 'data_key', 'model', 'model_close', 'model_kwargs', 'dtype',
         'batch', 'accum', 'optimizer', 'log_every', 'data_source'])
 def test_bad_config_refused_before_compilation(edit, message, tmp_path, no_compilation):
@@ -864,7 +864,7 @@ def test_eval_mode_on_an_empty_workdir_says_so_and_creates_nothing(tmp_path):
   assert done.returncode == 1, done.stderr[-3000:]
   assert 'Traceback' not in done.stderr
   assert done.stderr.strip().splitlines()[-1] == (
-      f'Error: --mode=eval: no checkpoint in {workdir}/checkpoints and no '
+      f'FATAL Config error: --mode=eval: no checkpoint in {workdir}/checkpoints and no '
       'config.init_from, so nothing to evaluate (nothing was created). Train in this '
       'workdir first, or pass --config.init_from=<weights file>.')
   assert not workdir.exists()
@@ -903,6 +903,7 @@ def test_eval_mode_refuses_weights_for_another_class_count(tmp_path):
                    for m, leaves in shapes.items()}, weights)
   config = tiny_config()
   config.model, config.model_kwargs, config.init_from = 'nf_regnet_b0', {}, str(weights)
+  config.data.image_size = config.data.eval_size = 32  # the model's total stride
   with pytest.raises(errors.RunError, match=r"--mode=eval: config.init_from=.*b0_1000.npz "
                      r"does not fit this data's 10 classes \(\['.*linear'\]\['b'\]: "
                      r"\(1000,\) in the file, \(10,\) here\), so it would score an "
