@@ -331,3 +331,34 @@ def test_hub_name_without_huggingface_hub_says_how(tmp_path):
       f"{NAME}: loading Hub weights needs huggingface_hub: pip install 'nfnet_jax[hub]', "
       f'or fetch {hub.url(NAME)} by hand and load it by path '
       f"(pretrained.load(path, model='{MODEL}'))")}
+
+
+# ---------------------------------------------------------------------------
+# Packaging and the fine-tuning config.
+# ---------------------------------------------------------------------------
+def test_hub_is_an_optional_extra_and_the_reader_needs_only_core():
+  from test_demo_extra import REPO, _imported_modules, _requirement_names  # pylint: disable=g-import-not-at-top
+  core = _requirement_names('requirements.txt')
+  assert 'huggingface-hub' in _requirement_names('requirements-hub.txt')
+  assert 'huggingface-hub' not in core and 'safetensors' not in core
+  assert {'huggingface-hub', 'safetensors'} <= _requirement_names('requirements-test.txt')
+  assert "'hub': _reqs('requirements-hub.txt')" in (REPO / 'setup.py').read_text()
+  reader = _imported_modules((REPO / 'nfnet_jax' / 'safetensors_file.py').read_text())
+  third_party = {m.replace('_', '-') for m in reader
+                 if m not in sys.stdlib_module_names and m != 'nfnet_jax'}
+  assert third_party == {'ml-dtypes', 'numpy'} and third_party <= core
+
+
+def test_finetune_folder_config_takes_any_registered_model():
+  """Not only the NFNet F-variants (their RandAugment setting is unused: it is off)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
+  path = Path(__file__).parent.parent / 'experiments' / 'finetune_folder.py'
+  spec = importlib.util.spec_from_file_location('finetune_folder', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(MODEL)
+  assert config.model == MODEL and not config.data.randaugment.enabled
+  configs.validate_config(config, num_devices=8, num_processes=1)
+  with pytest.raises(ValueError, match="Unknown model 'not_a_model'"):
+    module.get_config('not_a_model')
