@@ -1,6 +1,6 @@
 """Pretrained weights: DeepMind's released NFNet checkpoints, `.npz` files, timm ports.
 
-Three ways in, one params layout out (`{module_path: {leaf: float32 array}}`, exactly
+Four ways in, one params layout out (`{module_path: {leaf: float32 array}}`, exactly
 the tree `nfnet_jax.models.create(name).init` gives, so `apply` takes it unchanged):
 
 * `load(path)` reads DeepMind's released files (`F0_haiku.npz` ... `F6_haiku.npz` from
@@ -16,6 +16,11 @@ the tree `nfnet_jax.models.create(name).init` gives, so `apply` takes it unchang
   parsed in a child process with hard resource limits (`nfnet_jax.unpickle_child`),
   which passes back plain arrays, so a crash there is a refusal, not a dead caller.
   Only regular files are read (a FIFO would block forever).
+* `load(path)` also reads safetensors files, timm's `model.safetensors` on the
+  Hugging Face Hub among them, without torch (`nfnet_jax.safetensors_file`: the whole
+  header checked, against the same budget, before anything is allocated); timm's
+  names are converted by `timm_convert.from_timm`. `load('hf-hub:timm/<model>.<tag>')`
+  fetches that file through huggingface_hub, if installed (`nfnet_jax.hub`).
 * `save(params, path)` writes a real `.npz` (flattened keys, see below), atomically.
 * `from_timm(state_dict, variant)` converts a timm `dm_nfnet_f*` PyTorch state_dict.
 
@@ -555,6 +560,10 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None,
   path = os.fspath(path)
   if hub.is_hub_name(path):
     model = model or hub.model_name(path)
+    try:
+      _model_shapes_cached(model, 1000)  # an unknown model fails before a download
+    except ValueError as e:
+      raise ValueError(f'{path}: {e}') from None
     path = hub.fetch(path)
   raw = read_checkpoint(path, model=model, num_classes=num_classes, max_bytes=max_bytes)
   if not raw:

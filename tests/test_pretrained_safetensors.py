@@ -242,6 +242,22 @@ def test_hostile_safetensors_refused_before_allocating(tmp_path, case):
   assert 'safetensors' in result['message'], result['message']
 
 
+@pytest.mark.slow
+def test_largest_header_allowed_stays_under_the_bound(tmp_path):
+  """100,000 empty tensors (6.5 MiB of JSON, under MAX_HEADER_BYTES): the parsed
+  header is the biggest thing a file can make the reader hold without data."""
+  header = {f'm{i}/w': tensor('F32', [0], 0, 0) for i in range(safetensors_file.MAX_TENSORS)}
+  path = raw_file(tmp_path / 'many.safetensors', header)
+  assert path.stat().st_size <= safetensors_file.MAX_HEADER_BYTES
+  result = load_in_child(path, '', 'read')
+  assert len(result['returned']) == safetensors_file.MAX_TENSORS
+  assert result['growth_mb'] < RSS_BOUND_MB, result
+  header['one/more'] = tensor('F32', [0], 0, 0)
+  path = raw_file(tmp_path / 'more.safetensors', header)
+  with pytest.raises(CheckpointTooLargeError, match='declares 100,001 tensors; at most'):
+    pretrained.read_checkpoint(path)
+
+
 def test_hostile_cases_are_honest_when_fixed(tmp_path):
   """Control: the hand-written layout loads when the sizes are honest."""
   data = np.arange(4, dtype='<f4').tobytes() + np.ones(2, '<f4').tobytes()
@@ -362,3 +378,12 @@ def test_finetune_folder_config_takes_any_registered_model():
   configs.validate_config(config, num_devices=8, num_processes=1)
   with pytest.raises(ValueError, match="Unknown model 'not_a_model'"):
     module.get_config('not_a_model')
+
+
+def test_hub_name_of_an_unknown_model_fails_before_downloading(monkeypatch):
+  def no_fetch(name):
+    raise AssertionError(f'fetched {name}')
+  monkeypatch.setattr(hub, 'fetch', no_fetch)
+  with pytest.raises(ValueError, match=r"^hf-hub:timm/not_a_model\.tag: Unknown model "
+                     r"'not_a_model'\."):
+    pretrained.load('hf-hub:timm/not_a_model.tag')
