@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import re
 
-__all__ = ['PREFIX', 'FILENAME', 'is_hub_name', 'parse', 'model_name', 'url', 'fetch']
+__all__ = ['PREFIX', 'FILENAME', 'HubError', 'is_hub_name', 'parse', 'model_name', 'url',
+           'fetch']
 
 PREFIX = 'hf-hub:'
 FILENAME = 'model.safetensors'
+
+
+class HubError(RuntimeError):
+  """A Hub name's file can be neither downloaded nor found in the cache (or
+  huggingface_hub is not installed); the message names the URL to fetch by hand."""
+
+
 _REPO_RE = re.compile(r'^([A-Za-z0-9][\w.-]*)/([\w.-]+)(?:@([\w./-]+))?$')
 
 
@@ -55,7 +63,7 @@ def fetch(name: str) -> str:
   """Local path of the Hub name's `model.safetensors`, downloaded into (or found in)
   huggingface_hub's cache.
 
-  Raises ValueError for a malformed name, RuntimeError (one line naming the URL to
+  Raises ValueError for a malformed name, HubError (one line naming the URL to
   fetch by hand) when huggingface_hub is missing or the file can be neither
   downloaded nor found in the cache.
   """
@@ -65,7 +73,7 @@ def fetch(name: str) -> str:
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top (optional extra)
   except ImportError:
-    raise RuntimeError(f'{name}: loading Hub weights needs huggingface_hub: '
+    raise HubError(f'{name}: loading Hub weights needs huggingface_hub: '
                        f"pip install 'nfnet_jax[hub]', or {by_hand}") from None
   try:
     return huggingface_hub.hf_hub_download(repo, FILENAME, revision=revision,
@@ -73,6 +81,6 @@ def fetch(name: str) -> str:
   except Exception as e:  # pylint: disable=broad-except (network, cache, auth, 404...)
     # The library's messages run over several lines; keep its first, name the file.
     reason = ' '.join(str(e).split('\n', 1)[0].split()) or type(e).__name__
-    raise RuntimeError(f'{name}: could not download or find in the cache '
+    raise HubError(f'{name}: could not download or find in the cache '
                        f'{repo}/{FILENAME} ({type(e).__name__}: {reason[:300]}); '
                        f'{by_hand}') from None

@@ -551,8 +551,8 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None,
   Raises:
     FileNotFoundError (with a download hint), ValueError (unknown format, a torch.save
     file, a malformed safetensors header; names or shapes that do not match the model,
-    naming the first differing keys), RuntimeError (a Hub name that can be neither
-    downloaded nor found in the cache, naming the URL),
+    naming the first differing keys), hub.HubError (a RuntimeError: a Hub name that
+    can be neither downloaded nor found in the cache, naming the URL),
     UnsafePickleError (a pickle that references any non-allowed global, an array the
     file does not fill, one array referenced twice), CheckpointTooLargeError (declared
     sizes over the budget or the model's; refused before allocating).

@@ -165,6 +165,19 @@ def test_init_from_reads_safetensors(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'w'), mode='eval')
 
 
+def test_init_from_refusal_is_one_line(tmp_path):
+  """A file load refuses stops the run with one line (the CLI prints RunError alone)."""
+  from nfnet_jax import errors, train  # pylint: disable=g-import-not-at-top
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  weights = raw_file(tmp_path / 'hostile.safetensors', {'a/w': tensor('F32', [4], 0, 99)})
+  config = tiny_config()
+  config.model, config.model_kwargs, config.init_from = MODEL, {}, str(weights)
+  with pytest.raises(errors.RunError) as e:
+    train.train_and_evaluate(config, str(tmp_path / 'w'), mode='train')
+  assert str(e.value) == (f"config.init_from: {weights}: safetensors tensor 'a/w': shape "
+                          '[4] F32 is 16 bytes, its data_offsets [0, 99] span 99')
+
+
 # ---------------------------------------------------------------------------
 # torch.save files: one line.
 # ---------------------------------------------------------------------------
@@ -332,7 +345,7 @@ def test_hub_name_loads_from_the_cache(tmp_path, b0_params, env):
 
 def test_hub_name_not_cached_offline_names_the_file(tmp_path):
   result = _hub_load(tmp_path / 'empty', HF_HUB_OFFLINE='1')
-  assert result['error'] == 'RuntimeError', result
+  assert result['error'] == 'HubError', result
   message = result['message']
   assert message.startswith(f'{NAME}: could not download or find in the cache '
                             f'{REPO_ID}/model.safetensors'), message
@@ -343,7 +356,7 @@ def test_hub_name_not_cached_offline_names_the_file(tmp_path):
 
 def test_hub_name_without_huggingface_hub_says_how(tmp_path):
   result = _hub_load(tmp_path / 'empty', how='no_hub')
-  assert result == {'error': 'RuntimeError', 'message': (
+  assert result == {'error': 'HubError', 'message': (
       f"{NAME}: loading Hub weights needs huggingface_hub: pip install 'nfnet_jax[hub]', "
       f'or fetch {hub.url(NAME)} by hand and load it by path '
       f"(pretrained.load(path, model='{MODEL}'))")}
