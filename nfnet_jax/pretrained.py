@@ -341,8 +341,10 @@ def _two_level(tensors: Mapping[str, np.ndarray]) -> Params:
 
 
 def _is_timm_naming(params: Mapping[str, Any]) -> bool:
-  """Module names with no '/' at all: timm's dotted names (ours are 'NFNet/...')."""
-  return bool(params) and not any('/' in m for m in params)
+  """timm's dotted names ('stages.0.0.conv1'): no module name has a '/' and some have
+  a '.' (ours are 'NFNet/~/...'; Haiku names never hold a '.')."""
+  return (bool(params) and not any('/' in m for m in params)
+          and any('.' in m for m in params))
 
 
 def _from_timm_names(raw: Params, model: Optional[str], path: str) -> Params:

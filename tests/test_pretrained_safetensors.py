@@ -140,6 +140,15 @@ def test_timm_named_file_with_other_classes_gets_a_new_classifier(timm_f0_file):
                                 sd['stem.conv1.weight'].transpose(2, 3, 1, 0))
 
 
+def test_top_level_module_names_are_not_taken_for_timm_names(tmp_path):
+  """'linear/w' splits into module 'linear' (no '/'): still this package's naming."""
+  path = tmp_path / 'm.safetensors'
+  save_file({'linear/w': np.ones((2, 3), np.float32), 'final_conv/b': np.zeros(3, np.float32)},
+            str(path))
+  got = pretrained.load(path)  # no model: returned as stored
+  assert {m: list(ls) for m, ls in got.items()} == {'linear': ['w'], 'final_conv': ['b']}
+
+
 def test_timm_named_file_needs_the_model(tmp_path):
   path = tmp_path / 'm.safetensors'
   save_file({'stem.conv1.weight': np.zeros((2, 3, 3, 3), np.float32)}, str(path))
