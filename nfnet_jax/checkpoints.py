@@ -485,11 +485,14 @@ def _load_init(config, num_classes: int, trainer, mode: str):
   """config.init_from's params; for training, with the classifier resized to the
   data's classes. --mode=eval refuses weights whose classifier does not fit the data
   (it would score an untrained classifier)."""
-  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
-  if mode != 'eval':
-    return pretrained.load(config.init_from, model=config.model,
-                           num_classes=num_classes, rng=config.seed)
-  params = pretrained.load(config.init_from, model=config.model)
+  from nfnet_jax import hub, pretrained  # pylint: disable=g-import-not-at-top
+  try:  # a file or Hub name load refuses is one line, not a traceback
+    if mode != 'eval':
+      return pretrained.load(config.init_from, model=config.model,
+                             num_classes=num_classes, rng=config.seed)
+    params = pretrained.load(config.init_from, model=config.model)
+  except (OSError, ValueError, pretrained.UnsafePickleError, hub.HubError) as e:
+    raise errors.RunError(f'config.init_from: {e}') from None
   shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
                          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
   got, want = shapes(params), shapes(trainer.abstract_state['params'])
