@@ -4,9 +4,11 @@ Train graph, per process (see `indexing` for the layout):
 
   counter i -> (step, input row, example index via a per-epoch stateless
   index shuffle) -> batch, fetch (read records by index) -> unbatch
-  -> per input image [parallel]: decode + crop (+flip) + bicubic resize, seeded by
-     (seed, step, global input row); a record that fails to decode is dropped and
-     counted (`train_iter` logs the count)
+  -> per input image [parallel]: header check (`headers`), decode + crop (+flip) +
+     bicubic resize, seeded by (seed, step, global input row); a record that fails
+     to decode or declares more than `max_image_pixels` is dropped and counted
+     (`train_iter` logs the count), and `max_consecutive_bad_records` of them in a
+     row stop the run (errors.RunError)
   -> batch(m) -> per output image [parallel]: mix the pair (MixUp/CutMix),
      clip+uint8, RandAugment, normalise; seeded by (seed, step, global output row)
   -> batch(local) -> prefetch -> numpy
@@ -24,13 +26,17 @@ depend on the number of processes.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Dict, Iterator
 
 import numpy as np
 
+from nfnet_jax import errors
+from nfnet_jax.data import headers
 from nfnet_jax.data import indexing
 from nfnet_jax.data.config import check_augment_config, image_sizes, resolve_crop
 from nfnet_jax.data.config import resolve_eval_crop
+from nfnet_jax.data.config import MAX_CONSECUTIVE_BAD_RECORDS, MAX_IMAGE_PIXELS
 from nfnet_jax.data.config import mix_on as _mix_on
 from nfnet_jax.data import mixing
 from nfnet_jax.data import randaugment as ra
@@ -44,6 +50,24 @@ _INT64_MAX = np.iinfo(np.int64).max
 _no_autograph = tf.autograph.experimental.do_not_convert
 # Stage tags folded into the per-row seeds, so stages draw independent numbers.
 _CROP, _FLIP, _MIX, _RA = 1, 2, 3, 4
+# Tag of the in-graph error that stops training after too many unusable records in
+# a row, followed by the counts of undecodable and too-large records so far.
+_STALL = 'NFNET_JAX_INPUT_STALL'
+
+
+def _max_pixels(cfg) -> int:
+  return int(cfg.get('max_image_pixels', MAX_IMAGE_PIXELS))
+
+
+def _usable(data, max_pixels: int):
+  """Encoded bytes -> the same bytes, once `headers.inspect` found them within the
+  pixel limit and not broken; else an InvalidArgumentError (the record is dropped
+  by `ignore_errors`, before any decoder sees it)."""
+  status = headers.inspect(data, max_pixels)[0]
+  check = tf.debugging.Assert(tf.equal(status, headers.OK),
+                              ['image header broken or over data.max_image_pixels'])
+  with tf.control_dependencies([check]):
+    return tf.identity(data)
 
 
 def _options(cfg) -> tf.data.Options:
@@ -97,6 +121,11 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
                cutout_const=float(rac.cutout_const))
   alpha = float(cfg.mix.mixup_alpha)
   par = _parallel(cfg)
+  max_pixels = _max_pixels(cfg)
+  limit = int(cfg.get('max_consecutive_bad_records', MAX_CONSECUTIVE_BAD_RECORDS))
+  if limit < 1:
+    raise ValueError(f'data.max_consecutive_bad_records must be >= 1, got {limit}')
+  image_dtype = tf.uint8 if quantize else tf.float32
 
   @_no_autograph
   def locate(i):
@@ -116,9 +145,8 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
     images, labels = src.fetch(idx)
     return step, row, images, labels
 
-  @_no_autograph
-  def per_input(step, row, data, label):
-    data = src.load_one(data)
+  def transform(step, row, data):
+    """Record -> image_dtype [size, size, 3]: decode, crop, flip, resize."""
     s = T.fold_in(base, step, row)
     if crop == 'inception':
       ic = cfg.inception
@@ -141,11 +169,50 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
       image.set_shape([size, size, 3])
     if quantize:
       image = T.to_uint8(image)
-    return step, row, image, tf.one_hot(label, k, dtype=tf.float32)
+    return image
 
-  def consumed(step, row):
-    """1 + the local element counter of input `row` of `step` (counts drops)."""
-    return step * local_in + row - process_index * local_in + 1
+  @_no_autograph
+  def per_input(step, row, data, label):
+    """-> (step, row, image, one-hot label, status): status headers.OK, or
+    headers.TOO_LARGE with a zero image (nothing decoded). A record that fails
+    to decode raises here; `try_input` turns that into status headers.BROKEN."""
+    data = src.load_one(data)
+    if src.raw:
+      status, image = tf.constant(headers.OK), transform(step, row, data)
+    else:
+      status = tf.cast(headers.inspect(data, max_pixels)[0], tf.int32)
+      image = tf.cond(tf.equal(status, headers.OK), lambda: transform(step, row, data),
+                      lambda: tf.zeros([size, size, 3], image_dtype))
+    return step, row, image, tf.one_hot(label, k, dtype=tf.float32), status
+
+  @_no_autograph
+  def broken(step, row, data, label):
+    del data
+    return (step, row, tf.zeros([size, size, 3], image_dtype),
+            tf.one_hot(label, k, dtype=tf.float32), tf.constant(headers.BROKEN))
+
+  @_no_autograph
+  def try_input(step, row, data, label):
+    """One record -> a dataset of exactly one element: `per_input`'s, or
+    `broken`'s where per_input fails. A plain map + ignore_errors would drop a
+    failed record without a trace, and a stream of only failures would then
+    never yield anything (an endless, silent search)."""
+    one = tf.data.Dataset.from_tensors((step, row, data, label))
+    return one.map(per_input).ignore_errors().concatenate(one.map(broken)).take(1)
+
+  @_no_autograph
+  def count(state, element):
+    """state int64 [3]: (unusable records in a row, undecodable so far, too large
+    so far). Fails with the _STALL tag when the run reaches `limit`."""
+    status = element[-1]
+    run = tf.where(tf.equal(status, headers.OK), tf.zeros_like(state[0]), state[0] + 1)
+    counts = state[1:] + tf.cast(tf.stack([tf.equal(status, headers.BROKEN),
+                                           tf.equal(status, headers.TOO_LARGE)]), tf.int64)
+    check = tf.debugging.Assert(
+        run < limit, [tf.strings.format(_STALL + ' {} {} ', (counts[0], counts[1]))])
+    with tf.control_dependencies([check]):
+      state = tf.concat([run[None], counts], 0)
+    return state, (*element, counts)
 
   def out_seed(step, out_row):
     return T.fold_in(base, step, out_row + (1 << 40))
@@ -183,7 +250,7 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
                 mask=tf.constant(1.0))
 
   @_no_autograph
-  def per_output(step, row, images, labels):
+  def per_output(step, row, images, labels, skipped):
     """m consecutive decoded rows -> output row row[0] // m."""
     out_row = row[0] // m
     if device:
@@ -191,24 +258,31 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
     else:
       b, lb = (images[1], labels[1]) if m == 2 else (images[0], labels[0])
       out = augment(step[0], out_row, images[0], b, labels[0], lb)
-    return dict(out, _consumed=consumed(step[-1], row[-1]))
+    return dict(out, _skipped=skipped[-1])
 
   @_no_autograph
-  def per_pair(step, row, images, labels):
+  def per_pair(step, row, images, labels, skipped):
     """Within-batch pairing: decoded rows (2i, 2i+1) -> output rows 2i, 2i+1."""
     outs = [dict(augment(step[0], row[j], images[j], images[1 - j], labels[j],
-                         labels[1 - j]), _consumed=consumed(step[1], row[1]))
+                         labels[1 - j]), _skipped=skipped[1])
             for j in (0, 1)]
     return {key: tf.stack([o[key] for o in outs]) for key in outs[0]}
 
   @_no_autograph
-  def per_row_device(step, row, image, label):
+  def per_row_device(step, row, image, label, skipped):
     return dict(images=image[None], labels=label[None], **draw(step, row),
-                _consumed=consumed(step, row))
+                _skipped=skipped)
 
   ds = tf.data.Dataset.range(start_step * local_in, _INT64_MAX)
   ds = ds.map(locate).batch(local_in).map(fetch, num_parallel_calls=par).unbatch()
-  ds = ds.map(per_input, num_parallel_calls=par).ignore_errors()
+  # Deterministic interleave of one-element datasets: input order is kept.
+  ds = ds.interleave(try_input, cycle_length=par, block_length=1,
+                     num_parallel_calls=par, deterministic=True)
+  ds = ds.scan(tf.zeros([3], tf.int64), count)
+  ds = ds.filter(lambda step, row, image, label, status, skipped:
+                 tf.equal(status, headers.OK))
+  ds = ds.map(lambda step, row, image, label, status, skipped:
+              (step, row, image, label, skipped))
   if within and device:     # The device pairs the rows; one decoded image per row.
     ds = ds.map(per_row_device, num_parallel_calls=par)
   elif within:
@@ -232,6 +306,7 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
   mask = np.concatenate([p[1] for p in plan]) if plan else np.zeros([0], np.float32)
   k = src.num_classes
   par = _parallel(cfg)
+  max_pixels = _max_pixels(cfg)
 
   @_no_autograph
   def fetch(idx, mask):
@@ -241,6 +316,8 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
   @_no_autograph
   def per_example(data, label, mask):
     data = src.load_one(data)
+    if not src.raw:
+      data = _usable(data, max_pixels)
     if crop in ('pad_crop', 'none') and src.raw:
       image = tf.cast(data, tf.float32)
       image.set_shape([size, size, 3])
@@ -252,7 +329,8 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
 
   ds = tf.data.Dataset.from_tensor_slices((idx, mask)).batch(local)
   ds = ds.map(fetch, num_parallel_calls=par).unbatch()
-  # A record that fails to decode is dropped; `eval_iter` pads the short batches.
+  # A record that fails to decode or is over the pixel limit is dropped; `eval_iter`
+  # pads the short batches.
   ds = ds.map(per_example, num_parallel_calls=par).ignore_errors()
   ds = ds.batch(local).prefetch(int(cfg.prefetch))
   return ds.with_options(_options(cfg))
@@ -267,19 +345,36 @@ def _inputs_per_row(cfg) -> int:
 def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
                process_index: int, process_count: int) -> Iterator[Dict[str, np.ndarray]]:
   """numpy batches of `train_dataset`. Counts the records dropped because they
-  failed to decode, and logs the running count when it first grows and each
-  time it doubles."""
+  failed to decode or declared more than `data.max_image_pixels` pixels, and logs
+  the running counts when they first grow and each time their sum doubles.
+
+  Raises errors.RunError (one line, with the counts) after
+  `data.max_consecutive_bad_records` unusable records in a row.
+  """
   ds = train_dataset(cfg, global_batch_size, seed, start_step, process_index,
                      process_count)
-  m = _inputs_per_row(cfg)
-  first = start_step * m * indexing.local_batch_size(global_batch_size, process_count)
-  produced, reported = 0, 0
-  for batch in ds.as_numpy_iterator():
-    produced += len(batch['mask'])
-    dropped = int(batch.pop('_consumed')[-1]) - first - produced * m
-    if dropped > reported and dropped >= 2 * reported:
-      logging.warning('Skipped %d training record(s) so far that failed to decode.', dropped)
-      reported = dropped
+  max_pixels = _max_pixels(cfg)
+  reported = 0
+  batches = ds.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(batches)
+    except tf.errors.InvalidArgumentError as e:
+      found = re.search(_STALL + r' (\d+) (\d+) ', str(e))
+      if not found:
+        raise
+      undecodable, large = map(int, found.groups())
+      raise errors.RunError(
+          f'Training stopped: {cfg.get("max_consecutive_bad_records", MAX_CONSECUTIVE_BAD_RECORDS)} '
+          f'consecutive training records could not be used (skipped so far: '
+          f'{undecodable} undecodable, {large} over data.max_image_pixels={max_pixels}). '
+          'Check the data, e.g. with data.folder_verify=decode for a folder.') from None
+    undecodable, large = (int(v) for v in batch.pop('_skipped')[-1])
+    if undecodable + large > reported and undecodable + large >= 2 * reported:
+      logging.warning('Skipped %d training record(s) so far: %d failed to decode, %d '
+                      'declared more than data.max_image_pixels=%d pixels.',
+                      undecodable + large, undecodable, large, max_pixels)
+      reported = undecodable + large
     yield batch
 
 
@@ -323,5 +418,6 @@ def eval_iter(cfg, global_batch_size: int, process_index: int,
     batches += 1
     yield out
   if seen < expected:
-    logging.warning('Evaluation skipped %d of %d record(s) that failed to decode.',
-                    expected - seen, expected)
+    logging.warning('Evaluation skipped %d of %d record(s) that failed to decode or '
+                    'declared more than data.max_image_pixels=%d pixels.',
+                    expected - seen, expected, _max_pixels(cfg))
