@@ -305,6 +305,7 @@ def _train_command(tmp_path, *flags, timeout=600):
   return out.returncode, out.stdout, out.stderr
 
 
+@pytest.mark.slow
 def test_training_where_no_record_decodes_stops_with_one_line(tmp_path):
   """Every training file is broken and nothing checks them before training
   (folder_verify=none): the run stops after max_consecutive_bad_records failures
@@ -319,11 +320,41 @@ def test_training_where_no_record_decodes_stops_with_one_line(tmp_path):
   assert 'Traceback' not in err, err[-3000:]
   assert err.strip().splitlines()[-1] == (
       f'Error: Training stopped: {MAX_CONSECUTIVE_BAD_RECORDS} consecutive training '
-      f'records could not be used (skipped so far: {MAX_CONSECUTIVE_BAD_RECORDS} '
+      f'records could not be used (data.max_consecutive_bad_records='
+      f'{MAX_CONSECUTIVE_BAD_RECORDS}; skipped so far: {MAX_CONSECUTIVE_BAD_RECORDS} '
       f'undecodable, 0 over data.max_image_pixels={MAX_IMAGE_PIXELS}). Check the data, '
       'e.g. with data.folder_verify=decode for a folder.')
   for libjpeg in ('JPEG', 'jpeg'):   # "Premature end of JPEG data", "Improper call to JPEG library"
     assert libjpeg not in err, [l for l in err.splitlines() if libjpeg in l][:3]
+
+
+def test_train_iter_where_nothing_decodes_raises_one_line(tmp_path):
+  """The same through the public API, without a training run: the first batch
+  raises errors.RunError (on a worker thread, so that an endless search fails
+  the test instead of hanging it)."""
+  import threading
+  from nfnet_jax import errors
+  folder = _broken_folder(str(tmp_path / 'broken'))
+  sources.scan_folder.cache_clear()
+  cfg = folder_cfg(folder, tmp_path / 'cache', folder_verify='none')
+  outcome = []
+  it = data.build_train_iter(cfg, 4, seed=0, process_index=0, process_count=1)
+  worker = threading.Thread(target=lambda: outcome.append(_first_or_error(it)), daemon=True)
+  worker.start()
+  worker.join(timeout=300)
+  assert outcome, 'the train iterator neither yielded nor stopped'
+  assert isinstance(outcome[0], errors.RunError), outcome
+  assert str(outcome[0]).startswith(
+      f'Training stopped: {MAX_CONSECUTIVE_BAD_RECORDS} consecutive training records '
+      f'could not be used (data.max_consecutive_bad_records={MAX_CONSECUTIVE_BAD_RECORDS}; '
+      f'skipped so far: {MAX_CONSECUTIVE_BAD_RECORDS} undecodable, 0 over')
+
+
+def _first_or_error(it):
+  try:
+    return next(it)
+  except Exception as e:  # pylint: disable=broad-except
+    return e
 
 
 def test_a_short_run_of_bad_records_is_counted_and_training_goes_on(tmp_path, caplog):
@@ -390,6 +421,7 @@ print('GROWTH', rss('VmHWM') - before)
 '''
 
 
+@pytest.mark.slow
 def test_decompression_bomb_is_skipped_before_decoding(tmp_path):
   """A 1.7 MB PNG declaring 20000 x 20000 pixels (1.2 GB decoded as RGB) is
   refused by the folder verification and, unverified, by the training and

@@ -53,10 +53,20 @@ _CROP, _FLIP, _MIX, _RA = 1, 2, 3, 4
 # Tag of the in-graph error that stops training after too many unusable records in
 # a row, followed by the counts of undecodable and too-large records so far.
 _STALL = 'NFNET_JAX_INPUT_STALL'
+# Training records decoded per tf.data sub-dataset (see `train_dataset`); a status
+# after headers.OK/BROKEN/TOO_LARGE marks the end of one.
+_CHUNK, _END = 16, 3
 
 
 def _max_pixels(cfg) -> int:
   return int(cfg.get('max_image_pixels', MAX_IMAGE_PIXELS))
+
+
+def _limit(cfg) -> int:
+  limit = int(cfg.get('max_consecutive_bad_records', MAX_CONSECUTIVE_BAD_RECORDS))
+  if limit < 1:
+    raise ValueError(f'data.max_consecutive_bad_records must be >= 1, got {limit}')
+  return limit
 
 
 def _usable(data, max_pixels: int):
@@ -122,9 +132,7 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
   alpha = float(cfg.mix.mixup_alpha)
   par = _parallel(cfg)
   max_pixels = _max_pixels(cfg)
-  limit = int(cfg.get('max_consecutive_bad_records', MAX_CONSECUTIVE_BAD_RECORDS))
-  if limit < 1:
-    raise ValueError(f'data.max_consecutive_bad_records must be >= 1, got {limit}')
+  limit = _limit(cfg)
   image_dtype = tf.uint8 if quantize else tf.float32
 
   @_no_autograph
@@ -174,45 +182,47 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
   @_no_autograph
   def per_input(step, row, data, label):
     """-> (step, row, image, one-hot label, status): status headers.OK, or
-    headers.TOO_LARGE with a zero image (nothing decoded). A record that fails
-    to decode raises here; `try_input` turns that into status headers.BROKEN."""
+    BROKEN / TOO_LARGE (from the header) with a zero image, nothing decoded. A
+    record that still fails to decode raises here and is dropped."""
     data = src.load_one(data)
     if src.raw:
-      status, image = tf.constant(headers.OK), transform(step, row, data)
+      status, image = tf.constant(headers.OK, tf.int64), transform(step, row, data)
     else:
-      status = tf.cast(headers.inspect(data, max_pixels)[0], tf.int32)
+      status = headers.inspect(data, max_pixels)[0]
       image = tf.cond(tf.equal(status, headers.OK), lambda: transform(step, row, data),
                       lambda: tf.zeros([size, size, 3], image_dtype))
     return step, row, image, tf.one_hot(label, k, dtype=tf.float32), status
 
   @_no_autograph
-  def broken(step, row, data, label):
-    del data
-    return (step, row, tf.zeros([size, size, 3], image_dtype),
-            tf.one_hot(label, k, dtype=tf.float32), tf.constant(headers.BROKEN))
-
-  @_no_autograph
-  def try_input(step, row, data, label):
-    """One record -> a dataset of exactly one element: `per_input`'s, or
-    `broken`'s where per_input fails. A plain map + ignore_errors would drop a
-    failed record without a trace, and a stream of only failures would then
-    never yield anything (an endless, silent search)."""
-    one = tf.data.Dataset.from_tensors((step, row, data, label))
-    return one.map(per_input).ignore_errors().concatenate(one.map(broken)).take(1)
+  def per_chunk(step, row, data, label):
+    """_CHUNK consecutive records -> the ones per_input gives (failures dropped),
+    then one _END element at the chunk's last position, so that a chunk where
+    nothing decodes still yields something to count."""
+    good = tf.data.Dataset.from_tensor_slices((step, row, data, label))
+    end = (step[-1], row[-1], tf.zeros([size, size, 3], image_dtype),
+           tf.zeros([k], tf.float32), tf.constant(_END, tf.int64))
+    return (good.map(per_input).ignore_errors()
+            .concatenate(tf.data.Dataset.from_tensors(end)))
 
   @_no_autograph
   def count(state, element):
-    """state int64 [3]: (unusable records in a row, undecodable so far, too large
-    so far). Fails with the _STALL tag when the run reaches `limit`."""
-    status = element[-1]
-    run = tf.where(tf.equal(status, headers.OK), tf.zeros_like(state[0]), state[0] + 1)
-    counts = state[1:] + tf.cast(tf.stack([tf.equal(status, headers.BROKEN),
-                                           tf.equal(status, headers.TOO_LARGE)]), tf.int64)
+    """state int64 [4]: (last position seen, last usable position, undecodable so
+    far, too large so far); positions are local element counters, and the ones
+    never seen before a later one failed to decode. Fails with the _STALL tag
+    once `limit` positions in a row were unusable."""
+    step, row, status = element[0], element[1], element[-1]
+    pos = step * local_in + row - process_index * local_in
+    end = tf.equal(status, _END)
+    missing = pos - state[0] - 1 + tf.cast(end, tf.int64)
+    undecodable = state[2] + missing + tf.cast(tf.equal(status, headers.BROKEN), tf.int64)
+    large = state[3] + tf.cast(tf.equal(status, headers.TOO_LARGE), tf.int64)
+    usable = tf.where(tf.equal(status, headers.OK), pos, state[1])
+    run = pos - usable
     check = tf.debugging.Assert(
-        run < limit, [tf.strings.format(_STALL + ' {} {} ', (counts[0], counts[1]))])
+        run < limit, [tf.strings.format(_STALL + ' {} {} {} ', (run, undecodable, large))])
     with tf.control_dependencies([check]):
-      state = tf.concat([run[None], counts], 0)
-    return state, (*element, counts)
+      state = tf.stack([pos, usable, undecodable, large])
+    return state, (*element, state[2:])
 
   def out_seed(step, out_row):
     return T.fold_in(base, step, out_row + (1 << 40))
@@ -275,10 +285,12 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
 
   ds = tf.data.Dataset.range(start_step * local_in, _INT64_MAX)
   ds = ds.map(locate).batch(local_in).map(fetch, num_parallel_calls=par).unbatch()
-  # Deterministic interleave of one-element datasets: input order is kept.
-  ds = ds.interleave(try_input, cycle_length=par, block_length=1,
-                     num_parallel_calls=par, deterministic=True)
-  ds = ds.scan(tf.zeros([3], tf.int64), count)
+  # Chunks decoded in parallel, each read whole before the next (block_length
+  # covers a chunk and its _END), so the order of the records is kept.
+  ds = ds.batch(_CHUNK).interleave(per_chunk, cycle_length=par, block_length=_CHUNK + 1,
+                                   num_parallel_calls=par, deterministic=True)
+  first = start_step * local_in - 1
+  ds = ds.scan(tf.constant([first, first, 0, 0], tf.int64), count)
   ds = ds.filter(lambda step, row, image, label, status, skipped:
                  tf.equal(status, headers.OK))
   ds = ds.map(lambda step, row, image, label, status, skipped:
@@ -360,13 +372,13 @@ def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
     try:
       batch = next(batches)
     except tf.errors.InvalidArgumentError as e:
-      found = re.search(_STALL + r' (\d+) (\d+) ', str(e))
+      found = re.search(_STALL + r' (\d+) (\d+) (\d+) ', str(e))
       if not found:
         raise
-      undecodable, large = map(int, found.groups())
+      run, undecodable, large = map(int, found.groups())
       raise errors.RunError(
-          f'Training stopped: {cfg.get("max_consecutive_bad_records", MAX_CONSECUTIVE_BAD_RECORDS)} '
-          f'consecutive training records could not be used (skipped so far: '
+          f'Training stopped: {run} consecutive training records could not be used '
+          f'(data.max_consecutive_bad_records={_limit(cfg)}; skipped so far: '
           f'{undecodable} undecodable, {large} over data.max_image_pixels={max_pixels}). '
           'Check the data, e.g. with data.folder_verify=decode for a folder.') from None
     undecodable, large = (int(v) for v in batch.pop('_skipped')[-1])

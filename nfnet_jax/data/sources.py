@@ -115,21 +115,16 @@ def _too_large(h: int, w: int, max_pixels: int) -> str:
   return f'too large ({w}x{h} pixels, over data.max_image_pixels={max_pixels})'
 
 
-def _header_check(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Optional[str]:
-  """'open' verification: magic bytes, the declared size (`headers`) and PIL's
-  structure check, no decode."""
+def _header_check(path: str) -> Optional[str]:
+  """'open' verification, after `_decode_check(decode=False)`: magic bytes and
+  PIL's structure check, no decode."""
   try:
     with open(path, 'rb') as f:
-      payload = f.read()
+      head = f.read(16)
   except OSError as e:
     return f'unreadable ({e.strerror})'
-  if not payload.startswith(_MAGIC):
+  if not head.startswith(_MAGIC):
     return 'not an image'
-  status, h, w = headers.inspect_bytes(payload, max_pixels)
-  if status == headers.TOO_LARGE:
-    return _too_large(h, w, max_pixels)
-  if status == headers.BROKEN:
-    return 'corrupt (header)'
   try:
     from PIL import Image
   except ImportError:
@@ -142,11 +137,12 @@ def _header_check(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Optional[str
   return None
 
 
-def _decode_check(paths: Sequence[str],
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> List[Optional[str]]:
+def _decode_check(paths: Sequence[str], max_pixels: int = MAX_IMAGE_PIXELS,
+                  decode: bool = True) -> List[Optional[str]]:
   """'decode' verification: reads every header (`headers.inspect`) and decodes
   every file within `max_pixels` once with the decoder training uses (TF, in
-  parallel); None where it decodes, else the reason."""
+  parallel); None where it decodes, else the reason. decode=False: the header
+  check alone."""
   if not paths:
     return []
   from nfnet_jax.data import transforms
@@ -154,15 +150,18 @@ def _decode_check(paths: Sequence[str],
   encoded = np.array([os.fsencode(p) for p in paths], object)
   ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), encoded))
 
-  def decode(i, path):
+  def check(i, path):
     data = tf.io.read_file(path)
     header = headers.inspect(data, max_pixels)       # (status, h, w)
+    if not decode:
+      return i, header, tf.ones([2], tf.int32)
     hw = tf.cond(tf.equal(header[0], headers.OK),
                  lambda: tf.shape(transforms.decode(data))[:2],
                  lambda: tf.zeros([2], tf.int32))
     return i, header, hw
-  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-  reasons: List[Optional[str]] = ['cannot be decoded'] * len(paths)
+  ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  default = 'cannot be decoded' if decode else 'corrupt (header)'
+  reasons: List[Optional[str]] = [default] * len(paths)
   for i, (status, h, w), hw in ds.ignore_errors().as_numpy_iterator():
     if status == headers.TOO_LARGE:
       reasons[i] = _too_large(int(h), int(w), max_pixels)
@@ -244,8 +243,11 @@ def verify_files(root: str, paths: Sequence[str], verify: str,
   if todo:
     logging.info('Verifying %d image file(s) under %s (cached for the next run)...',
                  len(todo), _printable(root))
-  reasons = (_decode_check(todo, max_pixels) if verify == 'decode'
-             else [_header_check(p, max_pixels) for p in todo])
+  if verify == 'decode':
+    reasons = _decode_check(todo, max_pixels)
+  else:
+    reasons = [r or _header_check(p)
+               for p, r in zip(todo, _decode_check(todo, max_pixels, decode=False))]
   fresh = {rel[p]: [*stats[p], r or ''] for p, r in zip(todo, reasons)}
   entries = {rel[p]: fresh.get(rel[p]) or cached[rel[p]] for p in stats}
   for p in stats:
