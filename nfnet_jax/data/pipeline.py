@@ -51,7 +51,8 @@ _no_autograph = tf.autograph.experimental.do_not_convert
 # Stage tags folded into the per-row seeds, so stages draw independent numbers.
 _CROP, _FLIP, _MIX, _RA = 1, 2, 3, 4
 # Tag of the in-graph error that stops training after too many unusable records in
-# a row, followed by the counts of undecodable and too-large records so far.
+# a row, followed by the length of that run and the counts of undecodable and
+# too-large records so far.
 _STALL = 'NFNET_JAX_INPUT_STALL'
 # Training records decoded per tf.data sub-dataset (see `train_dataset`); a status
 # after headers.OK/BROKEN/TOO_LARGE marks the end of one.
@@ -207,9 +208,9 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
   @_no_autograph
   def count(state, element):
     """state int64 [4]: (last position seen, last usable position, undecodable so
-    far, too large so far); positions are local element counters, and the ones
-    never seen before a later one failed to decode. Fails with the _STALL tag
-    once `limit` positions in a row were unusable."""
+    far, too large so far). Positions are local element counters; a position
+    skipped over (never seen) failed to decode. Fails with the _STALL tag once
+    `limit` positions in a row were unusable."""
     step, row, status = element[0], element[1], element[-1]
     pos = step * local_in + row - process_index * local_in
     end = tf.equal(status, _END)
