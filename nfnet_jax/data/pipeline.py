@@ -286,16 +286,22 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
 
   ds = tf.data.Dataset.range(start_step * local_in, _INT64_MAX)
   ds = ds.map(locate).batch(local_in).map(fetch, num_parallel_calls=par).unbatch()
-  # Chunks decoded in parallel, each read whole before the next (block_length
-  # covers a chunk and its _END), so the order of the records is kept.
-  ds = ds.batch(_CHUNK).interleave(per_chunk, cycle_length=par, block_length=_CHUNK + 1,
-                                   num_parallel_calls=par, deterministic=True)
-  first = start_step * local_in - 1
-  ds = ds.scan(tf.constant([first, first, 0, 0], tf.int64), count)
-  ds = ds.filter(lambda step, row, image, label, status, skipped:
-                 tf.equal(status, headers.OK))
-  ds = ds.map(lambda step, row, image, label, status, skipped:
-              (step, row, image, label, skipped))
+  if src.raw:  # Pixels: nothing to decode, nothing ever skipped.
+    ds = ds.map(lambda step, row, data, label: (*per_input(step, row, data, label)[:4],
+                                                tf.zeros([2], tf.int64)),
+                num_parallel_calls=par)
+  else:
+    # Chunks decoded in parallel, each read whole before the next (block_length
+    # covers a chunk and its _END), so the order of the records is kept.
+    ds = ds.batch(_CHUNK).interleave(per_chunk, cycle_length=par,
+                                     block_length=_CHUNK + 1, num_parallel_calls=par,
+                                     deterministic=True)
+    first = start_step * local_in - 1
+    ds = ds.scan(tf.constant([first, first, 0, 0], tf.int64), count)
+    ds = ds.filter(lambda step, row, image, label, status, skipped:
+                   tf.equal(status, headers.OK))
+    ds = ds.map(lambda step, row, image, label, status, skipped:
+                (step, row, image, label, skipped))
   if within and device:     # The device pairs the rows; one decoded image per row.
     ds = ds.map(per_row_device, num_parallel_calls=par)
   elif within:
