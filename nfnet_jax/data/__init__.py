@@ -65,6 +65,9 @@ def _validate(cfg) -> None:
     raise ValueError(f'data.folder_verify must be one of {config_lib.FOLDER_VERIFY}, '
                      f'got {cfg.folder_verify!r}')
   config_lib.image_sizes(cfg)
+  for key, low in (('max_image_pixels', 1), ('max_consecutive_bad_records', 1)):
+    if key in cfg and int(cfg[key]) < low:
+      raise ValueError(f'data.{key} must be >= {low}, got {cfg[key]}')
   if not cfg.use_tf:
     if cfg.source != 'offline':
       raise ValueError("data.use_tf=False (numpy path) only supports source='offline'; "
