@@ -71,6 +71,9 @@ def check_config(cfg) -> None:
   config_lib.resolve_crop(cfg)
   config_lib.resolve_eval_crop(cfg)
   config_lib.image_sizes(cfg)
+  for key, low in (('max_image_pixels', 1), ('max_consecutive_bad_records', 1)):
+    if key in cfg and int(cfg[key]) < low:
+      raise ValueError(f'data.{key} must be >= {low}, got {cfg[key]}')
   if not cfg.use_tf:
     if cfg.source != 'offline':
       raise ValueError("data.use_tf=False (numpy path) only supports source='offline'; "
