@@ -30,6 +30,7 @@ import numpy as np
 
 from nfnet_jax import (checkpoints, configs, console, errors, metrics_writer, models,
                        optim, steps)
+from nfnet_jax.data import config as data_config  # no TensorFlow: eval transform wording
 from nfnet_jax.steps import Batch, Trainer, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -191,7 +192,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     configs.check_run(config, workdir, mode)
     # Verifies the image folder's files (the check above only lists them).
     info = data.dataset_info(config.data)
-    logging.info(data.describe_eval(config.data))
   except (OSError, ValueError) as e:
     raise errors.RunError(configs.one_line(e)) from None
   num_classes = info['num_classes']
@@ -377,6 +377,7 @@ def main(argv) -> None:
   try:
     configs.validate_config(_CONFIG.value, jax.device_count(), jax.process_count(),
                             _MODE.value)
+    logging.info(data_config.describe_eval(_CONFIG.value.data))
     if _CHECK_PATHS.value or not _CHECK_CONFIG.value:  # A run always checks them.
       configs.check_run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except ValueError as e:
