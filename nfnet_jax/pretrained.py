@@ -17,7 +17,7 @@ the tree `nfnet_jax.models.create(name).init` gives, so `apply` takes it unchang
   which passes back plain arrays, so a crash there is a refusal, not a dead caller.
   Only regular files are read (a FIFO would block forever).
 * `save(params, path)` writes a real `.npz` (flattened keys, see below), atomically.
-* `from_timm(state_dict, variant)` converts a timm `dm_nfnet_f*` PyTorch state_dict.
+* `from_timm(arrays, timm_name)` converts timm's NF-family weights (numpy or torch).
 
 Checkpoint key convention (`.npz`): one array per parameter, keyed
 `<module path>/<leaf>`, e.g. `NFNet/~/stem_conv0/w` or `NFNet/stem_conv0/w`: the LAST
