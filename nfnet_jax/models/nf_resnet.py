@@ -137,11 +137,13 @@ class NFResNet(base.NFNetwork):
 
   def stem(self, x: jax.Array) -> jax.Array:
     out = self.initial_conv(x)
-    # 3x3 stride-2 max pool; padded cells never win (-inf).
-    pad = layers.explicit_padding(self.padding, (3, 3), 2)
-    pad = pad if isinstance(pad, str) else [(0, 0), *pad, (0, 0)]
-    return jax.lax.reduce_window(out, jnp.asarray(-jnp.inf, out.dtype), jax.lax.max,
-                                 (1, 3, 3, 1), (1, 2, 2, 1), pad)
+    # 3x3 stride-2 max pool. Symmetric: pad 1 on every side with -inf (never the max).
+    if self.padding == 'SAME':
+      return hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
+                         padding='SAME')
+    out = jnp.pad(out, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
+                       padding='VALID')
 
   def head(self, out: jax.Array) -> jax.Array:
     return self.act(out)
