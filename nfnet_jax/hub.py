@@ -47,9 +47,17 @@ def parse(name: str) -> tuple[str, str]:
 
 def model_name(name: str) -> str:
   """The model a Hub name's weights belong to: the repository name up to its first
-  '.' (timm's `<model>.<tag>`), e.g. 'hf-hub:timm/dm_nfnet_f0.dm_in1k' -> 'dm_nfnet_f0'."""
+  '.' (timm's `<model>.<tag>`), e.g. 'hf-hub:timm/dm_nfnet_f0.dm_in1k' -> 'dm_nfnet_f0',
+  and timm's models that share a name with DeepMind's under `timm/`:
+  'hf-hub:timm/nf_resnet50.ra2_in1k' -> 'timm/nf_resnet50'."""
   repo, _ = parse(name)
-  return repo.split('/', 1)[1].split('.', 1)[0]
+  owner, rest = repo.split('/', 1)
+  model = rest.split('.', 1)[0]
+  if owner == 'timm':  # timm's nf_resnet50 is registered as timm/nf_resnet50
+    from nfnet_jax.models import timm_models  # pylint: disable=g-import-not-at-top
+    if model in timm_models.TIMM_MODELS:
+      return timm_models.registry_name(model)
+  return model
 
 
 def url(name: str) -> str:

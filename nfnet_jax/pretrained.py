@@ -22,7 +22,7 @@ the tree `nfnet_jax.models.create(name).init` gives, so `apply` takes it unchang
   names are converted by `timm_convert.from_timm`. `load('hf-hub:timm/<model>.<tag>')`
   fetches that file through huggingface_hub, if installed (`nfnet_jax.hub`).
 * `save(params, path)` writes a real `.npz` (flattened keys, see below), atomically.
-* `from_timm(state_dict, variant)` converts a timm `dm_nfnet_f*` PyTorch state_dict.
+* `from_timm(arrays, timm_name)` converts timm's NF-family weights (numpy or torch).
 
 Checkpoint key convention (`.npz`): one array per parameter, keyed
 `<module path>/<leaf>`, e.g. `NFNet/~/stem_conv0/w` or `NFNet/stem_conv0/w`: the LAST
@@ -572,6 +572,8 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None,
     raise ValueError(f'{path}: the checkpoint holds no parameters')
   if _is_timm_naming(raw):
     raw = _from_timm_names(raw, model, path)
+    # timm's nf_resnet50 is `timm/nf_resnet50` here (DeepMind's model has the name).
+    model = timm_convert.registry_name(model)
   if model is None:
     model = infer_model(raw)
     if model is None:

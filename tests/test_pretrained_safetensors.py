@@ -298,6 +298,8 @@ def test_hostile_cases_are_honest_when_fixed(tmp_path):
 def test_hub_names_give_timm_model_and_url():
   assert hub.model_name('hf-hub:timm/eca_nfnet_l0.ra2_in1k') == 'eca_nfnet_l0'
   assert hub.model_name('hf-hub:timm/dm_nfnet_f0.dm_in1k') == 'dm_nfnet_f0'
+  # timm's NF-ResNet-50 is not DeepMind's: it is registered under timm/.
+  assert hub.model_name('hf-hub:timm/nf_resnet50.ra2_in1k') == 'timm/nf_resnet50'
   assert hub.parse('hf-hub:timm/nfnet_l0.ra2_in1k@v2') == ('timm/nfnet_l0.ra2_in1k', 'v2')
   assert hub.url('hf-hub:timm/eca_nfnet_l0.ra2_in1k') == (
       'https://huggingface.co/timm/eca_nfnet_l0.ra2_in1k/resolve/main/model.safetensors')
