@@ -9,6 +9,9 @@ Needs torch and timm (not dependencies of nfnet_jax): skipped without them.
 One 64 x 64 image per model, our side run op by op (no jit: compiling F6 would take
 minutes); timm's tolerance as tests/test_timm_fixtures.py, scaled by the logits.
 """
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 
@@ -18,6 +21,16 @@ from nfnet_jax.models import timm_models
 # Logits agree to max|diff| <= RTOL * max|logits| + ATOL in float32 (both sides sum in
 # other orders; deeper models reassociate more).
 RTOL, ATOL = 1e-4, 1e-5
+
+
+def _fixture_script():
+  """tests/fixtures/make_timm_fixtures.py as a module (it imports torch and timm): its
+  `randomise` redraws gains, biases and the classifier as for the small fixtures."""
+  path = os.path.join(os.path.dirname(__file__), 'fixtures', 'make_timm_fixtures.py')
+  spec = importlib.util.spec_from_file_location('make_timm_fixtures', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _timm_macs(torch, model, images) -> int:
@@ -48,16 +61,8 @@ def test_full_size_timm_model(timm_name):
 
   torch.manual_seed(0)  # timm's own init draws from the global generator
   model = timm.create_model(timm_name, pretrained=False).eval()
-  g = torch.Generator().manual_seed(0)
-  with torch.no_grad():  # No parameter left at a constant init (gains 1, biases 0, ...).
-    for name, p in model.named_parameters():
-      if name.endswith('gain'):
-        p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-      elif name.endswith('bias'):
-        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-      elif name.startswith('head.fc.'):
-        p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
-  images = torch.randn((1, 3, 64, 64), generator=g)
+  _fixture_script().randomise(model, 0)  # no parameter left at a constant init
+  images = torch.randn((1, 3, 64, 64), generator=torch.Generator().manual_seed(1))
   with torch.no_grad():
     want = model(images).numpy()
   timm_params = sum(p.numel() for p in model.parameters())
