@@ -28,6 +28,8 @@ def close_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
   for c in choices:
     by_lower.setdefault(c.lower(), []).append(c)
   out: list[str] = []
+  if name.lower() in by_lower:  # Only the case is wrong: that is the answer.
+    return by_lower[name.lower()][:n]
   for low in difflib.get_close_matches(name.lower(), list(by_lower), n=n):
     out += by_lower[low]
   return out[:n]

@@ -333,19 +333,19 @@ def test_unknown_model_kwarg_is_refused_with_the_closest():
   assert out.returncode == 1
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1, out.stderr
-  assert 'config.model_kwargs.widht' in lines[0] and 'Did you mean width?' in lines[0]
+  assert 'config.model_kwargs.widht' in lines[0] and 'Did you mean width' in lines[0]
   assert 'group_size' in lines[0] and 'stochdepth_rate' in lines[0]  # the valid keys
 
 
 def test_model_kwargs_follow_the_final_model():
   """Checked against config.model as set on the same command line: NF-RegNets have
-  no 'depths' keyword, NFNets do."""
+  no 'final_conv_mult' keyword, NFNets do."""
   out = cli('--config=experiments/nfnet.py:F0', '--check_config',
-            '--config.model=nf_regnet_b0', '--config.model_kwargs.depths=(1,1,1,1)')
+            '--config.model=nf_regnet_b0', '--config.model_kwargs.final_conv_mult=1.5')
   assert out.returncode == 1 and "model 'nf_regnet_b0'" in out.stderr
   assert 'expansion' in out.stderr  # an NF-RegNet keyword among the valid ones
   out = cli('--config=experiments/nfnet.py:F0', '--check_config', '--nocheck_paths',
-            '--config.model_kwargs.depths=(1,1,1,1)')
+            '--config.model_kwargs.final_conv_mult=1.5')
   assert out.returncode == 0, out.stderr
 
 

@@ -37,7 +37,7 @@ def test_wrong_case_suggests_the_registered_name():
   r = _run('f0')
   assert r.returncode == 2 and r.stdout == ''
   assert r.stderr.strip() == (
-      "python -m nfnet_jax.models: error: Unknown model 'f0'. Did you mean F0 or F0+? "
+      "python -m nfnet_jax.models: error: Unknown model 'f0'. Did you mean F0? "
       f'Valid: {", ".join(registry.names())}')
 
 
