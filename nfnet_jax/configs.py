@@ -580,7 +580,7 @@ def _check_init_from(config, num_classes: int, mode: str) -> None:
   """config.init_from reads as `checkpoints` reads it (the classifier resized to the
   data's classes for training, as is for --mode=eval) and has the shapes of the
   model that config.model_kwargs build."""
-  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import hub, pretrained  # pylint: disable=g-import-not-at-top
   path = config.init_from
   kwargs = config.model_kwargs.to_dict()
   try:
@@ -599,7 +599,7 @@ def _check_init_from(config, num_classes: int, mode: str) -> None:
       params = pretrained.load(path, model=config.model)
     else:
       params = pretrained.load(path, model=config.model, num_classes=num_classes, rng=0)
-  except (OSError, ValueError, pickle.UnpicklingError, MemoryError) as e:
+  except (OSError, ValueError, pickle.UnpicklingError, MemoryError, hub.HubError) as e:
     text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     raise ValueError(f'config.init_from: {one_line(text)}') from None
   finally:
