@@ -694,8 +694,9 @@ def test_gpu_checks_the_training_command_before_the_workdir_or_training(tmp_path
                                'config.bach_size')
   # dry run: the same interpreter checks (here a fake, which logs its calls) ...
   sandbox.python('python3', '3.12')
-  out = dry_run('gpu.sh', '--workdir=/w', '--mode=eval', '--', '--config=experiments/'
-                'quickstart.py', env=sandbox.env())
+  # (--python: a checkout with its own .venv would otherwise be preferred to python3.)
+  out = dry_run('gpu.sh', '--python=python3', '--workdir=/w', '--mode=eval', '--',
+                '--config=experiments/quickstart.py', env=sandbox.env())
   assert 'python3 -m nfnet_jax.train --check_config --workdir=/w --mode=eval --config=' \
          'experiments/quickstart.py' in sandbox.calls()
   assert 'gpu.sh: checked here: passed' in out.stderr
