@@ -169,6 +169,7 @@ def test_init_from_reads_safetensors(tmp_path):
              for k, s in leaves.items()}, str(weights))
   config = tiny_config()
   config.model, config.model_kwargs, config.init_from = MODEL, {}, str(weights)
+  config.data.image_size = config.data.eval_size = 32  # the model's total stride
   with pytest.raises(errors.RunError, match=r"b0_1000\.safetensors does not fit this "
                      r"data's 10 classes \(\['.*linear'\]\['b'\]: \(1000,\) in the file"):
     train.train_and_evaluate(config, str(tmp_path / 'w'), mode='eval')
@@ -181,6 +182,7 @@ def test_init_from_refusal_is_one_line(tmp_path):
   weights = raw_file(tmp_path / 'hostile.safetensors', {'a/w': tensor('F32', [4], 0, 99)})
   config = tiny_config()
   config.model, config.model_kwargs, config.init_from = MODEL, {}, str(weights)
+  config.data.image_size = config.data.eval_size = 32  # the model's total stride
   with pytest.raises(errors.RunError) as e:
     train.train_and_evaluate(config, str(tmp_path / 'w'), mode='train')
   assert str(e.value) == (f"config.init_from: {weights}: safetensors tensor 'a/w': shape "
@@ -400,7 +402,7 @@ def test_finetune_folder_config_takes_any_registered_model():
   config = module.get_config(MODEL)
   assert config.model == MODEL and not config.data.randaugment.enabled
   configs.validate_config(config, num_devices=8, num_processes=1)
-  with pytest.raises(ValueError, match="Unknown model 'not_a_model'"):
+  with pytest.raises(ValueError, match="Unknown variant 'not_a_model'.*Valid: .*eca_nfnet_l0"):
     module.get_config('not_a_model')
 
 
