@@ -515,12 +515,12 @@ def _check_workdir(workdir: str) -> None:
   if not os.path.isdir(existing):
     where = 'is' if existing == path else f'cannot be created: {existing} is'
     raise ValueError(f'--workdir={workdir} {where} a file, not a directory')
-  for directory in (existing, os.path.join(path, 'checkpoints')):
-    if os.path.isdir(directory):
-      why = _writable(directory)
-      if why:
-        raise ValueError(f'--workdir={workdir}: cannot write in {directory} ({why}); '
-                         'give a writable directory')
+  # The workdir (or the folder it will be made in) only: a probe inside checkpoints/
+  # would change that folder's mtime, and a refused run leaves the workdir as it was.
+  why = _writable(existing)
+  if why:
+    raise ValueError(f'--workdir={workdir}: cannot write in {existing} ({why}); '
+                     'give a writable directory')
 
 
 def _check_data(data_config, mode: str) -> int:

@@ -756,7 +756,7 @@ def no_compilation():
     (lambda c: setattr(c.data, 'sorce', 'tfds'), 'Did you mean source?'),
     (lambda c: setattr(c, 'model', 'F9'), "config.model: Unknown model 'F9'"),
     (lambda c: setattr(c, 'model', 'nf_resnet_50'), 'Did you mean nf_resnet50'),
-    (lambda c: c.model_kwargs.__setattr__('widht', 0.5), 'Did you mean width?'),
+    (lambda c: c.model_kwargs.__setattr__('widht', 0.5), 'Did you mean width'),
     (lambda c: setattr(c, 'compute_dtype', 'float16'), 'Valid: bfloat16, float32'),
     (lambda c: setattr(c, 'batch_size', 0), 'config.batch_size=0 must be a positive'),
     (lambda c: setattr(c, 'grad_accum_steps', 3), 'config.grad_accum_steps=3 must divide'),
