@@ -3,6 +3,7 @@ checkpoints set aside, a full disk, a workdir of another run. Small states; the
 training-loop side (resume equals an uninterrupted run) is in tests/test_train.py."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -293,17 +294,26 @@ def test_another_layout_is_refused_before_anything_is_touched(tmp_path):
   assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob('*')) == before
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-  """A 1 MiB tmpfs (needs root, or a kernel that lets this user mount one)."""
-  mnt = tmp_path / 'mnt'
+@contextlib.contextmanager
+def tmpfs(mnt, options: str):
+  """A tmpfs mounted at `mnt` with mount `options` (needs root, or a kernel that lets
+  this user mount one: elsewhere the test is skipped, saying so), unmounted after."""
   mnt.mkdir()
-  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mnt)],
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(mnt)],
                         capture_output=True, text=True, check=False)
   if done.returncode:
     pytest.skip(f'cannot mount a small tmpfs here (not root?): {done.stderr.strip()}')
-  yield mnt
-  subprocess.run(['umount', '-l', str(mnt)], check=False)
+  try:
+    yield mnt
+  finally:
+    subprocess.run(['umount', '-l', str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """A 1 MiB tmpfs."""
+  with tmpfs(tmp_path / 'mnt', 'size=1m') as mnt:
+    yield mnt
 
 
 @pytest.mark.parametrize('free', [0, 16384, None])
@@ -341,13 +351,7 @@ def test_full_disk_stops_at_the_failed_save_and_keeps_the_last_good(small_filesy
 def test_no_room_for_the_checkpoint_directory_is_one_line(tmp_path):
   """A file system without a free inode (a tmpfs of 3, all taken): the checkpoint
   directory cannot be created, and that is one line, not orbax's traceback."""
-  mnt = tmp_path / 'mnt'
-  mnt.mkdir()
-  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m,nr_inodes=3', 'tmpfs',
-                         str(mnt)], capture_output=True, text=True, check=False)
-  if done.returncode:
-    pytest.skip(f'cannot mount a small tmpfs here (not root?): {done.stderr.strip()}')
-  try:
+  with tmpfs(tmp_path / 'mnt', 'size=1m,nr_inodes=3') as mnt:
     (mnt / 'run').mkdir()
     with pytest.raises(OSError, match='No space left'):  # every inode taken
       for i in range(3):
@@ -359,5 +363,3 @@ def test_no_room_for_the_checkpoint_directory_is_one_line(tmp_path):
         f"device: '{mnt}/run/checkpoints'. Nothing was written; fix the cause (e.g. free "
         'space) and re-run the same command.')
     assert sorted(p.name for p in (mnt / 'run').iterdir()) == []
-  finally:
-    subprocess.run(['umount', '-l', str(mnt)], check=False)
