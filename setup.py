@@ -1,4 +1,5 @@
-"""pip install -e .  ([demo]: spp plots and the notebook; [test]: the test suite)."""
+"""pip install -e .  ([demo]: spp plots and the notebook; [hub]: hf-hub: weights;
+[test]: the test suite)."""
 import pathlib
 
 from setuptools import find_packages, setup
@@ -32,6 +33,7 @@ setup(
     python_requires='>=3.11',
     install_requires=_reqs('requirements.txt'),
     extras_require={'demo': _reqs('requirements-demo.txt'),
+                    'hub': _reqs('requirements-hub.txt'),
                     'test': _reqs('requirements-test.txt')},
     license='Apache-2.0',
 )

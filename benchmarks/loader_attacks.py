@@ -1,7 +1,8 @@
 """Peak RSS and outcome of `pretrained.load` on the hostile files of the loader tests.
 
-Writes each crafted file (built by the opcode helpers of tests/test_pretrained_limits.py)
-at full size, loads it in a fresh process and prints one JSON row per file: the exit
+Writes each crafted file (built by the opcode helpers of tests/test_pretrained_limits.py,
+and the hostile safetensors headers of tests/test_pretrained_safetensors.py, `st-*`,
+their large data sections sparse) at full size, loads it in a fresh process and prints one JSON row per file: the exit
 status (139 = SIGSEGV), what `load` returned or raised, and the peak RSS of the loading
 process and of its children (the pickle parser runs in one), in MB.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tests'))
 import test_pretrained_limits as crafted  # pylint: disable=g-import-not-at-top
+import test_pretrained_safetensors as st  # pylint: disable=g-import-not-at-top
 
 _LOAD = r'''
 import json, resource, sys
@@ -60,6 +62,15 @@ def attacks(directory: Path) -> dict[str, tuple[Path, str]]:
     out[name] = (path, model, make)
   fifo = directory / 'fifo.npz'
   out['fifo'] = (fifo, '', None)
+  for case in ('100gb_tensor_in_a_100gb_file', '1gb_tensor_in_a_1gb_file_for_a_model',
+               'overlapping_tensors', 'header_over_the_cap', 'dtype_the_model_cannot_use'):
+    header, data, header_len, data_size, model, _, _ = st.HOSTILE[case]
+    path = directory / f'st-{case}.safetensors'
+    out[f'st-{case}'] = (path, model, lambda p=path, h=header, d=data, n=header_len,
+                         z=data_size: st.raw_file(p, h, d, n, z))
+  path = directory / 'st-100k-empty-tensors.safetensors'
+  out['st-100k-empty-tensors'] = (path, '', lambda p=path: st.raw_file(
+      p, {f'm{i}/w': st.tensor('F32', [0], 0, 0) for i in range(100_000)}))
   return out
 
 
@@ -79,7 +90,9 @@ def main() -> None:
       if not path.exists():
         os.mkfifo(path)
     else:
-      path.write_bytes(make())
+      made = make()  # the file's bytes, or the path of a file it wrote (sparse)
+      if isinstance(made, bytes):
+        path.write_bytes(made)
     # A shell's fork gives the loader a fresh peak RSS (Linux carries it across exec).
     cmd = ['/bin/sh', '-c', '"$@"; exit $?', 'sh', sys.executable, '-c', _LOAD, str(path),
            model]
@@ -95,7 +108,8 @@ def main() -> None:
       os.killpg(proc.pid, signal.SIGKILL)  # the shell and the loader it forked
       proc.communicate()
       row = {'rc': None, 'error': 'still blocked after 120 s (killed)'}
-    row.update(name=name, file_mb=round(path.stat().st_size / 1e6, 3), model=model)
+    row.update(name=name, file_mb=round(path.stat().st_size / 1e6, 3), model=model,
+               disk_mb=round(path.stat().st_blocks * 512 / 1e6, 3))
     print(json.dumps(row), flush=True)
     if make is not None:
       path.unlink()

@@ -8,7 +8,7 @@ Every run of a sweep starts from `get_config(scale)` and changes only what its c
 varies (model, batch size, clipping, seed), so both arms of a comparison share one
 recipe and one budget. Scales:
 
-- 'tiny': a few steps on 16 px images; only checks that a sweep runs end to end.
+- 'tiny': a few steps on 32 px images; only checks that a sweep runs end to end.
 - 'cpu': the built-in offline dataset (10 classes: 5 shapes x 2 textures, 32 px),
   NF-ResNet/BN-ResNet layouts at 1/4 width, 32 epochs of 4096 images (1024 steps at
   batch 128), base_lr 0.2, float32; about 3 minutes per ResNet-26 run on 2 CPU cores.
@@ -31,12 +31,12 @@ def get_config(arg: str = 'cpu'):
   claim: at 'tiny'/'cpu' the quickstart's small F0 at the scale's width) or
   '<scale>,v1' (BN-ResNets in the post-activation layout, last BN of each residual
   branch initialised to zero)."""
-  scale, _, variant = (arg or 'cpu').partition(',')
-  if scale not in SCALES:
-    raise ValueError(f'Unknown claims scale {scale!r}; valid: {", ".join(SCALES)}')
-  if variant not in ('', 'F0', 'v1'):
-    raise ValueError(f"Unknown claims model {variant!r}; valid: '' (ResNets), 'F0', "
-                     "'v1'")
+  scale, opts = configs.config_arg(arg, 'experiments/claims.py', SCALES, ('F0', 'v1'),
+                                   default='cpu')
+  if len(opts) > 1:
+    raise ValueError(f'experiments/claims.py: {arg!r} names {" and ".join(opts)}; '
+                     'give one of them')
+  variant = opts[0] if opts else ''
   c = _resnet_config(scale)
   if variant == 'v1':
     c.model = c.model.replace('nf_', 'bn_')
@@ -77,7 +77,7 @@ def _resnet_config(scale: str):
   if scale == 'tiny':
     c.model_kwargs = dict(stochdepth_rate=0.0, drop_rate=0.0, width=1 / 32)
     c.data.offline.update(num_classes=5, num_train=64, num_eval=32)
-    c.data.image_size = c.data.eval_size = 16
+    c.data.image_size = c.data.eval_size = 32  # the models' total stride: no smaller
     c.batch_size = 16
     c.num_epochs = 0.5
     c.warmup_epochs = 0.0

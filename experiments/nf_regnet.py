@@ -8,9 +8,12 @@ the aspect-preserving centre crop.
 """
 from nfnet_jax import configs
 
+LEVELS = [f'B{level}' for level in range(9)]
+
 
 def get_config(arg: str = 'B0'):
-  level = int(arg.upper().lstrip('B'))
+  variant, _ = configs.config_arg(arg, 'experiments/nf_regnet.py', LEVELS, default='B0')
+  level = int(variant[1:])
   name = f'nf_regnet_b{level}'
   c = configs.base_config()
   c.model = name

@@ -16,7 +16,7 @@ from nfnet_jax import configs
 
 
 def get_config(arg: str = ''):
-  del arg
+  configs.config_arg(arg, 'experiments/nf_resnet50.py')  # takes no argument
   c = configs.base_config()
   c.model = 'nf_resnet50'
   c.model_kwargs = dict(stochdepth_rate=0.0)

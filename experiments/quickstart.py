@@ -12,6 +12,7 @@ from nfnet_jax import configs
 
 
 def get_config(arg: str = ''):
+  _, opts = configs.config_arg(arg, 'experiments/quickstart.py', options=('numpy',))
   c = configs.base_config()
   c.model = 'F0'
   c.model_kwargs = dict(width=0.125, group_size=None, depths=(1, 1, 2, 1),
@@ -20,7 +21,7 @@ def get_config(arg: str = ''):
   c.data.image_size = c.data.eval_size = 32   # the shapes are rendered at this size
   c.data.randaugment.enabled = False
   c.data.mix.enabled = False
-  c.data.use_tf = arg != 'numpy'
+  c.data.use_tf = 'numpy' not in opts
   c.batch_size = 128
   c.num_epochs = 10.0
   c.warmup_epochs = 1.0

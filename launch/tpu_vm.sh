@@ -153,11 +153,13 @@ fi
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 
 # The training command, checked here before anything is created (also with --dry-run).
+# Its values only (--nocheck_paths): the data, the weights and the workdir are where the
+# workers see them (a bucket, a gcsfuse mount), not on this machine.
 if ((check)); then
   if [[ -z "$check_python" ]]; then
     if [[ -x "$repo/.venv/bin/python" ]]; then check_python="$repo/.venv/bin/python"; else check_python=python3; fi
   fi
-  check_training "$repo" "$check_python" "$devices" --workdir="$workdir" --mode="$mode" \
+  check_training "$repo" "$check_python" "$devices" --nocheck_paths --workdir="$workdir" --mode="$mode" \
       "${train_args[@]}" || exit 1
 fi
 where=(--zone="$zone")

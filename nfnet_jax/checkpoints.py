@@ -64,25 +64,82 @@ def _complete_steps(ckpt_dir: str) -> list[int]:
                  if d.name.isdigit() and d.is_dir() and _is_complete(d)), reverse=True)
 
 
-def _read_meta(step_dir) -> Optional[dict[str, Any]]:
-  """The JSON of a checkpoint's `meta` item (as orbax's JsonSave wrote it), or None."""
+# What a checkpoint's meta must hold, beyond `step` and `checksum`: each key that is
+# present has this JSON type (older checkpoints lack some keys; none has another type).
+_META_TYPES: dict[str, type] = dict(
+    seed=int, model=str, model_kwargs=dict, num_classes=int, batch_size=int,
+    optimizer=str, schedule=dict, state_spec=str)
+
+
+def _is_int(value: Any) -> bool:
+  """A JSON integer (bool is an int subclass in Python; JSON's true is not one)."""
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checksum_problem(value: Any) -> Optional[str]:
+  """None if `value` is a checksum as `checksum` returns it (JSON: {leaf path: [sum,
+  weighted sum]}, each an integer in [0, 2^32)), else what is wrong with it."""
+  if not isinstance(value, dict) or not value:
+    return f'its checksum is {type(value).__name__}, not an object of arrays'
+  for key, sums in value.items():
+    if not (isinstance(sums, list) and len(sums) == 2 and all(
+        _is_int(v) and 0 <= v < 2**32 for v in sums)):
+      return f'its checksum of {key} is {json.dumps(sums)[:40]}, not two 32-bit integers'
+  return None
+
+
+def meta_problem(meta: Any, step: int, accept_unverified: bool = False) -> Optional[str]:
+  """None if `meta` (a checkpoint's parsed JSON meta) is well-formed for checkpoint
+  `step`, else what is wrong: not a JSON object, `step` missing or another step, no
+  checksum (unless `accept_unverified`), a malformed checksum, or a field of another
+  type than `_META_TYPES` says."""
+  if not isinstance(meta, dict):
+    return f'its meta is {json.dumps(meta)[:40]}, not a JSON object'
+  if not _is_int(meta.get('step')) or meta['step'] != step:
+    return f'its meta records step {json.dumps(meta.get("step"))[:40]}, not {step}'
+  for key, kind in _META_TYPES.items():
+    value = meta.get(key, kind())
+    if not (_is_int(value) if kind is int else isinstance(value, kind)):
+      return f'its meta field {key} is {json.dumps(value)[:40]}, not {kind.__name__}'
+  if 'checksum' in meta:
+    return _checksum_problem(meta['checksum'])
+  if not accept_unverified:
+    return ('it has no checksum, so its arrays cannot be verified (only '
+            'config.accept_unverified_checkpoints=True restores such a checkpoint)')
+  return None
+
+
+def _read_meta(step_dir) -> tuple[Any, Optional[str]]:
+  """(the parsed JSON of a checkpoint's `meta` item, as orbax's JsonSave wrote it;
+  None and why when it cannot be read or parsed)."""
   try:
-    meta = json.loads((step_dir / 'meta' / 'metadata').read_text())
-  except (OSError, ValueError):
-    return None
-  return meta if isinstance(meta, dict) else None
+    return json.loads((step_dir / 'meta' / 'metadata').read_text()), None
+  except OSError as e:
+    return None, f'unreadable: meta: {_first_line(e)}'
+  except ValueError as e:
+    return None, f'unreadable: meta is not JSON ({_first_line(e)})'
 
 
 def latest_meta(workdir: str) -> Optional[tuple[int, dict[str, Any]]]:
-  """(step, meta) of the newest complete checkpoint whose meta reads, or None.
+  """(step, meta) of the newest complete checkpoint whose meta reads and is
+  well-formed (with or without a checksum), or None.
 
   Reads files only: nothing in the workdir is created or changed."""
   ckpt_dir = checkpoint_dir(workdir)
   for step in _complete_steps(ckpt_dir):
-    meta = _read_meta(_path(ckpt_dir) / str(step))
-    if meta is not None:
+    meta, problem = _read_meta(_path(ckpt_dir) / str(step))
+    if problem is None and meta_problem(meta, step, accept_unverified=True) is None:
       return step, meta
   return None
+
+
+def kept_note(ckpt_dir: str, but: Optional[int] = None) -> str:
+  """'the last good checkpoint, step N, is kept' (the newest complete one in
+  `ckpt_dir` other than step `but`), or 'there is no earlier checkpoint': what a run
+  stopped by an error leaves to resume from. Reads only."""
+  good = [s for s in _complete_steps(ckpt_dir) if s != but]
+  return (f'the last good checkpoint, step {good[0]}, is kept' if good else
+          'there is no earlier checkpoint')
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -123,12 +180,18 @@ def set_aside_incomplete(ckpt_dir: str) -> list[str]:
 
 
 def manager(workdir: str, keep: int):
-  """An orbax CheckpointManager over `workdir/checkpoints`, keeping the last `keep`."""
+  """An orbax CheckpointManager over `workdir/checkpoints`, keeping the last `keep`.
+  Raises errors.RunError when the directory cannot be created (e.g. a full disk)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   ckpt_dir = checkpoint_dir(workdir)
   set_aside_incomplete(ckpt_dir)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(ckpt_dir, options=options)
+  try:
+    return ocp.CheckpointManager(ckpt_dir, options=options)
+  except OSError as e:  # It creates the directory: a full disk (or no inode) fails here.
+    raise errors.RunError(
+        f'Cannot create {ckpt_dir}: {_first_line(e)}. Nothing was written; fix the '
+        'cause (e.g. free space) and re-run the same command.') from None
 
 
 # ---------------------------------------------------------------------------
@@ -296,9 +359,7 @@ def save(mngr, state, step: int, meta: dict[str, Any]) -> None:
       import shutil  # pylint: disable=g-import-not-at-top
       for d in partial:
         shutil.rmtree(d, ignore_errors=True)
-    good = [s for s in _complete_steps(str(root)) if s != step]
-    kept = f'the last good checkpoint, step {good[0]}, is kept' if good else (
-        'there is no earlier checkpoint')
+    kept = kept_note(str(root), but=step)
     raise errors.RunError(
         f'Cannot save checkpoint {step} in {root}: {_first_line(e)}. Stopped at step '
         f'{step}; {kept}' + (', the partial one removed' if partial else '') +
@@ -322,51 +383,54 @@ def _verify(state, meta: dict[str, Any]) -> Optional[str]:
   return None
 
 
-def restore(mngr, abstract_state) -> tuple[Optional[dict[str, Any]], Optional[dict]]:
+def restore(mngr, abstract_state, accept_unverified: bool = False
+            ) -> tuple[Optional[dict[str, Any]], Optional[dict]]:
   """(state, meta) of the newest complete checkpoint that verifies, or (None, None)
   if there is none.
 
-  A checkpoint whose arrays do not match its checksum, or that cannot be read, is
+  A checkpoint is damaged when its meta is malformed (not a JSON object, another
+  step, a field of another type: `meta_problem`) or has no checksum (unless
+  `accept_unverified`: then it is restored unverified, with a warning), when its
+  arrays do not match the checksum, or when orbax cannot read it. A damaged one is
   renamed to `damaged-<step>-<time>` (one log line) and the one before it is tried.
   Raises errors.RunError when every checkpoint is damaged (nothing is then started
-  from scratch over them), RuntimeError when a checkpoint without a checksum
-  (written by an older version) cannot be restored.
+  from scratch over them).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   root = _path(str(mngr.directory))
-  set_aside = []
+  set_aside, unverified = [], False
   for step in sorted(mngr.all_steps(), reverse=True):
-    meta = _read_meta(root / str(step))
-    try:
-      with _quiet():
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      problem = _verify(restored['state'], restored['meta']) if 'checksum' in (
-          restored['meta'] or {}) else None
-    except Exception as e:  # pylint: disable=broad-except
-      if meta is not None and 'checksum' not in meta:  # Older format: no verdict.
-        raise RuntimeError(
-            f'Cannot restore checkpoint {step} in {root}: {_first_line(e)}\nIf the model '
-            'or optimizer config changed since it was written, use a new --workdir; if '
-            'the checkpoint is damaged, move its directory away to resume from the one '
-            'before.') from e
-      problem = f'unreadable: {_first_line(e)}'
+    meta, problem = _read_meta(root / str(step))
     if problem is None:
-      if 'checksum' not in restored['meta']:
-        logging.warning('Checkpoint %d has no checksum (an older format): restored '
-                        'without verification', step)
-      return restored['state'], restored['meta']
+      problem = meta_problem(meta, step, accept_unverified)
+    if problem is None:  # The meta is sound: read the arrays and check them.
+      try:
+        with _quiet():
+          restored = mngr.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              meta=ocp.args.JsonRestore()))
+        problem = _verify(restored['state'], meta) if 'checksum' in meta else None
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f'unreadable: {_first_line(e)}'
+    if problem is None:
+      if 'checksum' not in meta:
+        logging.warning('Checkpoint %d has no checksum: restored without verification '
+                        '(config.accept_unverified_checkpoints=True)', step)
+      return restored['state'], meta
     new = _set_aside(root / str(step), 'damaged')
     _sync(f'damaged checkpoint {step} set aside')
     logging.warning('Checkpoint %d is damaged (%s): moved to %s, trying the one before',
                     step, problem, new)
     set_aside.append(new)
+    unverified |= isinstance(meta, dict) and 'checksum' not in meta
     mngr.reload()
   if set_aside:
+    hint = (' (to restore one without a checksum, move it back and pass '
+            '--config.accept_unverified_checkpoints=True)' if unverified else '')
     raise errors.RunError(
         f'Every checkpoint in {root} is damaged (set aside as {", ".join(set_aside)}): '
-        'nothing to resume from. Move one back by hand to use it anyway, or start over '
-        'with a new --workdir.')
+        f'nothing to resume from. Move one back by hand to use it anyway{hint}, or '
+        'start over with a new --workdir.')
   return None, None
 
 
@@ -389,7 +453,8 @@ def start(config, workdir: str, mode: str, trainer, run_meta: dict[str, Any]
   mngr = None
   if found or mode != 'eval':
     mngr = manager(workdir, config.keep_checkpoints)
-    state, meta = restore(mngr, trainer.abstract_state)
+    state, meta = restore(mngr, trainer.abstract_state,
+                          config.get('accept_unverified_checkpoints', False))
     if state is not None:
       logging.info('Resumed from checkpoint at step %d (%s)', int(state['step']),
                    ', '.join(f'{k} {meta[k]}' for k in ('model', 'seed', 'batch_size')
@@ -420,11 +485,14 @@ def _load_init(config, num_classes: int, trainer, mode: str):
   """config.init_from's params; for training, with the classifier resized to the
   data's classes. --mode=eval refuses weights whose classifier does not fit the data
   (it would score an untrained classifier)."""
-  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top
-  if mode != 'eval':
-    return pretrained.load(config.init_from, model=config.model,
-                           num_classes=num_classes, rng=config.seed)
-  params = pretrained.load(config.init_from, model=config.model)
+  from nfnet_jax import hub, pretrained  # pylint: disable=g-import-not-at-top
+  try:  # a file or Hub name load refuses is one line, not a traceback
+    if mode != 'eval':
+      return pretrained.load(config.init_from, model=config.model,
+                             num_classes=num_classes, rng=config.seed)
+    params = pretrained.load(config.init_from, model=config.model)
+  except (OSError, ValueError, pretrained.UnsafePickleError, hub.HubError) as e:
+    raise errors.RunError(f'config.init_from: {e}') from None
   shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
                          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
   got, want = shapes(params), shapes(trainer.abstract_state['params'])

@@ -11,8 +11,9 @@ def unknown_name(kind: str, name: str, choices: Iterable[str],
                  shown: Optional[str] = None) -> str:
   """'Unknown <kind> <shown>. Did you mean a or b? Valid: a, b, c'.
 
-  `name` is matched against `choices` (difflib, up to 3 matches); `shown` replaces
-  `repr(name)` in the message, e.g. a full config path such as 'config.bach_size'.
+  `name` is matched against `choices` (a choice that differs only in case first, then
+  difflib, up to 3 matches); `shown` replaces `repr(name)` in the message, e.g. a full
+  config path such as 'config.bach_size'.
   """
   choices = [str(c) for c in choices]
   close = close_matches(str(name), choices)
@@ -27,6 +28,8 @@ def close_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
   for c in choices:
     by_lower.setdefault(c.lower(), []).append(c)
   out: list[str] = []
+  if name.lower() in by_lower:  # Only the case is wrong: that is the answer.
+    return by_lower[name.lower()][:n]
   for low in difflib.get_close_matches(name.lower(), list(by_lower), n=n):
     out += by_lower[low]
   return out[:n]

@@ -34,18 +34,20 @@ def _is_ws_conv(leaves: Mapping[str, Any]) -> bool:
 
 
 def fold_params(params: PyTree, dtype: Any = jnp.bfloat16, eps: float = 1e-4,
-                eps_mode: str = 'max') -> PyTree:
+                eps_mode: str = 'max', gamma: float = 1.0) -> PyTree:
   """WS conv modules {w, gain, bias} -> {kernel (standardised, dtype), bias (dtype)}.
 
   Other modules are kept as they are. Pass the model's `ws_eps`/`ws_eps_mode` (the
-  defaults are the models'). Run it once per set of weights (it is jittable); feed
+  defaults are the models'), and for a model with `gamma_placement='conv'` (timm's
+  NF models other than dm_nfnet_*: `models.info(name)['options']`) its activation's
+  gamma, `layers.GAMMAS[activation]`. Run it once per set of weights (it is jittable); feed
   the result to :func:`folded_model`'s apply.
   """
   out = {}
   for mod, leaves in params.items():
     if _is_ws_conv(leaves):
       out[mod] = {'kernel': layers.standardize_weight(
-          leaves['w'], leaves['gain'], eps, eps_mode).astype(dtype),
+          leaves['w'], leaves['gain'], eps, eps_mode, gamma=gamma).astype(dtype),
                   'bias': leaves['bias'].astype(dtype)}
     else:
       out[mod] = dict(leaves)

@@ -61,11 +61,15 @@ def compute_gamma(fn: Callable[[jax.Array], jax.Array], num_samples: int = 1 << 
   return float(1.0 / np.std(y))
 
 
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-  """The gamma-scaled activation `act(x) * gamma` for a name in `GAMMAS`."""
+def activation(name: str, scaled: bool = True) -> Callable[[jax.Array], jax.Array]:
+  """The gamma-scaled activation `act(x) * gamma` for a name in `GAMMAS`; with
+  `scaled=False` the plain `act(x)` (for models that put gamma into their convs, see
+  `WSConv2D`'s `gamma`)."""
   if name not in BASE_ACTIVATIONS:
     raise ValueError(f'Unknown activation {name!r}; valid: {sorted(BASE_ACTIVATIONS)}')
   fn, gamma = BASE_ACTIVATIONS[name], GAMMAS[name]
+  if not scaled:
+    return fn
 
   def scaled(x: jax.Array) -> jax.Array:
     return fn(x) * jnp.asarray(gamma, x.dtype)
@@ -78,7 +82,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 # Weight standardisation.
 # ---------------------------------------------------------------------------
 def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
-                       eps_mode: str = 'max', dtype=jnp.float32) -> jax.Array:
+                       eps_mode: str = 'max', dtype=jnp.float32,
+                       gamma: float = 1.0) -> jax.Array:
   """Scaled Weight Standardisation of an HWIO kernel (docs/models.md).
 
   Args:
@@ -90,6 +95,9 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
       sqrt(fan_in).
     dtype: the dtype the statistics are computed in. The model uses float32; a
       lower precision reproduces ports that standardise rounded weights.
+    gamma: a constant multiplying the result: the activation gamma of models that
+      apply it here rather than after each activation (timm's NF models other than
+      dm_nfnet_*); 1 for DeepMind's layout.
   Returns:
     [H, W, I, O] standardised kernel in `dtype`.
   """
@@ -103,8 +111,33 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
     scale = jax.lax.rsqrt(var + eps) * (fan_in ** -0.5)
   else:
     raise ValueError(f"eps_mode must be 'max' or 'add', got {eps_mode!r}")
-  scale = scale * gain.astype(dtype)
+  scale = scale * (gain.astype(dtype) * gamma if gamma != 1.0 else gain.astype(dtype))
   return w * scale - mean * scale
+
+
+def make_divisible(v: float, divisor: int, round_limit: float = 0.9) -> int:
+  """`v` rounded to the nearest multiple of `divisor` (at least `divisor`), one
+  multiple up if rounding lost more than 1 - round_limit of `v`: the channel rounding
+  of timm's NF models (their `ch_div`)."""
+  out = max(divisor, int(v + divisor / 2) // divisor * divisor)
+  return out + divisor if out < round_limit * v else out
+
+
+# Padding of WSConv2D and of the NF-ResNet stem pool: 'SAME' (TensorFlow's, DeepMind's
+# code: the extra row/column of an even total pad goes after the image) or 'SYMMETRIC'
+# (PyTorch's: ((stride - 1) + (kernel - 1)) // 2 on every side, timm's NF models other
+# than dm_nfnet_*). They differ for strided convs on even inputs.
+PADDINGS = ('SAME', 'SYMMETRIC')
+
+
+def explicit_padding(padding: str, kernel_shape: Sequence[int],
+                     stride: int) -> Union[str, list[tuple[int, int]]]:
+  """`padding` as lax takes it: 'SAME' as is, 'SYMMETRIC' as [(lo, hi)] per axis."""
+  if padding == 'SAME':
+    return padding
+  if padding != 'SYMMETRIC':
+    raise ValueError(f'padding must be one of {PADDINGS}, got {padding!r}')
+  return [(((stride - 1) + (k - 1)) // 2,) * 2 for k in kernel_shape]
 
 
 # How grouped convolutions run: 'lax' (one feature-grouped XLA convolution), 'split'
@@ -130,8 +163,8 @@ def grouped_conv_impl(impl: str) -> Iterator[None]:
     _GROUPED_CONV_IMPL.pop()
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: str,
-           groups: int = 1) -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int,
+           padding: Union[str, Sequence[tuple[int, int]]], groups: int = 1) -> jax.Array:
   """NHWC x [N, H, W, C] * HWIO kernel [kh, kw, C/groups, O] -> [N, H', W', O]."""
   conv = lambda x, k, g: jax.lax.conv_general_dilated(
       x, k, window_strides=(stride, stride), padding=padding,
@@ -158,8 +191,9 @@ class WSConv2D(hk.Module):
   """2D convolution with Scaled Weight Standardisation, a per-channel gain and bias.
 
   Parameters (`params`): `w` [kh, kw, in/groups, out] (variance-scaling(1, fan_in,
-  normal)), `gain` [out] (ones), `bias` [out] (zeros). SAME padding (TF-style,
-  asymmetric for stride 2). Input [N, H, W, C] -> output [N, H', W', out] in the
+  normal)), `gain` [out] (ones), `bias` [out] (zeros). `padding` one of PADDINGS
+  ('SAME': TF-style, asymmetric for stride 2). `gamma` multiplies the standardised
+  kernel (models that move the activation gamma into their convs). Input [N, H, W, C] -> output [N, H', W', out] in the
   input's dtype; the standardisation runs in float32 and the kernel is cast once to
   the input dtype. Other implementations of the layer (folded inference, the plain
   conv of the signal-propagation plots, benchmark baselines) intercept `__call__`
@@ -169,16 +203,18 @@ class WSConv2D(hk.Module):
 
   def __init__(self, output_channels: int, kernel_shape: Union[int, Sequence[int]] = 1,
                stride: int = 1, padding: str = 'SAME', feature_group_count: int = 1,
-               eps: float = 1e-4, eps_mode: str = 'max', name: Optional[str] = None):
+               eps: float = 1e-4, eps_mode: str = 'max', gamma: float = 1.0,
+               name: Optional[str] = None):
     super().__init__(name=name)
     self.output_channels = output_channels
     self.kernel_shape = ((kernel_shape, kernel_shape) if isinstance(kernel_shape, int)
                          else tuple(kernel_shape))
     self.stride = stride
-    self.padding = padding
+    self.padding = explicit_padding(padding, self.kernel_shape, stride)
     self.feature_group_count = feature_group_count
     self.eps = eps
     self.eps_mode = eps_mode
+    self.gamma = gamma
 
   def params(self, in_ch: int, folded: bool = False,
              dtype=jnp.float32) -> dict[str, jax.Array]:
@@ -211,7 +247,8 @@ class WSConv2D(hk.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.params(x.shape[-1])
-    kernel = standardize_weight(p['w'], p['gain'], self.eps, self.eps_mode)
+    kernel = standardize_weight(p['w'], p['gain'], self.eps, self.eps_mode,
+                                gamma=self.gamma)
     return self.conv(x, kernel, p['bias'])
 
 
@@ -256,6 +293,40 @@ class SqueezeExcite(hk.Module):
     h = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
     h = self.fc1(jax.nn.relu(self.fc0(h)))
     return jax.nn.sigmoid(h)[:, None, None, :]
+
+
+def eca_kernel_size(channels: int) -> int:
+  """Kernel size of efficient channel attention over `channels` channels (Wang et al.
+  2020, as timm's EcaModule): t = int(|log2(C) + 1| / 2), made odd (t + 1 if even),
+  at least 3."""
+  t = int(abs(math.log(channels, 2) + 1) / 2)
+  return max(t if t % 2 else t + 1, 3)
+
+
+class ECA(hk.Module):
+  """Efficient channel attention gate: mean-pool, a 1-D convolution across channels
+  (kernel `eca_kernel_size(C)`, zero padding, no bias), sigmoid.
+
+  Parameter `w` [k] (the Conv1d weight (1, 1, k) of timm's EcaModule, flattened).
+  x: [N, H, W, C] -> gate [N, 1, 1, C] in (0, 1); the caller multiplies by 2.
+  """
+
+  def __init__(self, channels: int, name: Optional[str] = None):
+    super().__init__(name=name)
+    self.kernel_size = eca_kernel_size(channels)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    # U(-1/sqrt(k), 1/sqrt(k)): PyTorch's default init of the Conv1d (fan-in k).
+    w = hk.get_parameter('w', (k,), jnp.float32,
+                         init=hk.initializers.RandomUniform(-k ** -0.5, k ** -0.5))
+    y = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)    # [N, C]
+    pad = (k - 1) // 2
+    y_pad = jnp.pad(y, ((0, 0), (pad, k - 1 - pad)))
+    channels = y.shape[-1]
+    # Cross-correlation (PyTorch's conv): out[c] = sum_j w[j] * y_pad[c + j].
+    out = sum(w[j].astype(y.dtype) * y_pad[:, j:j + channels] for j in range(k))
+    return jax.nn.sigmoid(out)[:, None, None, :]
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Pretrained weights: DeepMind's released NFNet checkpoints, `.npz` files, timm ports.
 
-Three ways in, one params layout out (`{module_path: {leaf: float32 array}}`, exactly
+Four ways in, one params layout out (`{module_path: {leaf: float32 array}}`, exactly
 the tree `nfnet_jax.models.create(name).init` gives, so `apply` takes it unchanged):
 
 * `load(path)` reads DeepMind's released files (`F0_haiku.npz` ... `F6_haiku.npz` from
@@ -16,8 +16,13 @@ the tree `nfnet_jax.models.create(name).init` gives, so `apply` takes it unchang
   parsed in a child process with hard resource limits (`nfnet_jax.unpickle_child`),
   which passes back plain arrays, so a crash there is a refusal, not a dead caller.
   Only regular files are read (a FIFO would block forever).
+* `load(path)` also reads safetensors files, timm's `model.safetensors` on the
+  Hugging Face Hub among them, without torch (`nfnet_jax.safetensors_file`: the whole
+  header checked, against the same budget, before anything is allocated); timm's
+  names are converted by `timm_convert.from_timm`. `load('hf-hub:timm/<model>.<tag>')`
+  fetches that file through huggingface_hub, if installed (`nfnet_jax.hub`).
 * `save(params, path)` writes a real `.npz` (flattened keys, see below), atomically.
-* `from_timm(state_dict, variant)` converts a timm `dm_nfnet_f*` PyTorch state_dict.
+* `from_timm(arrays, timm_name)` converts timm's NF-family weights (numpy or torch).
 
 Checkpoint key convention (`.npz`): one array per parameter, keyed
 `<module path>/<leaf>`, e.g. `NFNet/~/stem_conv0/w` or `NFNet/stem_conv0/w`: the LAST
@@ -51,10 +56,12 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
+from nfnet_jax import hub, timm_convert
 from nfnet_jax.safe_pickle import (ALLOWED_GLOBALS, MAX_CHECKPOINT_BYTES, Budget,
                                    CheckpointTooLargeError, Params, SafeUnpickler,
                                    UnsafePickleError, format_bytes, safe_loads,
                                    split_key)
+from nfnet_jax.safetensors_file import is_safetensors, read_safetensors
 from nfnet_jax.timm_convert import TIMM_MODEL_OVERRIDES, TIMM_STD_CONV_EPS, from_timm
 from nfnet_jax.unpickle_child import read_params_in_child
 
@@ -74,6 +81,8 @@ RELEASED_VARIANTS = ('F0', 'F1', 'F2', 'F3', 'F4', 'F5', 'F6')
 _PICKLE_MAGIC = b'\x80'
 _ZIP_MAGIC = b'PK\x03\x04'
 _EMPTY_ZIP_MAGIC = b'PK\x05\x06'
+# torch.save's legacy (pre-1.6) format: a protocol-2 pickle of this magic number first.
+_TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\x0a' + (0x1950a86a20f9469cfc6c).to_bytes(10, 'little')
 
 # An .npz whose arrays expand to more than this many times the archive's size on disk
 # is refused as a zip bomb once they exceed _NPZ_EXPANSION_FLOOR: trained parameters
@@ -94,10 +103,19 @@ def _download_hint(path: str) -> str:
           f'`wget {urls}` (the other variants: replace the F-number).')
 
 
+def _torch_file(path: str) -> ValueError:
+  return ValueError(
+      f'{path}: a PyTorch checkpoint (torch.save); reading it needs torch: '
+      f'`pretrained.from_timm(torch.load({path!r}, map_location="cpu"), ...)`, then '
+      '`pretrained.save`; or load the model\'s model.safetensors (e.g. '
+      f'"{hub.PREFIX}timm/<model>.<tag>"), which needs no torch')
+
+
 def _describe_head(path: str, head: bytes) -> str:
   text = (f'{path}: unrecognised checkpoint format; first bytes {head[:16]!r}. '
           'Expected a pickle (first byte 0x80, protocol 2-5: DeepMind\'s released '
-          '*_haiku.npz files) or a zip .npz archive (b"PK\\x03\\x04").')
+          '*_haiku.npz files), a zip .npz archive (b"PK\\x03\\x04") or a safetensors '
+          'file (an 8-byte header length, then "{").')
   lowered = head.lstrip().lower()
   if lowered.startswith((b'<!doctype', b'<html', b'<?xml')):
     text += ' It looks like an HTML/XML page: a failed or redirected download? '
@@ -157,6 +175,8 @@ def _read_npz(f, file_size: int, path: str, budget: Budget) -> Params:
     for info in zf.infolist():
       name = info.filename
       what = f'{path}: member {name!r}'
+      if name == 'data.pkl' or name.endswith('/data.pkl'):
+        raise _torch_file(path)  # torch.save's zip format (torch >= 1.6)
       if not name.endswith('.npy') or info.is_dir():
         raise ValueError(f'{what} is not a .npy array')
       if info.flag_bits & 0x1:
@@ -257,8 +277,14 @@ def read_checkpoint(path: Union[str, os.PathLike], *, model: Optional[str] = Non
                     max_bytes: Optional[int] = None) -> Params:
   """Reads a checkpoint as stored: {module path: {leaf: ndarray}}, names untouched.
 
-  The format is detected from the first bytes: 0x80 -> pickle (read with
-  `SafeUnpickler`), `PK\\x03\\x04` -> `.npz` (headers first, no pickled members).
+  `path` is a file, or a Hub name `hf-hub:<owner>/<repository>` (its
+  `model.safetensors`, fetched through `nfnet_jax.hub`). The format is detected from
+  the first bytes: 0x80 -> pickle (read with `SafeUnpickler`), `PK\\x03\\x04` -> `.npz`
+  (headers first, no pickled members), an 8-byte length then '{' -> safetensors
+  (`nfnet_jax.safetensors_file`: the whole header checked first). A safetensors file
+  with timm's names ('stem.conv1.weight') comes back split at the last '.'
+  ({'stem.conv1': {'weight': ...}}); `load` converts those names. torch.save files
+  (zip with data.pkl, or the legacy pickle) are refused: they need torch.
 
   Memory is bounded before it is allocated: every declared size (pickle lengths,
   array shapes, .npy headers) is checked against `max_bytes` (default
@@ -273,6 +299,8 @@ def read_checkpoint(path: Union[str, os.PathLike], *, model: Optional[str] = Non
   (a subclass) for declared sizes over the budget; each is one line naming the file.
   """
   path = os.fspath(path)
+  if hub.is_hub_name(path):
+    path = hub.fetch(path)
   if not os.path.exists(path):
     raise FileNotFoundError(errno.ENOENT, f'No such checkpoint: {path!r}. '
                             + _download_hint(path), path)
@@ -281,6 +309,10 @@ def read_checkpoint(path: Union[str, os.PathLike], *, model: Optional[str] = Non
   fd, size = _open_regular(path)
   with os.fdopen(fd, 'rb') as f:
     head = f.read(16)
+    if is_safetensors(head, size):
+      return _two_level(read_safetensors(f, size, path, budget))
+    if head.startswith(_TORCH_LEGACY_MAGIC):
+      raise _torch_file(path)
     if head.startswith(_PICKLE_MAGIC):
       if len(head) < 2 or not 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
         raise ValueError(_describe_head(path, head))
@@ -294,6 +326,38 @@ def read_checkpoint(path: Union[str, os.PathLike], *, model: Optional[str] = Non
           raise
         raise type(e)(f'{path}: {e}') from None
   raise ValueError(_describe_head(path, head))
+
+
+def _two_level(tensors: Mapping[str, np.ndarray]) -> Params:
+  """{name: array} -> {module: {leaf: array}}: split at the last '/' when every name
+  has one (this package's `<module path>/<leaf>`), else at the last '.' (timm's
+  `stages.0.0.conv1.weight`)."""
+  sep = '/' if tensors and all('/' in k for k in tensors) else '.'
+  params: Params = {}
+  for key, array in tensors.items():
+    module, _, leaf = key.rpartition(sep)
+    params.setdefault(module, {})[leaf] = array
+  return params
+
+
+def _is_timm_naming(params: Mapping[str, Any]) -> bool:
+  """timm's dotted names ('stages.0.0.conv1'): no module name has a '/' and some have
+  a '.' (ours are 'NFNet/~/...'; Haiku names never hold a '.')."""
+  return (bool(params) and not any('/' in m for m in params)
+          and any('.' in m for m in params))
+
+
+def _from_timm_names(raw: Params, model: Optional[str], path: str) -> Params:
+  """Converts a tree read from a timm-named file to the model's names (through
+  `timm_convert.from_timm`, the one place that knows timm's names)."""
+  if model is None:
+    raise ValueError(f'{path}: holds timm\'s parameter names ({_fmt_list(list(raw), 2)}); '
+                     'pass model=... (the timm model it belongs to)')
+  flat = {f'{m}.{leaf}' if m else leaf: a for m, ls in raw.items() for leaf, a in ls.items()}
+  try:
+    return timm_convert.from_timm(flat, model)
+  except ValueError as e:
+    raise ValueError(str(e) if str(e).startswith(path) else f'{path}: {e}') from None
 
 
 # ---------------------------------------------------------------------------
@@ -463,11 +527,17 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None,
   """Loads a checkpoint into the params tree of `nfnet_jax.models.create(model)`.
 
   Args:
-    path: a DeepMind release (`F0_haiku.npz`: a dill pickle, read safely), or a real
-      `.npz` written by `save`. The format is detected from the first bytes.
-    model: a registered model name ('F0'...). None: inferred from the file's structure
-      for NFNets (block count, stage boundaries, stem width); if that fails the file is
-      returned as stored, unvalidated and unrenamed.
+    path: a DeepMind release (`F0_haiku.npz`: a dill pickle, read safely), a real
+      `.npz` written by `save`, or a safetensors file (timm's / the Hugging Face
+      Hub's `model.safetensors`: timm's names are converted by
+      `timm_convert.from_timm`; or this package's `<module>/<leaf>` names). The format
+      is detected from the first bytes. Or a Hub name,
+      `hf-hub:timm/eca_nfnet_l0.ra2_in1k`: its `model.safetensors`, downloaded and
+      cached by huggingface_hub (`nfnet_jax.hub`), for the model its repository names.
+    model: a registered model name ('F0'...). None: a Hub name's model; else inferred
+      from the file's structure for NFNets (block count, stage boundaries, stem width);
+      if that fails the file is returned as stored, unvalidated and unrenamed (a
+      timm-named file needs `model`).
     num_classes: wanted classifier size. None: the file's. If it differs from the
       file's, the body is kept and the classifier (`linear`: w ~ N(0, 0.01^2), b = 0)
       is re-initialised with `rng`, and a log line says so.
@@ -481,16 +551,29 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None,
     leaves and shapes: `create(model, num_classes).apply(params, ...)` takes it as is.
 
   Raises:
-    FileNotFoundError (with a download hint), ValueError (unknown format; names or
-    shapes that do not match the model, naming the first differing keys),
+    FileNotFoundError (with a download hint), ValueError (unknown format, a torch.save
+    file, a malformed safetensors header; names or shapes that do not match the model,
+    naming the first differing keys), hub.HubError (a RuntimeError: a Hub name that
+    can be neither downloaded nor found in the cache, naming the URL),
     UnsafePickleError (a pickle that references any non-allowed global, an array the
     file does not fill, one array referenced twice), CheckpointTooLargeError (declared
     sizes over the budget or the model's; refused before allocating).
   """
   path = os.fspath(path)
+  if hub.is_hub_name(path):
+    model = model or hub.model_name(path)
+    try:
+      _model_shapes_cached(model, 1000)  # an unknown model fails before a download
+    except ValueError as e:
+      raise ValueError(f'{path}: {e}') from None
+    path = hub.fetch(path)
   raw = read_checkpoint(path, model=model, num_classes=num_classes, max_bytes=max_bytes)
   if not raw:
     raise ValueError(f'{path}: the checkpoint holds no parameters')
+  if _is_timm_naming(raw):
+    raw = _from_timm_names(raw, model, path)
+    # timm's nf_resnet50 is `timm/nf_resnet50` here (DeepMind's model has the name).
+    model = timm_convert.registry_name(model)
   if model is None:
     model = infer_model(raw)
     if model is None:

@@ -83,16 +83,23 @@ def make_init_fn(config, model, tx, image_size: int) -> Callable:
   return init
 
 
-def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   """[B] 1.0 where the (hard) label is among the top-k logits [B, C], else 0.0.
 
-  The label's rank is the number of logits strictly above its own (a tie counts for
-  the label). A row with any non-finite logit scores 0: NaN compares false with
-  everything, so without that rule an all-NaN row would rank its label first.
+  The label's rank counts the logits strictly above its own plus the *other* logits
+  equal to it: a tie is broken against the label, so a constant row (a dead network)
+  is never correct, and neither is a label tied for the k-th place. Compared in
+  float32 whatever the eval dtype (bfloat16 logits are widened exactly; near-ties
+  that bfloat16 rounded together stay ties, and count against the label). A row with
+  any non-finite logit scores 0: NaN compares false with everything, so without that
+  rule an all-NaN row would rank its label first.
   """
+  logits = logits.astype(jnp.float32)
   target = jnp.argmax(labels, axis=-1)
   target_logit = jnp.take_along_axis(logits, target[:, None], axis=-1)
-  rank = jnp.sum(logits > target_logit, axis=-1)
+  others = jnp.arange(logits.shape[-1]) != target[:, None]
+  rank = jnp.sum(logits > target_logit, axis=-1) + jnp.sum(
+      (logits == target_logit) & others, axis=-1)
   finite = jnp.all(jnp.isfinite(logits), axis=-1)
   return ((rank < k) & finite).astype(jnp.float32)
 
@@ -124,7 +131,7 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     per_example = optim.softmax_cross_entropy(logits, batch['labels'], ls)
     mask = batch['mask']
     loss_sum = jnp.sum(per_example * mask)
-    top1 = jnp.sum(_top_k_correct(logits, batch['labels'], 1) * mask)
+    top1 = jnp.sum(top_k_correct(logits, batch['labels'], 1) * mask)
     return loss_sum / global_batch, ((loss_sum, top1), model_state)
 
   def gradients(params, model_state, batch, rng, offset):
@@ -258,8 +265,8 @@ def make_eval_step(config, model) -> Callable:
     mask = batch['mask']
     loss = optim.softmax_cross_entropy(logits, batch['labels'], 0.0)
     return dict(loss=jnp.sum(loss * mask),
-                top1=jnp.sum(_top_k_correct(logits, batch['labels'], 1) * mask),
-                top5=jnp.sum(_top_k_correct(logits, batch['labels'], 5) * mask),
+                top1=jnp.sum(top_k_correct(logits, batch['labels'], 1) * mask),
+                top5=jnp.sum(top_k_correct(logits, batch['labels'], 5) * mask),
                 count=jnp.sum(mask))
 
   def step_fn(params, ema_params, batch):

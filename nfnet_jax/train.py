@@ -30,6 +30,7 @@ import numpy as np
 
 from nfnet_jax import (checkpoints, configs, console, errors, metrics_writer, models,
                        optim, steps)
+from nfnet_jax.data import config as data_config  # no TensorFlow: eval transform wording
 from nfnet_jax.steps import Batch, Trainer, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -47,6 +48,11 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 _CHECK_CONFIG = flags.DEFINE_bool('check_config', False,
                                   'Parse and validate the command line and config, print '
                                   'a one-line summary, exit (0: valid). Builds nothing.')
+_CHECK_PATHS = flags.DEFINE_bool('check_paths', True,
+                                 'With --check_config: also check what the file system '
+                                 'must hold (workdir, data, config.init_from). '
+                                 '--nocheck_paths checks the values only, for a command '
+                                 'that will run on another machine (a launcher).')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', None,
                                  'Call jax.distributed.initialize(); default: when '
                                  'coordinator flags are given or on a TPU pod.')
@@ -83,15 +89,37 @@ def _parse_flags(argv: list[str]) -> list[str]:
   argv, model_kwargs = configs.split_model_kwargs(argv)
   sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv.
   try:
-    rest = app.parse_flags_with_usage(argv)
+    rest = flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
     _fail('Flags parsing error', configs.unknown_override(argv) or repr(e))
+  except flags.Error as e:
+    _fail('Flags parsing error', _flag_error_line(str(e)))
+  if _CONFIG.value is not None:
+    try:  # A config file that does not load is reported on first use.
+      _CONFIG.value.keys()
+    except OSError as e:
+      _fail('Flags parsing error', f'--config={config_spec()}: '
+            f'{str(e).strip().splitlines()[-1].strip()}')
   if model_kwargs and _CONFIG.value is not None:
     try:
       configs.set_model_kwargs(_CONFIG.value, model_kwargs)
     except ValueError as e:
       _fail('Flags parsing error', str(e))
   return rest
+
+
+def _flag_error_line(message: str) -> str:
+  """One line for a flag error. A config file's get_config(arg) that raised comes as
+  its whole traceback: its last line, the exception, says what is wrong."""
+  if 'Traceback (most recent call last)' not in message:
+    return configs.one_line(message)
+  last = message.strip().splitlines()[-1].strip()
+  return last.split(': ', 1)[1] if last.split(':', 1)[0].isidentifier() else last
+
+
+def config_spec() -> str:
+  """The --config=FILE[:ARG] as given."""
+  return flags.FLAGS['config'].config_filename
 
 
 def create_model(config, num_classes: int):
@@ -151,15 +179,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mode: str = 'train') -> dict[str, float]:
   """Runs training (and/or evaluation); returns the last metrics (final eval if any).
 
-  Raises Preempted (a SystemExit) after saving on SIGTERM/SIGINT, NonFiniteError
-  after config.max_consecutive_nonfinite non-finite steps in a row.
+  Raises ValueError for a config that `configs.validate_config` refuses, RunError
+  (nothing created) when `configs.check_run` refuses the workdir, the data or
+  config.init_from, Preempted (a SystemExit) after saving on SIGTERM/SIGINT,
+  NonFiniteError after config.max_consecutive_nonfinite non-finite steps in a row.
   """
   from nfnet_jax import data  # TF is imported lazily inside, only if the config uses it.
 
   nproc, pidx = jax.process_count(), jax.process_index()
   configs.validate_config(config, jax.device_count(), nproc, mode)
-  info = data.dataset_info(config.data)
-  logging.info(data.describe_eval(config.data))
+  try:
+    configs.check_run(config, workdir, mode)
+    # Verifies the image folder's files (the check above only lists them).
+    info = data.dataset_info(config.data)
+  except (OSError, ValueError) as e:
+    raise errors.RunError(configs.one_line(e)) from None
   num_classes = info['num_classes']
   model = create_model(config, num_classes)
   total_steps, warmup_steps = configs.schedule_lengths(config, info['num_train'])
@@ -180,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                   trainer.abstract_state)
   mngr, state = checkpoints.start(config, workdir, mode, trainer, run_meta)
   start_step = int(jax.device_get(state['step']))
-  writer = metrics_writer.MetricsWriter(workdir, enabled=pidx == 0)
+  writer = None
 
   # Any eval batch size works: rounded up to a multiple of the devices, the padding
   # rows have mask 0.
@@ -199,6 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return metrics
 
   try:
+    writer = metrics_writer.MetricsWriter(workdir, enabled=pidx == 0, step=start_step)
     if mode == 'eval':
       return eval_now(start_step, state)
     with _catch_signals() as caught:
@@ -211,10 +246,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if info['num_eval']:
       return eval_now(step, state)
     return {}
+  except metrics_writer.WriteError as e:  # e.g. a full disk: one line, as for a save.
+    raise errors.RunError(
+        f'{e}. Stopped at step {e.step}; '
+        f'{checkpoints.kept_note(checkpoints.checkpoint_dir(workdir))}. Fix the cause '
+        '(e.g. free space) and re-run the same command to resume.') from None
   finally:
     if mngr is not None:
       checkpoints.close(mngr)
-    writer.close()
+    if writer is not None:
+      writer.close()
 
 
 def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[str, Any],
@@ -331,14 +372,21 @@ def main(argv) -> None:
   if _CONFIG.value is None or (_WORKDIR.value is None and not _CHECK_CONFIG.value):
     raise app.UsageError('--config and --workdir are required')
   _maybe_initialize_distributed()
+  # Every check of the config and of what the file system must hold, before anything
+  # is created: --check_config runs exactly the checks of a run.
   try:
     configs.validate_config(_CONFIG.value, jax.device_count(), jax.process_count(),
                             _MODE.value)
+    logging.info(data_config.describe_eval(_CONFIG.value.data))
+    if _CHECK_PATHS.value or not _CHECK_CONFIG.value:  # A run always checks them.
+      configs.check_run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except ValueError as e:
-    _fail('Config error', str(e))
+    _fail('Config error', configs.one_line(e))
+  line = f'{configs.summary(_CONFIG.value, config_spec())}, --mode={_MODE.value}'
   if _CHECK_CONFIG.value:
-    print(f'Config OK: {configs.summary(_CONFIG.value)}, --mode={_MODE.value}', flush=True)
+    print(f'Config OK: {line}', flush=True)
     return
+  logging.info('Config: %s', line)
   logging.info('JAX %s, %d devices (%s), process %d/%d', jax.__version__,
                jax.device_count(), jax.devices()[0].platform, jax.process_index(),
                jax.process_count())

@@ -3,6 +3,7 @@ checkpoints set aside, a full disk, a workdir of another run. Small states; the
 training-loop side (resume equals an uninterrupted run) is in tests/test_train.py."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -81,35 +82,64 @@ def test_checksum_matches_numpy_and_sees_one_bit():
   assert now[0] == got["['params']['w']"][0] and now[1] != got["['params']['w']"][1]
 
 
+# Edits of checkpoint 2's meta (a function of the parsed JSON -> the JSON written
+# back), each with the reason the damaged line gives.
+NO_CHECKSUM = ('(it has no checksum, so its arrays cannot be verified (only '
+               'config.accept_unverified_checkpoints=True restores such a checkpoint))')
+META_EDITS = {
+    'no_checksum': (lambda m: {k: v for k, v in m.items() if k != 'checksum'},
+                    NO_CHECKSUM),
+    'null': (lambda m: None, '(its meta is null, not a JSON object)'),
+    'list': (lambda m: [1, 2, 3], '(its meta is [1, 2, 3], not a JSON object)'),
+    'string': (lambda m: 'meta', '(its meta is "meta", not a JSON object)'),
+    'no_step': (lambda m: {k: v for k, v in m.items() if k != 'step'},
+                '(its meta records step null, not 2)'),
+    'other_step': (lambda m: dict(m, step=1), '(its meta records step 1, not 2)'),
+    'model_type': (lambda m: dict(m, model=5), '(its meta field model is 5, not str)'),
+    'checksum_type': (lambda m: dict(m, checksum='abc'),
+                      '(its checksum is str, not an object of arrays)'),
+    'checksum_value': (lambda m: dict(m, checksum=dict(m['checksum'], **{
+        "['step']": [1, 'x']})), '(its checksum of [\'step\'] is [1, "x"], not two '
+                                 '32-bit integers)'),
+}
+
+
 @pytest.mark.parametrize('damage', ['checksum', 'bit', 'overwrite', 'truncate', 'empty',
-                                    'meta'])
+                                    'meta', *META_EDITS, 'no_checksum+bit',
+                                    'no_checksum+truncate', 'null+truncate'])
 def test_damaged_checkpoint_is_set_aside_and_the_previous_restored(damage, tmp_path,
                                                                    caplog):
   """Damage that orbax reads without complaint (a changed array, shown by editing the
   recorded checksum, and a flipped bit that the compressor lets through) is caught
-  by the checksum; damage it cannot read is caught as unreadable. Either way the
-  checkpoint is renamed, whole, and the one before restored."""
+  by the checksum; damage it cannot read is caught as unreadable; a meta that is not
+  well-formed (no checksum, not an object, a field missing or of another type) is
+  damage too, whatever the arrays. Either way the checkpoint is renamed, whole, and
+  the one before restored."""
   import json  # pylint: disable=g-import-not-at-top
   states = _write(tmp_path)
   ckpts = tmp_path / 'checkpoints'
   target = _array_file(ckpts / '2')
   data, meta_file = bytearray(target.read_bytes()), ckpts / '2' / 'meta' / 'metadata'
   mid = len(data) // 2
-  if damage == 'checksum':
+  edit, arrays = damage.split('+')[0], damage.split('+')[-1]
+  if edit == 'checksum':
     meta = json.loads(meta_file.read_text())
     meta['checksum']["['params']['w']"][1] ^= 1
     meta_file.write_text(json.dumps(meta))
-  elif damage == 'bit':
-    data[mid] ^= 1
-  elif damage == 'overwrite':  # 4 KiB of other bytes, same size
-    data[mid:mid + 4096] = np.random.default_rng(0).bytes(4096)
-  elif damage == 'truncate':
-    data = data[:mid]
-  elif damage == 'empty':
-    data = b''
-  else:
+  elif edit in META_EDITS:
+    edited = META_EDITS[edit][0](json.loads(meta_file.read_text()))
+    meta_file.write_text(json.dumps(edited))
+  elif edit == 'meta':
     meta_file.write_text('{"step": 2, "chec')
-  if damage in ('bit', 'overwrite', 'truncate', 'empty'):
+  if arrays == 'bit':
+    data[mid] ^= 1
+  elif arrays == 'overwrite':  # 4 KiB of other bytes, same size
+    data[mid:mid + 4096] = np.random.default_rng(0).bytes(4096)
+  elif arrays == 'truncate':
+    data = data[:mid]
+  elif arrays == 'empty':
+    data = b''
+  if arrays in ('bit', 'overwrite', 'truncate', 'empty'):
     target.write_bytes(bytes(data))
   files = sorted(p.relative_to(ckpts / '2') for p in (ckpts / '2').rglob('*'))
   mngr = checkpoints.manager(str(tmp_path), keep=5)
@@ -124,16 +154,92 @@ def test_damaged_checkpoint_is_set_aside_and_the_previous_restored(damage, tmp_p
   assert len(lines) == 1 and lines[0].startswith('Checkpoint 2 is damaged (')
   assert f'moved to {moved[0].name}, trying the one before' in lines[0]
   checksum_line = "(1 of 4 arrays differ from their checksums, e.g. ['params']['w'])"
-  if damage == 'checksum':
+  if edit == 'checksum':
     assert checksum_line in lines[0]
+  elif edit in META_EDITS:
+    assert lines[0] == (f'Checkpoint 2 is damaged {META_EDITS[edit][1]}: moved to '
+                        f'{moved[0].name}, trying the one before')
   elif damage == 'bit':
     assert checksum_line in lines[0] or '(unreadable: ' in lines[0]
   else:
     assert '(unreadable: ' in lines[0] and len(lines[0]) < 400, lines[0]
+  assert not [r for r in caplog.records if 'without verification' in r.getMessage()]
   # Training goes on from step 1: the next save of step 2 does not collide.
   checkpoints.save(mngr, states[2], 2, dict(model='test'))
   mngr.close()
   assert mngr.all_steps() == [1, 2]
+
+
+def _drop_checksums(workdir: Path, steps=(1, 2)) -> None:
+  """Rewrites the metas of `steps` without their checksum (as an older version, or a
+  hand edit, leaves them)."""
+  import json  # pylint: disable=g-import-not-at-top
+  for step in steps:
+    meta_file = workdir / 'checkpoints' / str(step) / 'meta' / 'metadata'
+    meta = json.loads(meta_file.read_text())
+    del meta['checksum']
+    meta_file.write_text(json.dumps(meta))
+
+
+def _trainer(state):
+  """What `checkpoints.start` needs of a `steps.Trainer`: the state's layout, and a
+  fresh state (a marker, here: this test's start must not reach it)."""
+  import types  # pylint: disable=g-import-not-at-top
+  return types.SimpleNamespace(abstract_state=_abstract(state),
+                               init_state=lambda: pytest.fail('started from scratch'))
+
+
+def test_unverified_checkpoints_are_refused_unless_the_config_accepts_them(tmp_path,
+                                                                          caplog):
+  """Through the config a run starts with: by default checkpoints without a checksum
+  are damaged (all of them here: the run stops with one message naming the option);
+  with config.accept_unverified_checkpoints=True the newest is restored, with a
+  warning, and one without a checksum that orbax cannot read is still set aside."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from nfnet_jax import configs  # pylint: disable=g-import-not-at-top
+  config = configs.base_config()
+  states = _write(tmp_path, steps=(1, 2, 3))
+  _drop_checksums(tmp_path, (1, 2, 3))
+  _flip_middle(_array_file(tmp_path / 'checkpoints' / '3'))
+  (tmp_path / 'checkpoints' / '3' / 'state' / 'manifest.ocdbt').write_bytes(b'')
+  meta = dict(checkpoints.run_meta(config, 10, 100, 5, jax.eval_shape(lambda: states[1])),
+              model='test')
+  both = tmp_path / 'copy'
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(tmp_path / 'checkpoints', both / 'checkpoints')
+  with pytest.raises(errors.RunError) as e:
+    checkpoints.start(config, str(tmp_path), 'train', _trainer(states[1]), meta)
+  assert str(e.value).startswith(f'Every checkpoint in {tmp_path}/checkpoints is damaged '
+                                 '(set aside as damaged-3-')
+  assert ('Move one back by hand to use it anyway (to restore one without a checksum, '
+          'move it back and pass --config.accept_unverified_checkpoints=True), or start '
+          'over with a new --workdir.') in str(e.value) and '\n' not in str(e.value)
+  assert sorted(p.name.split('-')[1] for p in (tmp_path / 'checkpoints').iterdir()) == [
+      '1', '2', '3']
+
+  config.accept_unverified_checkpoints = True
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    mngr, state = checkpoints.start(config, str(both), 'train', _trainer(states[1]), meta)
+  mngr.close()
+  _tree_equal(state, states[2])
+  lines = [r.getMessage() for r in caplog.records]
+  assert len([l for l in lines if 'is damaged (unreadable: ' in l]) == 1, lines
+  assert 'Checkpoint 2 has no checksum: restored without verification (config.' \
+         'accept_unverified_checkpoints=True)' in lines
+  assert sorted(p.name for p in (both / 'checkpoints').iterdir())[:2] == ['1', '2']
+
+
+@pytest.mark.parametrize('bad', ['other_step', 'model_type', 'checksum_type'])
+def test_a_malformed_newest_meta_is_not_taken_for_the_run_s_layout(bad, tmp_path):
+  """`latest_meta` (what the layout check compares with) skips a checkpoint whose
+  meta is malformed: it is damage, for `restore` to set aside, not another run."""
+  import json  # pylint: disable=g-import-not-at-top
+  _write(tmp_path)
+  meta_file = tmp_path / 'checkpoints' / '2' / 'meta' / 'metadata'
+  meta_file.write_text(json.dumps(META_EDITS[bad][0](json.loads(meta_file.read_text()))))
+  step, meta = checkpoints.latest_meta(str(tmp_path))
+  assert step == 1 and meta['step'] == 1
 
 
 def test_every_checkpoint_damaged_is_an_error(tmp_path):
@@ -188,17 +294,26 @@ def test_another_layout_is_refused_before_anything_is_touched(tmp_path):
   assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob('*')) == before
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-  """A 1 MiB tmpfs (needs root, or a kernel that lets this user mount one)."""
-  mnt = tmp_path / 'mnt'
+@contextlib.contextmanager
+def tmpfs(mnt, options: str):
+  """A tmpfs mounted at `mnt` with mount `options` (needs root, or a kernel that lets
+  this user mount one: elsewhere the test is skipped, saying so), unmounted after."""
   mnt.mkdir()
-  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mnt)],
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(mnt)],
                         capture_output=True, text=True, check=False)
   if done.returncode:
     pytest.skip(f'cannot mount a small tmpfs here (not root?): {done.stderr.strip()}')
-  yield mnt
-  subprocess.run(['umount', '-l', str(mnt)], check=False)
+  try:
+    yield mnt
+  finally:
+    subprocess.run(['umount', '-l', str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """A 1 MiB tmpfs."""
+  with tmpfs(tmp_path / 'mnt', 'size=1m') as mnt:
+    yield mnt
 
 
 @pytest.mark.parametrize('free', [0, 16384, None])
@@ -231,3 +346,20 @@ def test_full_disk_stops_at_the_failed_save_and_keeps_the_last_good(small_filesy
   mngr = checkpoints.manager(str(small_filesystem), keep=5)
   state, _ = checkpoints.restore(mngr, _abstract(small))
   _tree_equal(state, small)
+
+
+def test_no_room_for_the_checkpoint_directory_is_one_line(tmp_path):
+  """A file system without a free inode (a tmpfs of 3, all taken): the checkpoint
+  directory cannot be created, and that is one line, not orbax's traceback."""
+  with tmpfs(tmp_path / 'mnt', 'size=1m,nr_inodes=3') as mnt:
+    (mnt / 'run').mkdir()
+    with pytest.raises(OSError, match='No space left'):  # every inode taken
+      for i in range(3):
+        (mnt / f'file{i}').write_bytes(b'')
+    with pytest.raises(errors.RunError) as e:
+      checkpoints.manager(str(mnt / 'run'), keep=3)
+    assert str(e.value) == (
+        f'Cannot create {mnt}/run/checkpoints: OSError: [Errno 28] No space left on '
+        f"device: '{mnt}/run/checkpoints'. Nothing was written; fix the cause (e.g. free "
+        'space) and re-run the same command.')
+    assert sorted(p.name for p in (mnt / 'run').iterdir()) == []

@@ -1,7 +1,9 @@
 """The training command line as a user meets it (`python -m nfnet_jax.train`, real
-subprocesses): one-line errors for bad values, model keywords from flags, the
---check_config path, what a terminal shows (progress bar and log lines, the compile
-notice, the resolutions), float32 evaluation, and a short run on a folder of PNGs."""
+subprocesses): one-line errors for bad values, values without meaning, misspelled
+data values and experiment arguments, unusable workdirs, missing data and weights
+(nothing created), model keywords from flags, the --check_config path, what a
+terminal shows (progress bar and log lines, the compile notice, the resolutions),
+float32 evaluation, and a short run on a folder of PNGs."""
 from __future__ import annotations
 
 import fcntl
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+LOG_LINE = re.compile(r'[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ')  # absl's log line
 
 
 def env(**extra) -> dict[str, str]:
@@ -83,12 +86,215 @@ def test_bad_dtypes_are_refused(key, value, words):
 
 
 # ---------------------------------------------------------------------------
+# Values checked for meaning, and what a run needs on disk, before anything is
+# created; --check_config runs the same checks.
+# ---------------------------------------------------------------------------
+QUICKSTART = '--config=experiments/quickstart.py'
+
+
+def refused_in_one_line(out: subprocess.CompletedProcess, *words: str) -> str:
+  """Exit status 1 and one error line (FATAL or Error), no traceback: every other
+  line of stderr is a log line. Returns the error line."""
+  assert out.returncode == 1, out.stdout + out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  lines = out.stderr.strip().splitlines()
+  errors = [l for l in lines if l.startswith(('FATAL', 'Error'))]
+  assert len(errors) == 1, out.stderr[-3000:]
+  assert all(l in errors or LOG_LINE.match(l) for l in lines), out.stderr[-3000:]
+  for w in words:
+    assert w in errors[0], (w, errors[0])
+  return errors[0]
+
+
+@pytest.mark.parametrize('flag, words', [
+    ('--config.model_kwargs.width=0', ['config.model_kwargs.width=0', 'positive']),
+    ('--config.model_kwargs.width=0.001', ['without channels', 'raise the width']),
+    ('--config.model_kwargs.depths=(0,1)', ['config.model_kwargs.depths', '>= 1']),
+    ('--config.model_kwargs.stochdepth_rate=1.5', ['stochdepth_rate=1.5', '[0, 1)']),
+    ('--config.seed=-1', ['config.seed=-1', '[0, 2**32)']),
+    ('--config.seed=4294967296', ['config.seed=4294967296', '[0, 2**32)']),
+    ('--config.optimizer.base_lr=nan', ['config.optimizer.base_lr=nan', 'finite']),
+    ('--config.optimizer.base_lr=-0.4', ['config.optimizer.base_lr=-0.4', 'positive']),
+    ('--config.optimizer.base_lr=0', ['config.optimizer.base_lr=0', 'positive']),
+    ('--config.ema_decay=nan', ['config.ema_decay=nan', 'finite']),
+    ('--config.data.image_size=1', ['config.data.image_size', '1 px', 'stride',
+                                    'at least 32 px']),
+    ('--config.data.eval_size=16', ['config.data.eval_size', '16 px', 'at least 32 px']),
+    ('--config.data.holdout_fraction=1.0', ['config.data.holdout_fraction=1.0']),
+])
+def test_bad_numbers_are_refused_in_one_line(tmp_path, flag, words):
+  """Values that used to pass the checks, then crashed (width 0, seed -1) or trained
+  nonsense (a negative or NaN learning rate, 1 px images): one line naming the key
+  and the range, nothing created."""
+  out = cli(QUICKSTART, f'--workdir={tmp_path / "w"}', flag, '--check_config')
+  refused_in_one_line(out, *words)
+  assert not (tmp_path / 'w').exists()
+
+
+def test_smallest_image_size_is_the_total_stride():
+  """The quickstart model has 4 stages (stride 32); with 2 stages (stride 8) 16 px
+  images are accepted."""
+  out = cli(QUICKSTART, '--check_config', '--config.data.image_size=16',
+            '--config.data.eval_size=16', '--config.model_kwargs.depths=(1,1)')
+  assert out.returncode == 0, out.stderr
+  refused_in_one_line(cli(QUICKSTART, '--check_config', '--config.data.image_size=4',
+                          '--config.data.eval_size=16',
+                          '--config.model_kwargs.depths=(1,1)'),
+                      'config.data.image_size: 4 px', 'at least 8 px')
+
+
+@pytest.mark.parametrize('key, value, words', [
+    ('source', 'folde', ['config.data.source', "'folde'", 'Did you mean folder?']),
+    ('source', 'TFDS', ['config.data.source', "'TFDS'", 'Did you mean tfds?']),
+    ('crop', 'incepton', ['config.data.crop', 'Did you mean inception?']),
+    ('eval_crop', 'centre_crop', ['config.data.eval_crop', 'Did you mean center_crop?']),
+    ('folder_verify', 'decod', ['config.data.folder_verify', 'Did you mean decode?']),
+])
+def test_misspelled_data_values_are_refused(tmp_path, key, value, words):
+  out = cli(QUICKSTART, f'--workdir={tmp_path / "w"}', f'--config.data.{key}={value}',
+            '--check_config')
+  refused_in_one_line(out, *words)
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('arg, words', [
+    ('nfnet.py:F0,sma', ["'sma'", 'Did you mean sam?']),
+    ('nfnet.py:f0', ["'f0'", 'Did you mean F0?']),
+    ('nfnet.py:F9', ["'F9'", 'Valid: F0, F0+']),
+    ('nf_regnet.py:b0', ["'b0'", 'Did you mean B0?']),
+    ('quickstart.py:nump', ["'nump'", 'Did you mean numpy?']),
+    ('nf_resnet50.py:F0', ["'F0'", 'Valid: (none)']),
+    ('finetune_folder.py:F0,sam', ["'sam'"]),
+    ('claims.py:cpux', ["'cpux'", 'Did you mean cpu?']),
+])
+def test_config_arguments_are_checked(arg, words):
+  """Every word of `--config=FILE:ARG` is checked as written (a case slip is refused
+  with the right spelling), in one line naming the experiment file."""
+  out = cli(f'--config=experiments/{arg}', '--check_config')
+  refused_in_one_line(out, f'experiments/{arg.split(":")[0]}', *words)
+
+
+def test_config_argument_is_named_in_the_summary():
+  out = cli('--config=experiments/nfnet.py:F0,sam', '--check_config', '--nocheck_paths')
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith('Config OK: experiments/nfnet.py:F0,sam: F0('), out.stdout
+  assert 'SAM (rho 0.05, ascent on 20% of the batch)' in out.stdout
+
+
+def test_a_folder_needs_its_source(tmp_path):
+  """--config.data.folder without source=folder used to train on the built-in shapes."""
+  out = cli(QUICKSTART, f'--config.data.folder={tmp_path}', '--check_config')
+  refused_in_one_line(out, f'config.data.folder={tmp_path}', '--config.data.source=folder')
+
+
+@pytest.mark.parametrize('kind', ['file', 'below_a_file', 'read_only'])
+def test_workdir_must_be_a_writable_directory(tmp_path, kind):
+  """A file, a path below a file, a directory nobody can write in (/sys: a read-only
+  file system, even for root, whom permission bits do not stop): refused in one line
+  by the checks, where the run used to fail with a traceback."""
+  (tmp_path / 'f').write_text('keep')
+  workdir = {'file': tmp_path / 'f', 'below_a_file': tmp_path / 'f' / 'w',
+             'read_only': Path('/sys/nfnet_jax_workdir')}[kind]
+  out = cli(QUICKSTART, f'--workdir={workdir}', '--check_config')
+  refused_in_one_line(out, f'--workdir={workdir}')
+  assert (tmp_path / 'f').read_text() == 'keep'
+  assert not workdir.exists() or kind == 'file'
+
+
+def test_missing_tfds_data_is_one_line(tmp_path):
+  """The README's ImageNet command on a machine without ImageNet: one line saying how
+  to prepare it, before anything is created (it was ~30 lines of traceback)."""
+  out = cli('--config=experiments/nfnet.py:F0', f'--workdir={tmp_path / "w"}',
+            f'--config.data.data_dir={tmp_path / "tfds"}')
+  refused_in_one_line(out, "'imagenet2012' is not prepared",
+                      'python -m nfnet_jax.data.prepare')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_missing_image_folder_is_one_line(tmp_path):
+  out = cli('--config=experiments/finetune_folder.py:F0', f'--workdir={tmp_path / "w"}',
+            f'--config.data.folder={tmp_path / "nowhere"}')
+  refused_in_one_line(out, str(tmp_path / 'nowhere'), 'not found')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_empty_class_folder_is_one_line(tmp_path):
+  """A class folder without images, and one whose only image does not decode (only
+  the run's verification sees that): one line naming the folder, nothing created."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  for name in ('a', 'b', 'c'):
+    (tmp_path / 'images' / name).mkdir(parents=True)
+  for name in ('a', 'b'):
+    for i in range(4):
+      Image.fromarray(np.zeros([32, 32, 3], np.uint8)).save(
+          tmp_path / 'images' / name / f'{i}.png')
+  (tmp_path / 'images' / 'b' / 'broken.png').write_bytes(b'\x89PNG not really')
+  args = [QUICKSTART, '--config.data.source=folder',
+          f'--config.data.folder={tmp_path / "images"}', '--config.data.holdout_fraction=0.25',
+          f'--config.data.folder_cache_dir={tmp_path / "cache"}']
+  out = cli(*args, f'--workdir={tmp_path / "w"}')
+  refused_in_one_line(out, 'images/c has no usable image')
+  for p in (tmp_path / 'images' / 'b').glob('?.png'):
+    p.unlink()  # b holds only the undecodable file now
+  (tmp_path / 'images' / 'c').rmdir()
+  out = cli(*args, f'--workdir={tmp_path / "w"}')
+  refused_in_one_line(out, 'images/b has no usable image')
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.fixture(scope='module')
+def b1_weights(tmp_path_factory) -> Path:
+  """NF-RegNet-B1's parameters (zeros, 40 MB) as pretrained.save writes them: the
+  smallest registered model whose file is bigger than another's (B0)."""
+  from nfnet_jax import pretrained  # pylint: disable=import-outside-toplevel
+  path = tmp_path_factory.mktemp('weights') / 'B1.npz'
+  pretrained.save({m: {leaf: np.zeros(shape, np.float32) for leaf, shape in leaves.items()}
+                   for m, leaves in pretrained.model_shapes('nf_regnet_b1').items()}, path)
+  return path
+
+
+def test_init_from_must_exist_and_fit(tmp_path, b1_weights):
+  """A missing file, the weights of a bigger model (F1 into F0, here B1 into B0): one
+  line, and no checkpoints/ left behind; weights that fit pass --check_config, but
+  not for --mode=eval on data with other classes."""
+  regnet = ['--config=experiments/nf_regnet.py:B0', '--config.data.source=offline']
+  out = cli(*regnet, f'--workdir={tmp_path / "w"}',
+            f'--config.init_from={tmp_path / "F0_haiku.npz"}')
+  refused_in_one_line(out, 'config.init_from', 'No such checkpoint', 'wget')
+  out = cli(*regnet, f'--workdir={tmp_path / "w"}', f'--config.init_from={b1_weights}')
+  refused_in_one_line(out, 'config.init_from', 'B1.npz', "'nf_regnet_b0'")
+  assert not (tmp_path / 'w').exists()
+  b1 = ['--config=experiments/nf_regnet.py:B1', '--config.data.source=offline',
+        f'--config.init_from={b1_weights}', '--check_config']
+  out = cli(*b1)
+  assert out.returncode == 0 and out.stdout.startswith('Config OK'), out.stderr
+  refused_in_one_line(cli(*b1, '--mode=eval'), "does not fit this data's 10 classes")
+
+
+def test_eval_without_anything_to_evaluate_fails_the_check(tmp_path):
+  out = cli(QUICKSTART, f'--workdir={tmp_path / "w"}', '--mode=eval', '--check_config')
+  refused_in_one_line(out, '--mode=eval', 'nothing to evaluate')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_nocheck_paths_leaves_the_file_system_to_the_machine_that_runs(tmp_path):
+  """A launcher checks a pod's command where the data is not: --nocheck_paths with
+  --check_config runs every value check and none of the file system's."""
+  args = ['--config=experiments/nfnet.py:F0', f'--workdir={tmp_path / "w"}',
+          f'--config.data.data_dir={tmp_path / "tfds"}', '--check_config']
+  refused_in_one_line(cli(*args), "'imagenet2012' is not prepared")
+  out = cli(*args, '--nocheck_paths')
+  assert out.returncode == 0 and out.stdout.startswith('Config OK'), out.stderr
+  refused_in_one_line(cli(*args, '--nocheck_paths', '--config.seed=-1'), 'config.seed')
+
+
+# ---------------------------------------------------------------------------
 # Model keywords from the command line.
 # ---------------------------------------------------------------------------
 def test_model_kwargs_absent_from_the_config_can_be_set():
   """experiments/nfnet.py's model_kwargs has only stochdepth_rate; any keyword of the
   NFNet constructor can still be set, with its Python type (float, None, tuple, str)."""
-  out = cli('--config=experiments/nfnet.py:F0', '--check_config',
+  out = cli('--config=experiments/nfnet.py:F0', '--check_config', '--nocheck_paths',
             '--config.model_kwargs.width=0.125', '--config.model_kwargs.group_size=None',
             '--config.model_kwargs.depths=(1,1,2,1)',
             '--config.model_kwargs.activation', 'relu')
@@ -127,19 +333,19 @@ def test_unknown_model_kwarg_is_refused_with_the_closest():
   assert out.returncode == 1
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1, out.stderr
-  assert 'config.model_kwargs.widht' in lines[0] and 'Did you mean width?' in lines[0]
+  assert 'config.model_kwargs.widht' in lines[0] and 'Did you mean width' in lines[0]
   assert 'group_size' in lines[0] and 'stochdepth_rate' in lines[0]  # the valid keys
 
 
 def test_model_kwargs_follow_the_final_model():
   """Checked against config.model as set on the same command line: NF-RegNets have
-  no 'depths' keyword, NFNets do."""
+  no 'final_conv_mult' keyword, NFNets do."""
   out = cli('--config=experiments/nfnet.py:F0', '--check_config',
-            '--config.model=nf_regnet_b0', '--config.model_kwargs.depths=(1,1,1,1)')
+            '--config.model=nf_regnet_b0', '--config.model_kwargs.final_conv_mult=1.5')
   assert out.returncode == 1 and "model 'nf_regnet_b0'" in out.stderr
   assert 'expansion' in out.stderr  # an NF-RegNet keyword among the valid ones
-  out = cli('--config=experiments/nfnet.py:F0', '--check_config',
-            '--config.model_kwargs.depths=(1,1,1,1)')
+  out = cli('--config=experiments/nfnet.py:F0', '--check_config', '--nocheck_paths',
+            '--config.model_kwargs.final_conv_mult=1.5')
   assert out.returncode == 0, out.stderr
 
 
@@ -176,17 +382,17 @@ class _Identity:
     return {'logits': images.reshape(images.shape[0], -1)}
 
 
-@pytest.mark.parametrize('eval_dtype, top1', [('float32', 0.0), ('bfloat16', 1.0)])
+@pytest.mark.parametrize('eval_dtype, top1', [('float32', 1.0), ('bfloat16', 0.0)])
 def test_eval_step_computes_in_eval_dtype(eval_dtype, top1):
-  """Logits 1.0 (the label) and 1.001: float32 ranks the label second (top-1 0); in
-  bfloat16 both round to 1.0, a tie, which counts for the label (top-1 1). The train
-  precision (bfloat16) must not leak into evaluation."""
+  """Logits 1.001 (the label) and 1.0: float32 ranks the label first (top-1 1); in
+  bfloat16 both round to 1.0, a tie, which counts against the label (top-1 0). The
+  train precision (bfloat16) must not leak into evaluation."""
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   from nfnet_jax import steps  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(dict(compute_dtype='bfloat16', eval_dtype=eval_dtype))
   step = steps.make_eval_step(config, _Identity())
-  batch = dict(images=np.array([[[[1.0, 1.001, 0.0]]]], np.float32),  # [1, 1, 1, 3]
+  batch = dict(images=np.array([[[[1.001, 1.0, 0.0]]]], np.float32),  # [1, 1, 1, 3]
                labels=np.array([[1.0, 0.0, 0.0]], np.float32),
                mask=np.ones([1], np.float32))
   add_axis = lambda t: jax.tree.map(lambda x: x[None], t)
@@ -225,7 +431,6 @@ TINY = textwrap.dedent('''
       return c
 ''')
 
-LOG_LINE = re.compile(r'[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ')
 
 # The training command line with an hour added to the clocks (time.time, which the
 # bar uses, and time.monotonic) when the first train step's call returns: a stand-in

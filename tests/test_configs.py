@@ -1,5 +1,6 @@
 """The training config (nfnet_jax/configs.py): schedule lengths. Config validation
-is tested through train_and_evaluate and the flag parser in tests/test_train.py."""
+is tested through the command line in tests/test_cli.py and through
+train_and_evaluate in tests/test_train.py."""
 import pytest
 
 from nfnet_jax import configs

@@ -137,9 +137,11 @@ def test_prepare_help_lists_flags_with_descriptions_and_defaults():
 
 
 @pytest.mark.parametrize('field,value,message', [
-    ('eval_crop', 'crop_resize', r"data.eval_crop 'crop_resize'; one of \('squash', 'center_crop'\)"),
-    ('crop', 'random', r"data.crop 'random'"),
-    ('folder_verify', 'full', r"data.folder_verify must be one of \('decode', 'open', 'none'\)"),
+    ('eval_crop', 'crop_resize', r"data.eval_crop: Unknown eval crop 'crop_resize'.* "
+     r"Valid: squash, center_crop"),
+    ('crop', 'random', r"data.crop: Unknown train crop 'random'"),
+    ('folder_verify', 'full', r"data.folder_verify: Unknown verification 'full'.* "
+     r"Valid: decode, open, none"),
     ('image_size', -1, r'must be positive'),
 ])
 def test_bad_values_are_refused_before_reading_data(field, value, message):

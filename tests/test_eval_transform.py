@@ -136,8 +136,8 @@ def _env() -> dict[str, str]:
 
 
 def test_cli_logs_the_eval_transform_and_refuses_the_old_key(small_folder, tmp_path):
-  """Two commands, in parallel: --mode=eval on an empty workdir logs the data lines
-  (then stops: nothing to evaluate), among them what the eval transform does; the
+  """Two commands, in parallel: --mode=eval on an empty workdir logs what the eval
+  transform does once its config is valid (then stops: nothing to evaluate); the
   old key data.eval_resize_margin gets one 'renamed to' line."""
   root, _ = small_folder
   base = [sys.executable, '-m', 'nfnet_jax.train', '--config=experiments/quickstart.py']

@@ -664,6 +664,8 @@ def test_tpu_vm_workdir_every_worker_reaches_and_devices_checked(accelerator, de
   flags, _, argv = log.read_text().strip().partition(' | ')
   assert flags == f'--xla_force_host_platform_device_count={devices}'
   assert argv.split()[:2] == ['-m', 'nfnet_jax.train'] and '--check_config' in argv
+  # Paths are the workers' (a bucket, a gcsfuse mount): only the values are checked here.
+  assert '--nocheck_paths' in argv.split()
   out = dry_run('tpu_vm.sh', *args, '--workdir=gs://b/f0', '--retries=2')  # always fine
   assert 'TPU VM\'s disk' not in out.stderr
 
@@ -692,8 +694,9 @@ def test_gpu_checks_the_training_command_before_the_workdir_or_training(tmp_path
                                'config.bach_size')
   # dry run: the same interpreter checks (here a fake, which logs its calls) ...
   sandbox.python('python3', '3.12')
-  out = dry_run('gpu.sh', '--workdir=/w', '--mode=eval', '--', '--config=experiments/'
-                'quickstart.py', env=sandbox.env())
+  # (--python: a checkout with its own .venv would otherwise be preferred to python3.)
+  out = dry_run('gpu.sh', '--python=python3', '--workdir=/w', '--mode=eval', '--',
+                '--config=experiments/quickstart.py', env=sandbox.env())
   assert 'python3 -m nfnet_jax.train --check_config --workdir=/w --mode=eval --config=' \
          'experiments/quickstart.py' in sandbox.calls()
   assert 'gpu.sh: checked here: passed' in out.stderr

@@ -1,7 +1,7 @@
 """nfnet_jax/metrics_writer.py: metrics.jsonl and TensorBoard event files, written
 through etils.epath so that a gs:// workdir lands in the bucket (not in a local
 './gs:' folder). The bucket is simulated by etils' own mock backend, which maps
-gs://bucket/... onto a temporary directory."""
+gs://bucket/... onto a temporary directory. A full disk is a real, small tmpfs."""
 import json
 import os
 import struct
@@ -9,9 +9,11 @@ import struct
 from etils import epath
 from etils.epath import gpath, testing as epath_testing
 import pytest
-from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2
 
-from nfnet_jax.metrics_writer import MetricsWriter, crc32c
+from nfnet_jax import errors
+from nfnet_jax.metrics_writer import MetricsWriter, WriteError, crc32c
+from test_checkpoints import small_filesystem  # pylint: disable=unused-import
 
 
 def read_events(path):
@@ -117,3 +119,89 @@ def check_evaluated_twice(path):
 def test_replace_keeps_one_eval_row_per_step(tmp_path):
   evaluate_twice(str(tmp_path))
   check_evaluated_twice(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# A full disk: a real, small tmpfs (the fixture of tests/test_checkpoints.py).
+# ---------------------------------------------------------------------------
+def fill(mnt) -> None:
+  """Leaves no free block on the file system at `mnt` (checked by a failing write)."""
+  st = os.statvfs(mnt)
+  with open(os.path.join(mnt, 'filler'), 'wb') as f:
+    f.write(bytes(st.f_bavail * st.f_frsize))
+  with pytest.raises(OSError, match='No space left'):
+    with open(os.path.join(mnt, 'filler'), 'ab') as f:
+      f.write(bytes(4096))
+
+
+def test_full_disk_mid_record_leaves_whole_records_and_one_line(small_filesystem):
+  """The disk fills up; the next record is bigger than the room left in the last
+  block of metrics.jsonl, so part of it is written before the write fails: that part
+  is cut off again, and the writer raises one line naming the file and the step."""
+  logdir = small_filesystem / 'run'
+  w = MetricsWriter(str(logdir))
+  w.write(1, {'loss': 1.5, 'top1': 0.25}, prefix='train')
+  jsonl = logdir / 'metrics.jsonl'
+  (events,) = logdir.glob('events.out.tfevents.*')
+  before = jsonl.read_bytes(), events.read_bytes()
+  assert len(before[0]) % 4096 and len(before[1]) % 4096  # room left in the last block
+  fill(small_filesystem)
+  big = {f'scalar_{i}': i / 7 for i in range(400)}  # a record of about 12 KiB
+  with pytest.raises(errors.RunError) as e:
+    w.write(2, big, prefix='train')
+  assert isinstance(e.value, WriteError) and e.value.step == 2
+  assert str(e.value) == (
+      f'Cannot write metrics to {jsonl}: OSError: No space left on device; the record '
+      'of step 2 is not in it (the earlier ones are, whole)')
+  assert (jsonl.read_bytes(), events.read_bytes()) == before
+  w.write(3, {'loss': 1.0})  # The writer writes nothing more, and closes quietly.
+  w.close()
+  assert (jsonl.read_bytes(), events.read_bytes()) == before
+  assert [e.step for e in read_events(events)] == [0, 1]
+
+
+def test_full_disk_in_the_event_file_keeps_both_files_whole(small_filesystem):
+  """metrics.jsonl takes the record (room left in its last block), the event file does
+  not (less room in its last block than the record needs): the event file is cut back
+  to its earlier records, and the error names it."""
+  logdir = small_filesystem / 'run'
+  w = MetricsWriter(str(logdir))
+  w.write(1, {'a': 1.0})
+  jsonl = logdir / 'metrics.jsonl'
+  (events,) = logdir.glob('events.out.tfevents.*')
+  before = jsonl.read_bytes(), events.read_bytes()
+  fill(small_filesystem)
+  room = [4096 - len(b) % 4096 for b in before]
+
+  def sizes(n: int) -> tuple[int, int]:
+    """Bytes of the JSON line and of the TFRecord of {'x' * n: 1.0} at step 5."""
+    line = json.dumps({'step': 5, 'x' * n: 1.0}) + '\n'
+    value = summary_pb2.Summary.Value(tag='x' * n, simple_value=1.0)
+    event = event_pb2.Event(wall_time=1.0, step=5, summary=summary_pb2.Summary(
+        value=[value]))
+    return len(line), 16 + len(event.SerializeToString())
+
+  n = next(n for n in range(4096) if sizes(n)[1] > room[1])
+  assert sizes(n)[0] <= room[0]  # the line fits
+  with pytest.raises(WriteError) as e:
+    w.write(5, {'x' * n: 1.0})
+  assert str(e.value) == (
+      f'Cannot write metrics to {events}: OSError: No space left on device; the record '
+      'of step 5 is not in it (the earlier ones are, whole)')
+  w.close()
+  assert events.read_bytes() == before[1]
+  assert [e.step for e in read_events(events)] == [0, 1]
+  assert [json.loads(l)['step'] for l in jsonl.read_text().splitlines()] == [1, 5]
+
+
+def test_full_disk_at_the_start_writes_nothing(small_filesystem):
+  fill(small_filesystem)
+  logdir = small_filesystem / 'run'
+  with pytest.raises(WriteError) as e:
+    MetricsWriter(str(logdir), step=7)
+  message = str(e.value)
+  assert message.startswith(f'Cannot write metrics to {logdir}/events.out.tfevents.')
+  assert message.endswith(': OSError: No space left on device; nothing was written to it')
+  assert e.value.step == 7 and '\n' not in message
+  assert sorted(p.name for p in logdir.iterdir()) == ['metrics.jsonl']  # (empty)
+  assert (logdir / 'metrics.jsonl').stat().st_size == 0

@@ -37,7 +37,7 @@ def test_wrong_case_suggests_the_registered_name():
   r = _run('f0')
   assert r.returncode == 2 and r.stdout == ''
   assert r.stderr.strip() == (
-      "python -m nfnet_jax.models: error: Unknown model 'f0'. Did you mean F0 or F0+? "
+      "python -m nfnet_jax.models: error: Unknown model 'f0'. Did you mean F0? "
       f'Valid: {", ".join(registry.names())}')
 
 
@@ -54,3 +54,12 @@ def test_table_row_for_a_small_model():
   facts = registry.info(name)
   assert row.split() == [name, f'{params / 1e6:.1f}', f'{macs / 1e9:.2f}',
                          str(facts['train_imsize']), str(facts['test_imsize'])]
+
+
+def test_eca_nfnet_l0_counts_are_timms():
+  """timm 1.0.31's eca_nfnet_l0: 24,143,924 parameters, 7,014,465,280 multiply-adds at
+  its 288 px test size (its convs, ECA's Conv1d and the classifier, counted with forward
+  hooks; tests/test_timm_parity.py recounts them where timm is installed)."""
+  r = _run('eca_nfnet_l0')
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.splitlines()[1].split() == ['eca_nfnet_l0', '24.1', '7.01', '224', '288']

@@ -45,6 +45,8 @@ import time
 import numpy as np
 import pytest
 
+from test_checkpoints import small_filesystem  # pylint: disable=unused-import
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
 TIMEOUT = 900  # Per run; CI needs a fraction of it.
@@ -518,6 +520,41 @@ def test_damaged_checkpoint_is_set_aside_and_rerun_equals_uninterrupted_run(runs
 
 
 @pytest.mark.slow
+def test_checkpoint_without_checksum_is_refused_unless_the_config_accepts_it(runs,
+                                                                            tmp_path):
+  """'one's only checkpoint with its checksum deleted: --mode=eval sets it aside and
+  stops with one line naming the option; moved back, it evaluates with
+  --config.accept_unverified_checkpoints=True (a warning says so), as 'one' did."""
+  one = runs.get('one').ok()
+  workdir = tmp_path / 'wd'
+  shutil.copytree(one.workdir, workdir)
+  meta_file = workdir / 'checkpoints' / str(STEPS) / 'meta' / 'metadata'
+  meta = json.loads(meta_file.read_text())
+  del meta['checksum']
+  meta_file.write_text(json.dumps(meta))
+  done = _cli(runs.root, workdir, '--mode=eval', cache=runs.cache)
+  out = done.stdout + done.stderr
+  assert done.returncode == 1 and 'Traceback' not in out, out[-4000:]
+  (moved,) = (workdir / 'checkpoints').glob(f'damaged-{STEPS}-*')
+  assert done.stderr.strip().splitlines()[-1] == (
+      f'Error: Every checkpoint in {workdir}/checkpoints is damaged (set aside as '
+      f'{moved.name}): nothing to resume from. Move one back by hand to use it anyway '
+      '(to restore one without a checksum, move it back and pass '
+      '--config.accept_unverified_checkpoints=True), or start over with a new '
+      '--workdir.')
+  assert len([l for l in out.splitlines() if 'it has no checksum' in l]) == 1
+  moved.rename(workdir / 'checkpoints' / str(STEPS))
+  done = _cli(runs.root, workdir, '--mode=eval',
+              '--config.accept_unverified_checkpoints=True', cache=runs.cache)
+  out = done.stdout + done.stderr
+  assert done.returncode == 0, out[-4000:]
+  assert f'Checkpoint {STEPS} has no checksum: restored without verification' in out
+  final = [l for l in one.output.splitlines() if l.startswith('Final top-1')]
+  assert final and final == [l for l in done.stdout.splitlines()
+                             if l.startswith('Final top-1')]
+
+
+@pytest.mark.slow
 def test_workdir_of_another_width_is_refused_untouched(runs, tmp_path):
   one = runs.get('one').ok()
   workdir = tmp_path / 'wd'
@@ -719,14 +756,14 @@ def no_compilation():
     (lambda c: setattr(c.data, 'sorce', 'tfds'), 'Did you mean source?'),
     (lambda c: setattr(c, 'model', 'F9'), "config.model: Unknown model 'F9'"),
     (lambda c: setattr(c, 'model', 'nf_resnet_50'), 'Did you mean nf_resnet50'),
-    (lambda c: c.model_kwargs.__setattr__('widht', 0.5), 'Did you mean width?'),
+    (lambda c: c.model_kwargs.__setattr__('widht', 0.5), 'Did you mean width'),
     (lambda c: setattr(c, 'compute_dtype', 'float16'), 'Valid: bfloat16, float32'),
     (lambda c: setattr(c, 'batch_size', 0), 'config.batch_size=0 must be a positive'),
     (lambda c: setattr(c, 'grad_accum_steps', 3), 'config.grad_accum_steps=3 must divide'),
     (lambda c: setattr(c.optimizer, 'name', 'lamb'),
      "config.optimizer.name: Unknown optimizer 'lamb'. Valid: sgd, adam, adamw"),
     (lambda c: setattr(c, 'log_every', 0), 'config.log_every=0 must be >= 1'),
-    (lambda c: setattr(c.data, 'source', 'imagenet'), "'tfds', 'folder' or 'offline'"),
+    (lambda c: setattr(c.data, 'source', 'imagenet'), 'Valid: tfds, folder, offline'),
 ], ids=['key', 'nested_key', 'data_key', 'model', 'model_close', 'model_kwargs', 'dtype',
         'batch', 'accum', 'optimizer', 'log_every', 'data_source'])
 def test_bad_config_refused_before_compilation(edit, message, tmp_path, no_compilation):
@@ -827,10 +864,33 @@ def test_eval_mode_on_an_empty_workdir_says_so_and_creates_nothing(tmp_path):
   assert done.returncode == 1, done.stderr[-3000:]
   assert 'Traceback' not in done.stderr
   assert done.stderr.strip().splitlines()[-1] == (
-      f'Error: --mode=eval: no checkpoint in {workdir}/checkpoints and no '
+      f'FATAL Config error: --mode=eval: no checkpoint in {workdir}/checkpoints and no '
       'config.init_from, so nothing to evaluate (nothing was created). Train in this '
       'workdir first, or pass --config.init_from=<weights file>.')
   assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_full_disk_at_the_start_is_one_line_and_writes_nothing(tmp_path,
+                                                               small_filesystem):
+  """The workdir's file system is full when the run starts: the first metrics record
+  (the event file's header) fails, and the run stops with one line, before training,
+  leaving no event file and no checkpoint."""
+  from test_metrics_writer import fill  # pylint: disable=g-import-not-at-top
+  fill(small_filesystem)
+  workdir = small_filesystem / 'run'
+  done = _cli(tmp_path, workdir)
+  out = done.stdout + done.stderr
+  assert done.returncode == 1 and 'Traceback' not in out, out[-4000:]
+  assert re.fullmatch(
+      rf'Error: Cannot write metrics to {re.escape(str(workdir))}/events\.out\.'
+      r'tfevents\.\S+: OSError: No space left on device; nothing was written to it\. '
+      r'Stopped at step 0; there is no earlier checkpoint\. Fix the cause \(e\.g\. '
+      r'free space\) and re-run the same command to resume\.',
+      done.stderr.strip().splitlines()[-1]), out[-4000:]
+  assert sorted(p.name for p in workdir.iterdir()) == ['checkpoints', 'metrics.jsonl']
+  assert not list((workdir / 'checkpoints').iterdir())
+  assert (workdir / 'metrics.jsonl').stat().st_size == 0
 
 
 def test_eval_mode_refuses_weights_for_another_class_count(tmp_path):
@@ -843,6 +903,7 @@ def test_eval_mode_refuses_weights_for_another_class_count(tmp_path):
                    for m, leaves in shapes.items()}, weights)
   config = tiny_config()
   config.model, config.model_kwargs, config.init_from = 'nf_regnet_b0', {}, str(weights)
+  config.data.image_size = config.data.eval_size = 32  # the model's total stride
   with pytest.raises(errors.RunError, match=r"--mode=eval: config.init_from=.*b0_1000.npz "
                      r"does not fit this data's 10 classes \(\['.*linear'\]\['b'\]: "
                      r"\(1000,\) in the file, \(10,\) here\), so it would score an "

@@ -6,6 +6,7 @@ TensorFlow is imported lazily, only when a TF pipeline is built, and then with
 every GPU/TPU hidden from it. Public API:
 
   default_config() -> ConfigDict
+  check_config(cfg) -> None (ValueError for a bad value; reads no data)
   dataset_info(cfg) -> {num_classes, num_train, num_eval, train_size, eval_size}
   describe_eval(cfg) -> one line saying what the eval transform does
   build_train_iter(cfg, global_batch_size, seed, start_step=0,
@@ -30,7 +31,8 @@ import numpy as np
 
 from nfnet_jax.data.config import default_config, describe_eval, image_sizes
 
-__all__ = ['default_config', 'dataset_info', 'describe_eval', 'build_train_iter',
+__all__ = ['default_config', 'check_config', 'dataset_info', 'describe_eval',
+           'build_train_iter',
            'build_eval_iter', 'imagenet_class_names', 'imagenet_wnids']
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,17 +57,23 @@ def imagenet_wnids() -> List[str]:
   return _read_lines('imagenet_wnids.txt')
 
 
-def _validate(cfg) -> None:
-  """The data config's checks, before any data is read: one clear ValueError."""
+def check_config(cfg) -> None:
+  """The data config's checks, before any data is read: one clear ValueError naming
+  the key, with the closest valid value for a misspelled one."""
+  from nfnet_jax import errors
   from nfnet_jax.data import config as config_lib
-  if cfg.source not in config_lib.SOURCES:
-    raise ValueError(f"data.source must be 'tfds', 'folder' or 'offline', got {cfg.source!r}")
+  for key, kind, valid in (('source', 'source', config_lib.SOURCES),
+                           ('crop', 'train crop', config_lib.CROPS),
+                           ('eval_crop', 'eval crop', config_lib.EVAL_CROPS),
+                           ('folder_verify', 'verification', config_lib.FOLDER_VERIFY)):
+    if cfg[key] not in valid:
+      raise ValueError(f'data.{key}: ' + errors.unknown_name(kind, cfg[key], valid))
   config_lib.resolve_crop(cfg)
   config_lib.resolve_eval_crop(cfg)
-  if cfg.folder_verify not in config_lib.FOLDER_VERIFY:
-    raise ValueError(f'data.folder_verify must be one of {config_lib.FOLDER_VERIFY}, '
-                     f'got {cfg.folder_verify!r}')
   config_lib.image_sizes(cfg)
+  for key, low in (('max_image_pixels', 1), ('max_consecutive_bad_records', 1)):
+    if key in cfg and int(cfg[key]) < low:
+      raise ValueError(f'data.{key} must be >= {low}, got {cfg[key]}')
   if not cfg.use_tf:
     if cfg.source != 'offline':
       raise ValueError("data.use_tf=False (numpy path) only supports source='offline'; "
@@ -80,7 +88,7 @@ def dataset_info(cfg) -> Dict[str, int]:
 
   Raises FileNotFoundError (with preparation instructions) for a missing dataset.
   """
-  _validate(cfg)
+  check_config(cfg)
   train_size, eval_size = image_sizes(cfg)
   if cfg.source == 'offline':
     o = cfg.offline
@@ -105,7 +113,7 @@ def build_train_iter(cfg, global_batch_size: int, seed: int, start_step: int = 0
   The global batch of step s is a function of (cfg, seed, s) only; process p gets
   its rows [p * local, (p + 1) * local), local = global_batch_size / process_count.
   """
-  _validate(cfg)
+  check_config(cfg)
   p, n = _processes(process_index, process_count, global_batch_size)
   if not cfg.use_tf:
     from nfnet_jax.data import numpy_pipeline
@@ -118,7 +126,7 @@ def build_eval_iter(cfg, global_batch_size: int, process_index: Optional[int] = 
                     process_count: Optional[int] = None) -> Iterator[Batch]:
   """Finite iterator over the eval split: ceil(N / global_batch) batches per
   process; across processes every example appears exactly once with mask 1."""
-  _validate(cfg)
+  check_config(cfg)
   p, n = _processes(process_index, process_count, global_batch_size)
   if not cfg.use_tf:
     from nfnet_jax.data import numpy_pipeline

@@ -19,6 +19,15 @@ EVAL_CROPS = ('squash', 'center_crop')
 FOLDER_VERIFY = ('decode', 'open', 'none')
 AUGMENT_ON = ('host', 'device')
 PAIRINGS = ('paper', 'within_batch')
+# An image whose header declares more pixels than this is skipped (and counted)
+# before it is decoded: 100 megapixels, 300 MB of RGB, beyond any photo a
+# training set needs, while a 1 MB PNG can declare 20000 x 20000 (1.2 GB).
+MAX_IMAGE_PIXELS = 100_000_000
+# Training stops with one error line after this many consecutive training
+# records that could not be used (undecodable or over the pixel limit), instead
+# of searching forever for a good one. A dataset where even half the records are
+# bad meets such a run with probability 2**-1000.
+MAX_CONSECUTIVE_BAD_RECORDS = 1000
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -93,6 +102,11 @@ def default_config() -> ml_collections.ConfigDict:
   # new or changed files.
   c.folder_verify = 'decode'
   c.folder_cache_dir = ''
+  # Any source: images declaring more pixels than this (header only) are skipped
+  # and counted before decoding; training stops with one error line after this
+  # many consecutive unusable training records (see MAX_* above).
+  c.max_image_pixels = MAX_IMAGE_PIXELS
+  c.max_consecutive_bad_records = MAX_CONSECUTIVE_BAD_RECORDS
 
   # The built-in shapes dataset, rendered at the train/eval image sizes.
   c.offline = ml_collections.ConfigDict(dict(

@@ -4,9 +4,11 @@ Train graph, per process (see `indexing` for the layout):
 
   counter i -> (step, input row, example index via a per-epoch stateless
   index shuffle) -> batch, fetch (read records by index) -> unbatch
-  -> per input image [parallel]: decode + crop (+flip) + bicubic resize, seeded by
-     (seed, step, global input row); a record that fails to decode is dropped and
-     counted (`train_iter` logs the count)
+  -> per input image [parallel]: header check (`headers`), decode + crop (+flip) +
+     bicubic resize, seeded by (seed, step, global input row); a record that fails
+     to decode or declares more than `max_image_pixels` is dropped and counted
+     (`train_iter` logs the count), and `max_consecutive_bad_records` of them in a
+     row stop the run (errors.RunError)
      -> clip + truncate to uint8
   -> batch(m) -> per output row: its m inputs, step, global row and mixing mode
   -> batch(local) -> prefetch -> numpy
@@ -24,15 +26,19 @@ depend on the number of processes.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Dict, Iterator
 
 import numpy as np
 
+from nfnet_jax import errors
 from nfnet_jax.data import augment
+from nfnet_jax.data import headers
 from nfnet_jax.data import indexing
 from nfnet_jax.data.config import check_augment_config, image_sizes, resolve_crop
 from nfnet_jax.data.config import eval_rendered_as_is, eval_resize_side
 from nfnet_jax.data.config import resolve_eval_crop
+from nfnet_jax.data.config import MAX_CONSECUTIVE_BAD_RECORDS, MAX_IMAGE_PIXELS
 from nfnet_jax.data.config import mix_on as _mix_on
 from nfnet_jax.data import sources
 from nfnet_jax.data import transforms as T
@@ -44,6 +50,35 @@ _INT64_MAX = np.iinfo(np.int64).max
 _no_autograph = tf.autograph.experimental.do_not_convert
 # Stage tags folded into the per-row seeds, so stages draw independent numbers.
 _CROP, _FLIP = 1, 2
+# Tag of the in-graph error that stops training after too many unusable records in
+# a row, followed by the length of that run and the counts of undecodable and
+# too-large records so far.
+_STALL = 'NFNET_JAX_INPUT_STALL'
+# Training records decoded per tf.data sub-dataset (see `train_dataset`); a status
+# after headers.OK/BROKEN/TOO_LARGE marks the end of one.
+_CHUNK, _END = 16, 3
+
+
+def _max_pixels(cfg) -> int:
+  return int(cfg.get('max_image_pixels', MAX_IMAGE_PIXELS))
+
+
+def _limit(cfg) -> int:
+  limit = int(cfg.get('max_consecutive_bad_records', MAX_CONSECUTIVE_BAD_RECORDS))
+  if limit < 1:
+    raise ValueError(f'data.max_consecutive_bad_records must be >= 1, got {limit}')
+  return limit
+
+
+def _usable(data, max_pixels: int):
+  """Encoded bytes -> the same bytes, once `headers.inspect` found them within the
+  pixel limit and not broken; else an InvalidArgumentError (the record is dropped
+  by `ignore_errors`, before any decoder sees it)."""
+  status = headers.inspect(data, max_pixels)[0]
+  check = tf.debugging.Assert(tf.equal(status, headers.OK),
+                              ['image header broken or over data.max_image_pixels'])
+  with tf.control_dependencies([check]):
+    return tf.identity(data)
 
 
 def _options(cfg) -> tf.data.Options:
@@ -90,6 +125,9 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
                                          cfg.mix.mixup_alpha > 0, bool(cfg.mix.cutmix)))
   base = tf.constant([seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF], tf.int64)
   par = _parallel(cfg)
+  max_pixels = _max_pixels(cfg)
+  limit = _limit(cfg)
+  image_dtype = tf.uint8
 
   @_no_autograph
   def locate(i):
@@ -109,9 +147,8 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
     images, labels = src.fetch(idx)
     return step, row, images, labels
 
-  @_no_autograph
-  def per_input(step, row, data, label):
-    data = src.load_one(data)
+  def transform(step, row, data):
+    """Record -> image_dtype [size, size, 3]: decode, crop, flip, resize."""
     s = T.fold_in(base, step, row)
     if crop == 'inception':
       ic = cfg.inception
@@ -132,24 +169,80 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
     else:
       image = tf.cast(image, tf.float32)
       image.set_shape([size, size, 3])
-    return step, row, T.to_uint8(image), tf.one_hot(label, k, dtype=tf.float32)
-
-  def consumed(step, row):
-    """1 + the local element counter of input `row` of `step` (counts drops)."""
-    return step * local_in + row - process_index * local_in + 1
+    return T.to_uint8(image)
 
   @_no_autograph
-  def per_output(step, row, images, labels):
+  def per_input(step, row, data, label):
+    """-> (step, row, image, one-hot label, status): status headers.OK, or
+    BROKEN / TOO_LARGE (from the header) with a zero image, nothing decoded. A
+    record that still fails to decode raises here and is dropped."""
+    data = src.load_one(data)
+    if src.raw:
+      status, image = tf.constant(headers.OK, tf.int64), transform(step, row, data)
+    else:
+      status = headers.inspect(data, max_pixels)[0]
+      image = tf.cond(tf.equal(status, headers.OK), lambda: transform(step, row, data),
+                      lambda: tf.zeros([size, size, 3], image_dtype))
+    return step, row, image, tf.one_hot(label, k, dtype=tf.float32), status
+
+  @_no_autograph
+  def per_chunk(step, row, data, label):
+    """_CHUNK consecutive records -> the ones per_input gives (failures dropped),
+    then one _END element at the chunk's last position, so that a chunk where
+    nothing decodes still yields something to count."""
+    good = tf.data.Dataset.from_tensor_slices((step, row, data, label))
+    end = (step[-1], row[-1], tf.zeros([size, size, 3], image_dtype),
+           tf.zeros([k], tf.float32), tf.constant(_END, tf.int64))
+    return (good.map(per_input).ignore_errors()
+            .concatenate(tf.data.Dataset.from_tensors(end)))
+
+  @_no_autograph
+  def count(state, element):
+    """state int64 [4]: (last position seen, last usable position, undecodable so
+    far, too large so far). Positions are local element counters; a position
+    skipped over (never seen) failed to decode. Fails with the _STALL tag once
+    `limit` positions in a row were unusable."""
+    step, row, status = element[0], element[1], element[-1]
+    pos = step * local_in + row - process_index * local_in
+    end = tf.equal(status, _END)
+    missing = pos - state[0] - 1 + tf.cast(end, tf.int64)
+    undecodable = state[2] + missing + tf.cast(tf.equal(status, headers.BROKEN), tf.int64)
+    large = state[3] + tf.cast(tf.equal(status, headers.TOO_LARGE), tf.int64)
+    usable = tf.where(tf.equal(status, headers.OK), pos, state[1])
+    run = pos - usable
+    check = tf.debugging.Assert(
+        run < limit, [tf.strings.format(_STALL + ' {} {} {} ', (run, undecodable, large))])
+    with tf.control_dependencies([check]):
+      state = tf.stack([pos, usable, undecodable, large])
+    return state, (*element, state[2:])
+
+  @_no_autograph
+  def per_output(step, row, images, labels, skipped):
     """m consecutive decoded rows -> output row row[0] // m (uint8 inputs, the
     numbers `augment` folds into its key, the mixing mode)."""
     out_row = row[0] // m
     return dict(images=images, labels=labels, aug_step=tf.cast(step[0], tf.int32),
                 aug_row=tf.cast(out_row, tf.int32), mix_mode=tf.gather(modes, out_row),
-                mask=tf.constant(1.0), _consumed=consumed(step[-1], row[-1]))
+                mask=tf.constant(1.0), _skipped=skipped[-1])
 
   ds = tf.data.Dataset.range(start_step * local_in, _INT64_MAX)
   ds = ds.map(locate).batch(local_in).map(fetch, num_parallel_calls=par).unbatch()
-  ds = ds.map(per_input, num_parallel_calls=par).ignore_errors()
+  if src.raw:  # Pixels: nothing to decode, nothing ever skipped.
+    ds = ds.map(lambda step, row, data, label: (*per_input(step, row, data, label)[:4],
+                                                tf.zeros([2], tf.int64)),
+                num_parallel_calls=par)
+  else:
+    # Chunks decoded in parallel, each read whole before the next (block_length
+    # covers a chunk and its _END), so the order of the records is kept.
+    ds = ds.batch(_CHUNK).interleave(per_chunk, cycle_length=par,
+                                     block_length=_CHUNK + 1, num_parallel_calls=par,
+                                     deterministic=True)
+    first = start_step * local_in - 1
+    ds = ds.scan(tf.constant([first, first, 0, 0], tf.int64), count)
+    ds = ds.filter(lambda step, row, image, label, status, skipped:
+                   tf.equal(status, headers.OK))
+    ds = ds.map(lambda step, row, image, label, status, skipped:
+                (step, row, image, label, skipped))
   ds = ds.batch(m).map(per_output, num_parallel_calls=par)
   ds = ds.batch(local, drop_remainder=True).prefetch(int(cfg.prefetch))
   return ds.with_options(_options(cfg))
@@ -170,6 +263,7 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
   mask = np.concatenate([p[1] for p in plan]) if plan else np.zeros([0], np.float32)
   k = src.num_classes
   par = _parallel(cfg)
+  max_pixels = _max_pixels(cfg)
 
   @_no_autograph
   def fetch(idx, mask):
@@ -179,6 +273,8 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
   @_no_autograph
   def per_example(data, label, mask):
     data = src.load_one(data)
+    if not src.raw:
+      data = _usable(data, max_pixels)
     if as_rendered:
       image = tf.cast(data, tf.float32)
       image.set_shape([size, size, 3])
@@ -189,7 +285,8 @@ def eval_dataset(cfg, global_batch_size: int, process_index: int,
 
   ds = tf.data.Dataset.from_tensor_slices((idx, mask)).batch(local)
   ds = ds.map(fetch, num_parallel_calls=par).unbatch()
-  # A record that fails to decode is dropped; `eval_iter` pads the short batches.
+  # A record that fails to decode or is over the pixel limit is dropped; `eval_iter`
+  # pads the short batches.
   ds = ds.map(per_example, num_parallel_calls=par).ignore_errors()
   ds = ds.batch(local).prefetch(int(cfg.prefetch))
   return ds.with_options(_options(cfg))
@@ -205,21 +302,38 @@ def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
                process_index: int, process_count: int) -> Iterator[Dict[str, np.ndarray]]:
   """numpy batches of `train_dataset`, augmented on the host's CPU with
   augment_on='host' (see `augment`). Counts the records dropped because they
-  failed to decode, and logs the running count when it first grows and each
-  time it doubles."""
+  failed to decode or declared more than `data.max_image_pixels` pixels, and logs
+  the running counts when they first grow and each time their sum doubles.
+
+  Raises errors.RunError (one line, with the counts) after
+  `data.max_consecutive_bad_records` unusable records in a row.
+  """
   ds = train_dataset(cfg, global_batch_size, seed, start_step, process_index,
                      process_count)
   recipe = augment.Recipe.from_config(cfg)
   on_host = cfg.get('augment_on', 'host') == 'host'
-  m = _inputs_per_row(cfg)
-  first = start_step * m * indexing.local_batch_size(global_batch_size, process_count)
-  produced, reported = 0, 0
-  for batch in ds.as_numpy_iterator():
-    produced += len(batch['mask'])
-    dropped = int(batch.pop('_consumed')[-1]) - first - produced * m
-    if dropped > reported and dropped >= 2 * reported:
-      logging.warning('Skipped %d training record(s) so far that failed to decode.', dropped)
-      reported = dropped
+  max_pixels = _max_pixels(cfg)
+  reported = 0
+  batches = ds.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(batches)
+    except tf.errors.InvalidArgumentError as e:
+      found = re.search(_STALL + r' (\d+) (\d+) (\d+) ', str(e))
+      if not found:
+        raise
+      run, undecodable, large = map(int, found.groups())
+      raise errors.RunError(
+          f'Training stopped: {run} consecutive training records could not be used '
+          f'(data.max_consecutive_bad_records={_limit(cfg)}; skipped so far: '
+          f'{undecodable} undecodable, {large} over data.max_image_pixels={max_pixels}). '
+          'Check the data, e.g. with data.folder_verify=decode for a folder.') from None
+    undecodable, large = (int(v) for v in batch.pop('_skipped')[-1])
+    if undecodable + large > reported and undecodable + large >= 2 * reported:
+      logging.warning('Skipped %d training record(s) so far: %d failed to decode, %d '
+                      'declared more than data.max_image_pixels=%d pixels.',
+                      undecodable + large, undecodable, large, max_pixels)
+      reported = undecodable + large
     yield augment.augment_on_host(batch, recipe, seed) if on_host else batch
 
 
@@ -263,5 +377,6 @@ def eval_iter(cfg, global_batch_size: int, process_index: int,
     batches += 1
     yield out
   if seen < expected:
-    logging.warning('Evaluation skipped %d of %d record(s) that failed to decode.',
-                    expected - seen, expected)
+    logging.warning('Evaluation skipped %d of %d record(s) that failed to decode or '
+                    'declared more than data.max_image_pixels=%d pixels.',
+                    expected - seen, expected, _max_pixels(cfg))

@@ -10,6 +10,7 @@ Only the TFDS and fetch parts need TensorFlow; folder scanning is plain Python.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -19,7 +20,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nfnet_jax.data.config import FOLDER_VERIFY
+from nfnet_jax import errors
+from nfnet_jax.data import headers
+from nfnet_jax.data.config import FOLDER_VERIFY, MAX_IMAGE_PIXELS
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 _MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'BM', b'GIF87a', b'GIF89a', b'RIFF')
@@ -108,8 +111,13 @@ def _printable(path: str) -> str:
   return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
+def _too_large(h: int, w: int, max_pixels: int) -> str:
+  return f'too large ({w}x{h} pixels, over data.max_image_pixels={max_pixels})'
+
+
 def _header_check(path: str) -> Optional[str]:
-  """'open' verification: magic bytes and PIL's structure check, no decode."""
+  """'open' verification, after `_decode_check(decode=False)`: magic bytes and
+  PIL's structure check, no decode."""
   try:
     with open(path, 'rb') as f:
       head = f.read(16)
@@ -129,9 +137,12 @@ def _header_check(path: str) -> Optional[str]:
   return None
 
 
-def _decode_check(paths: Sequence[str]) -> List[Optional[str]]:
-  """'decode' verification: decodes every file once with the decoder training
-  uses (TF, in parallel); None where it decodes, else the reason."""
+def _decode_check(paths: Sequence[str], max_pixels: int = MAX_IMAGE_PIXELS,
+                  decode: bool = True) -> List[Optional[str]]:
+  """'decode' verification: reads every header (`headers.inspect`) and decodes
+  every file within `max_pixels` once with the decoder training uses (TF, in
+  parallel); None where it decodes, else the reason. decode=False: the header
+  check alone."""
   if not paths:
     return []
   from nfnet_jax.data import transforms
@@ -139,13 +150,24 @@ def _decode_check(paths: Sequence[str]) -> List[Optional[str]]:
   encoded = np.array([os.fsencode(p) for p in paths], object)
   ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), encoded))
 
-  def decode(i, path):
-    return i, tf.shape(transforms.decode(tf.io.read_file(path)))[:2]
-  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-  ok = np.zeros([len(paths)], bool)
-  for i, hw in ds.ignore_errors().as_numpy_iterator():
-    ok[i] = hw.min() > 0
-  return [None if good else 'cannot be decoded' for good in ok]
+  def check(i, path):
+    data = tf.io.read_file(path)
+    header = headers.inspect(data, max_pixels)       # (status, h, w)
+    if not decode:
+      return i, header, tf.ones([2], tf.int32)
+    hw = tf.cond(tf.equal(header[0], headers.OK),
+                 lambda: tf.shape(transforms.decode(data))[:2],
+                 lambda: tf.zeros([2], tf.int32))
+    return i, header, hw
+  ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  default = 'cannot be decoded' if decode else 'corrupt (header)'
+  reasons: List[Optional[str]] = [default] * len(paths)
+  for i, (status, h, w), hw in ds.ignore_errors().as_numpy_iterator():
+    if status == headers.TOO_LARGE:
+      reasons[i] = _too_large(int(h), int(w), max_pixels)
+    elif status == headers.OK and hw.min() > 0:
+      reasons[i] = None
+  return reasons
 
 
 def _cache_path(root: str, verify: str, cache_dir: str) -> str:
@@ -166,23 +188,36 @@ def _load_cache(path: str) -> Dict[str, list]:
 
 
 def _save_cache(path: str, root: str, entries: Dict[str, list]) -> None:
-  """Atomic write (temp file + rename); a read-only location only costs time."""
+  """Atomic write (temp file + rename): a reader sees the old cache or the new one,
+  never part of one. A read-only location only costs time (the next run verifies
+  again); a full disk ends the run (errors.RunError), the temp file removed."""
+  tmp = f'{path}.{os.getpid()}.tmp'
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
       json.dump(dict(root=_printable(os.path.realpath(root)), files=entries), f)
     os.replace(tmp, path)
   except OSError as e:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass  # Never created.
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise errors.RunError(
+          f'Disk full while writing the folder verification cache {path} '
+          f'({e.strerror}); free space there or set data.folder_cache_dir to another '
+          'disk.') from None
     logging.info('Could not write the folder verification cache %s (%s)', path, e)
 
 
 def verify_files(root: str, paths: Sequence[str], verify: str,
-                 cache_dir: str = '') -> Tuple[Dict[str, str], int]:
+                 cache_dir: str = '', max_pixels: int = MAX_IMAGE_PIXELS
+                 ) -> Tuple[Dict[str, str], int]:
   """Checks every candidate image once: ({path: reason} of the bad ones, number
   of files actually checked now). Verdicts are cached per file, keyed by (size,
   mtime), in `cache_dir` (default: ~/.cache/nfnet_jax/folders), so a re-run only
-  checks new or changed files."""
+  checks new or changed files. Images declaring more than `max_pixels` pixels
+  are bad, found from their header alone."""
   if verify not in FOLDER_VERIFY:
     raise ValueError(f'data.folder_verify must be one of {FOLDER_VERIFY}, got {verify!r}')
   bad: Dict[str, str] = {}
@@ -199,7 +234,7 @@ def verify_files(root: str, paths: Sequence[str], verify: str,
       stats[p] = (st.st_size, st.st_mtime_ns)
   if verify == 'none':
     return bad, 0
-  cache_file = _cache_path(root, verify, cache_dir)
+  cache_file = _cache_path(root, f'{verify}:{max_pixels}', cache_dir)
   cached = _load_cache(cache_file)
   rel = {p: os.path.relpath(p, root) for p in stats}
   valid = lambda e, st: (isinstance(e, list) and len(e) == 3 and e[:2] == list(st)
@@ -208,8 +243,11 @@ def verify_files(root: str, paths: Sequence[str], verify: str,
   if todo:
     logging.info('Verifying %d image file(s) under %s (cached for the next run)...',
                  len(todo), _printable(root))
-  reasons = (_decode_check(todo) if verify == 'decode'
-             else [_header_check(p) for p in todo])
+  if verify == 'decode':
+    reasons = _decode_check(todo, max_pixels)
+  else:
+    reasons = [r or _header_check(p)
+               for p, r in zip(todo, _decode_check(todo, max_pixels, decode=False))]
   fresh = {rel[p]: [*stats[p], r or ''] for p, r in zip(todo, reasons)}
   entries = {rel[p]: fresh.get(rel[p]) or cached[rel[p]] for p in stats}
   for p in stats:
@@ -243,17 +281,18 @@ def _list_dir(root: str, classes: Sequence[str],
 
 @functools.lru_cache(maxsize=8)
 def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'decode',
-                seed: int = 0, cache_dir: str = '') -> FolderIndex:
+                seed: int = 0, cache_dir: str = '',
+                max_pixels: int = MAX_IMAGE_PIXELS) -> FolderIndex:
   """Scans `root` laid out as root/{train,val}/CLASS/*.jpg or root/CLASS/*.jpg.
 
   With root/train/, the eval split is root/val/ (or validation/, test/) when there
   is one, whatever `holdout_fraction` says; without one, `holdout_fraction` of
   every class (a seeded, deterministic choice) becomes the eval split; the log line
-  names the split used. Files that are not images, are empty, or fail the `verify`
-  check ('decode': decoded once with TF; 'open': PIL header/structure check;
-  'none') are skipped and counted in one log line; the verdicts are cached
-  (`verify_files`). A training class folder left without a usable image is an
-  error that names it.
+  names the split used. Files that are not images, are empty, declare more than
+  `max_pixels` pixels, or fail the `verify` check ('decode': decoded once with TF;
+  'open': header and PIL structure check; 'none': no check, not even of the size)
+  are skipped and counted in one log line; the verdicts are cached (`verify_files`).
+  A training class folder left without a usable image is an error that names it.
   """
   if not root or not os.path.isdir(root):
     raise FileNotFoundError(
@@ -278,7 +317,8 @@ def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'decode'
     if extra:
       raise ValueError(f'{eval_dir} has classes missing from {train_dir}: {extra[:5]}')
     evals = _list_dir(eval_dir, classes, skipped)
-  bad, checked = verify_files(root, [p for p, _ in train + evals], verify, cache_dir)
+  bad, checked = verify_files(root, [p for p, _ in train + evals], verify, cache_dir,
+                              max_pixels)
   skipped.update(bad)
   train = [t for t in train if t[0] not in bad]
   evals = [t for t in evals if t[0] not in bad]
@@ -324,7 +364,8 @@ def scan_folder(root: str, holdout_fraction: float = 0.0, verify: str = 'decode'
 
 def folder_source(cfg, split: str) -> Source:
   index = scan_folder(cfg.folder, float(cfg.holdout_fraction), cfg.folder_verify,
-                      cache_dir=cfg.get('folder_cache_dir', ''))
+                      cache_dir=cfg.get('folder_cache_dir', ''),
+                      max_pixels=int(cfg.get('max_image_pixels', MAX_IMAGE_PIXELS)))
   items = index.train if split == 'train' else index.eval
   if not items:
     raise ValueError(f'Folder dataset {cfg.folder!r} has no eval split: add a val/ '

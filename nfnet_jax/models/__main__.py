@@ -24,10 +24,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   unknown = [n for n in args.names if n not in known]
   if unknown:  # One line, suggestions ignoring case ('f0' -> F0).
     p.exit(2, f'{p.prog}: error: {errors.unknown_name("model", unknown[0], known)}\n')
-  print(f'{"model":<16}{"params (M)":>12}{"GMACs @test":>14}{"train px":>10}{"test px":>9}',
+  print(f'{"model":<18}{"params (M)":>12}{"GMACs @test":>14}{"train px":>10}{"test px":>9}',
         flush=True)
   for row in summary.table(args.names or known):
-    print(f'{row["name"]:<16}{row["params"] / 1e6:>12.1f}{row["flops"] / 1e9:>14.2f}'
+    print(f'{row["name"]:<18}{row["params"] / 1e6:>12.1f}{row["flops"] / 1e9:>14.2f}'
           f'{row["train_px"]:>10}{row["test_px"]:>9}')
 
 

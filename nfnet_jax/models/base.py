@@ -117,11 +117,43 @@ def expected_stds(depths: Sequence[int], alpha: float = 0.2) -> list[float]:
   return [std_out for _, std_out in _expected_stds(depths, alpha)]
 
 
-def ws_conv_maker(ws_eps: float, ws_eps_mode: str) -> Callable[..., layers.WSConv2D]:
-  """conv(ch, k, name, stride=1, groups=1) -> a WSConv2D with the model's eps."""
-  return lambda ch, k, name, stride=1, groups=1: layers.WSConv2D(
-      ch, k, stride=stride, feature_group_count=groups, eps=ws_eps, eps_mode=ws_eps_mode,
-      name=name)
+# Where the activation gamma goes: 'act' multiplies every activation's output
+# (DeepMind's code); 'conv' multiplies every WS conv's standardised kernel instead and
+# leaves the activations plain (timm's NF models other than dm_nfnet_*). The two
+# differ at the ends: 'conv' scales the stem's first conv (on the images) by gamma and
+# leaves the pooled features unscaled.
+GAMMA_PLACEMENTS = ('act', 'conv')
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvOptions:
+  """How a model's WS convs compute (see layers.WSConv2D): the standardisation's
+  epsilon and its mode, the constant `gamma` on the kernel, the padding. Calling it
+  builds one: conv(ch, k, name, stride=1, groups=1)."""
+  eps: float = 1e-4
+  eps_mode: str = 'max'
+  gamma: float = 1.0
+  padding: str = 'SAME'
+
+  def __call__(self, ch: int, k: int, name: str, stride: int = 1,
+               groups: int = 1) -> layers.WSConv2D:
+    return layers.WSConv2D(ch, k, stride=stride, feature_group_count=groups,
+                           eps=self.eps, eps_mode=self.eps_mode, gamma=self.gamma,
+                           padding=self.padding, name=name)
+
+
+def round_width(width: float, ch_div: Optional[int]) -> int:
+  """A channel count: int(width) (DeepMind's), or with `ch_div` the nearest multiple
+  of it, as timm rounds its NF models' widths (layers.make_divisible)."""
+  return int(width) if ch_div is None else layers.make_divisible(width, ch_div)
+
+
+def attention_hidden(channels: int, ratio: float, ch_div: Optional[int]) -> int:
+  """Hidden width of a squeeze-excite gate: max(1, int(channels * ratio)), or with
+  `ch_div` timm's rounding to the nearest multiple (never rounded up for loss)."""
+  if ch_div is None:
+    return max(1, int(channels * ratio))
+  return layers.make_divisible(channels * ratio, ch_div, round_limit=0.0)
 
 
 def grouped_width(width: float, group_size: int, what: str) -> tuple[int, int]:
@@ -138,20 +170,27 @@ class NFResidualBlock(hk.Module):
 
   The shortcut is x when neither the stride nor the width changes, else a 1x1 WS conv
   (`conv_shortcut`, built by the family) of `out`: after a 2x2 average pool when
-  `AVG_POOL_SHORTCUT` and strided (NFNet, NF-RegNet), or itself strided (NF-ResNet).
+  `avg_pool_shortcut` and strided (NFNet, NF-RegNet, timm's NF-ResNets), or itself
+  strided (DeepMind's NF-ResNet). `skipinit=False` leaves out the skip gain (timm's NF
+  models other than dm_nfnet_*: their residual branch starts at zero through the last
+  conv's gain instead).
   x [N, H, W, in_ch] -> ([N, H/stride, W/stride, out_ch], residual-branch variance).
   """
 
-  AVG_POOL_SHORTCUT = True
+  AVG_POOL_SHORTCUT = True  # the family's default
 
   def __init__(self, in_ch: int, out_ch: int, *, stride: int, beta: float, alpha: float,
                stochdepth_rate: float, act: Callable[[jax.Array], jax.Array],
+               skipinit: bool = True, avg_pool_shortcut: Optional[bool] = None,
                name: Optional[str] = None):
     super().__init__(name=name)
     self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
     self.beta, self.alpha = beta, alpha
     self.stochdepth_rate = stochdepth_rate
     self.act = act
+    self.skipinit = skipinit
+    self.avg_pool_shortcut = (self.AVG_POOL_SHORTCUT if avg_pool_shortcut is None
+                              else avg_pool_shortcut)
     self.use_projection = stride > 1 or in_ch != out_ch
 
   def residual(self, out: jax.Array) -> jax.Array:
@@ -161,7 +200,7 @@ class NFResidualBlock(hk.Module):
   def _shortcut(self, out: jax.Array, x: jax.Array) -> jax.Array:
     if not self.use_projection:
       return x
-    if self.AVG_POOL_SHORTCUT and self.stride > 1:
+    if self.avg_pool_shortcut and self.stride > 1:
       out = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1),
                         padding='SAME')
     return self.conv_shortcut(out)
@@ -172,8 +211,9 @@ class NFResidualBlock(hk.Module):
     out = self.residual(out)
     res_var = jnp.mean(jnp.var(out.astype(jnp.float32), axis=(0, 1, 2)))
     out = self.stoch_depth(out, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
-    out = out * skip_gain.astype(out.dtype)
+    if self.skipinit:
+      skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
+      out = out * skip_gain.astype(out.dtype)
     return out * jnp.asarray(self.alpha, out.dtype) + shortcut, res_var
 
 
@@ -190,21 +230,40 @@ class NFNetwork(hk.Module):
   `remat` (one of REMAT_POLICIES) trades recomputation for activation memory without
   changing the function; `groups` picks how grouped convs run
   (`layers.GROUPED_CONV_IMPLS`; 'auto' = split on CPU, one XLA grouped conv elsewhere).
+
+  Options that change the function, for computing what other implementations compute
+  (timm's: `nfnet_jax.models.timm_models`): `gamma_placement` (GAMMA_PLACEMENTS),
+  `padding` (layers.PADDINGS), `ws_eps`/`ws_eps_mode` (layers.standardize_weight),
+  `skipinit` (the learned skip gain, NFResidualBlock), `ch_div` (round_width).
   """
 
   HAS_GROUPED_CONVS = True
 
   def __init__(self, variants: dict[str, dict[str, Any]], variant: str, *,
                drop_rate: Optional[float], activation: str, dtype: Any, remat: str,
-               groups: str, name: str):
+               groups: str, name: str, ws_eps: float = 1e-4, ws_eps_mode: str = 'max',
+               gamma_placement: str = 'act', padding: str = 'SAME',
+               skipinit: bool = True, ch_div: Optional[int] = None):
     super().__init__(name=name)
     if variant not in variants:
       raise ValueError(f'Unknown {type(self).__name__} variant {variant!r}; valid: '
                        f'{list(variants)}')
     check_options(type(self), remat, groups)
+    if gamma_placement not in GAMMA_PLACEMENTS:
+      raise ValueError(f'gamma_placement must be one of {GAMMA_PLACEMENTS}, got '
+                       f'{gamma_placement!r}')
+    if padding not in layers.PADDINGS:
+      raise ValueError(f'padding must be one of {layers.PADDINGS}, got {padding!r}')
+    if ch_div is not None and ch_div < 1:
+      raise ValueError(f'ch_div must be a positive integer or None, got {ch_div!r}')
     self.variant = variant
     self.drop_rate = variants[variant]['drop_rate'] if drop_rate is None else drop_rate
-    self.act = layers.activation(activation)
+    in_conv = gamma_placement == 'conv'
+    self.act = layers.activation(activation, scaled=not in_conv)
+    self.conv_options = ConvOptions(
+        eps=ws_eps, eps_mode=ws_eps_mode,
+        gamma=layers.GAMMAS[activation] if in_conv else 1.0, padding=padding)
+    self.skipinit, self.ch_div = skipinit, ch_div
     self.dtype = dtype
     self.remat, self.groups = remat, groups
     self.blocks: list[NFResidualBlock] = []

@@ -6,20 +6,28 @@ from typing import Any, Callable
 import haiku as hk
 
 from nfnet_jax import errors
-from nfnet_jax.models import base, bn_resnet, nf_regnet, nf_resnet, nfnet
+from nfnet_jax.models import base, bn_resnet, nf_regnet, nf_resnet, nfnet, timm_models
 
 
-def _table() -> dict[str, tuple[Callable[..., hk.Module], str, dict[str, Any]]]:
-  """name -> (module class, variant, variant facts)."""
-  table = {}
+_Entry = tuple[Callable[..., hk.Module], str, dict[str, Any], dict[str, Any]]
+
+
+def _table() -> dict[str, _Entry]:
+  """name -> (module class, variant, variant facts, constructor options)."""
+  table: dict[str, _Entry] = {}
   for v, facts in nfnet.VARIANTS.items():
-    table[v] = (nfnet.NFNet, v, facts)
+    table[v] = (nfnet.NFNet, v, facts, {})
   for v, facts in nf_resnet.VARIANTS.items():
-    table[f'nf_resnet{v}'] = (nf_resnet.NFResNet, v, facts)
+    table[f'nf_resnet{v}'] = (nf_resnet.NFResNet, v, facts, {})
   for v, facts in nf_regnet.VARIANTS.items():
-    table[f'nf_regnet_{v.lower()}'] = (nf_regnet.NFRegNet, v, facts)
+    table[f'nf_regnet_{v.lower()}'] = (nf_regnet.NFRegNet, v, facts, {})
   for v, facts in bn_resnet.VARIANTS.items():  # Stateful (BatchNorm): see create().
-    table[f'bn_resnet{v}'] = (bn_resnet.BNResNet, v, facts)
+    table[f'bn_resnet{v}'] = (bn_resnet.BNResNet, v, facts, {})
+  # timm's architectures: a family variant with options, and timm's pretrained facts.
+  for timm_name, (base_name, options, timm_facts) in timm_models.TIMM_MODELS.items():
+    cls, v, facts, _ = table[base_name]
+    table[timm_models.registry_name(timm_name)] = (
+        cls, v, dict(facts, **timm_facts, timm_name=timm_name), dict(options))
   return table
 
 
@@ -27,7 +35,8 @@ _TABLE = _table()
 
 
 def names() -> list[str]:
-  """All registered model names, e.g. 'F0', 'F0+', 'nf_resnet50', 'nf_regnet_b0'."""
+  """All registered model names, e.g. 'F0', 'F0+', 'nf_resnet50', 'nf_regnet_b0',
+  'eca_nfnet_l0', 'timm/nf_resnet50' (timm_models.registry_name)."""
   return list(_TABLE)
 
 
@@ -38,15 +47,18 @@ def _lookup(name: str):
 
 
 def info(name: str) -> dict[str, Any]:
-  """Facts of a registered model: family, variant, train/test resolution, dropout..."""
-  cls, variant, facts = _lookup(name)
-  return dict(facts, family=cls.__name__, variant=variant)
+  """Facts of a registered model: family, variant, train/test resolution, dropout,
+  its constructor `options` (timm's models: also timm_name, crop_fraction,
+  interpolation)..."""
+  cls, variant, facts, options = _lookup(name)
+  return dict(facts, family=cls.__name__, variant=variant, options=dict(options))
 
 
 def module_fn(name: str, num_classes: int = 1000, **overrides) -> Callable[..., hk.Module]:
   """A zero-argument constructor of the hk.Module (call inside hk.transform)."""
-  cls, variant, _ = _lookup(name)
-  return lambda: cls(num_classes=num_classes, variant=variant, **overrides)
+  cls, variant, _, options = _lookup(name)
+  kwargs = dict(options, **overrides)
+  return lambda: cls(num_classes=num_classes, variant=variant, **kwargs)
 
 
 def is_stateful(name: str) -> bool:
@@ -67,7 +79,7 @@ def create(name: str, num_classes: int = 1000,
   implementation options `remat` (one of REMAT_POLICIES) and `groups` of
   base.NFNetwork, which do not change the function).
   """
-  cls, _, _ = _lookup(name)
+  cls, _, _, _ = _lookup(name)
   if is_stateful(name):
     if overrides.get('remat', 'none') != 'none' or overrides.get('groups', 'auto') != 'auto':
       raise ValueError(f'{name} (BatchNorm) does not take the remat/groups options of '

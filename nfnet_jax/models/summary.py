@@ -21,8 +21,8 @@ def summarize(name: str, num_classes: int = 1000, image_size: Optional[int] = No
 
   Shape-only (nothing is allocated). MACs count every WSConv2D (H_out * W_out * kh * kw *
   C_in/groups * C_out) and Linear (in * out) at `image_size` (default: the test
-  resolution): the number the NFNet paper's table reports (labelled FLOPs there);
-  element-wise ops, pooling and biases are not counted.
+  resolution): the number the NFNet paper's table reports (labelled FLOPs there),
+  and ECA's 1-D conv (C * k); element-wise ops, pooling and biases are not counted.
   """
   size = image_size or registry.info(name)['test_imsize']
   total = [0]
@@ -37,6 +37,8 @@ def summarize(name: str, num_classes: int = 1000, image_size: Optional[int] = No
                      (args[0].shape[-1] // mod.feature_group_count) * mod.output_channels)
       elif isinstance(mod, layers.Linear):
         total[0] += args[0].shape[-1] * mod.output_size
+      elif isinstance(mod, layers.ECA):  # a 1-D conv over the pooled channels
+        total[0] += args[0].shape[-1] * mod.kernel_size
     return out
 
   make = registry.module_fn(name, num_classes, **overrides)
