@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -383,22 +383,50 @@ def cutout(images: jax.Array, ops: jax.Array, centres: jax.Array, recipe: Recipe
   return jnp.where(hit[..., None], jnp.uint8(recipe.fill), images)
 
 
+def _families(ops, signs, centres, recipe: Recipe):
+  """The four families as functions of uint8 [B, H, W, 3], in the order a layer
+  applies them."""
+  return (lambda x: warp(x, ops, signs, recipe), lambda x: colour(x, ops, recipe),
+          lambda x: point(x, ops, recipe), lambda x: cutout(x, ops, centres, recipe))
+
+
+# Family (index into `_families`) of each op of OP_NAMES; Cutout is the fourth.
+_FAMILY = np.array([0 if name in GEOMETRIC else 1 if name in COLOUR else
+                    2 if name in POINT else 3 for name in OP_NAMES], np.int32)
+
+
 def apply_layer(images: jax.Array, ops: jax.Array, signs: jax.Array, centres: jax.Array,
-                recipe: Recipe) -> jax.Array:
+                recipe: Recipe, per_row: bool = False) -> jax.Array:
   """One RandAugment layer: uint8 [B, H, W, 3], each row its own op `ops` [B] (index
-  into OP_NAMES), sign `signs` [B] (+-1) and Cutout centre `centres` [B, 2]. Every
-  family is the identity on the rows that picked another one."""
-  images = warp(images, ops, signs, recipe)
-  images = colour(images, ops, recipe)
-  images = point(images, ops, recipe)
-  return cutout(images, ops, centres, recipe)
+  into OP_NAMES), sign `signs` [B] (+-1) and Cutout centre `centres` [B, 2].
+
+  per_row=False: every family runs on the whole batch, the identity on the rows
+  that picked another one (wide, branch-free: for accelerators). per_row=True: a
+  loop over the rows runs only the family each row picked (for the CPU, where a
+  branch is cheap and every pass over the pixels costs). The same numbers either
+  way: the families are the same functions."""
+  if not per_row:
+    for family in _families(ops, signs, centres, recipe):
+      images = family(images)
+    return images
+
+  def one(args):
+    x, op, sign, centre = args
+    # One branch per op: its family with the op fixed, so XLA drops the parts of
+    # the family that the op does not use (e.g. the histogram for Invert).
+    branches = [lambda x, i=i: _families(jnp.full([1], i, jnp.int32), sign[None],
+                                         centre[None], recipe)[_FAMILY[i]](x[None])[0]
+                for i in range(len(OP_NAMES))]
+    return jax.lax.switch(op, branches, x)
+  return jax.lax.map(one, (images, ops, signs, centres))
 
 
-def randaugment(images: jax.Array, params: Dict[str, jax.Array], recipe: Recipe
-                ) -> jax.Array:
-  """The layers of `params` (`draw_randaugment`) in order on uint8 [B, H, W, 3]."""
+def randaugment(images: jax.Array, params: Dict[str, jax.Array], recipe: Recipe,
+                per_row: bool = False) -> jax.Array:
+  """The layers of `params` (`draw_randaugment`) in order on uint8 [B, H, W, 3]
+  (`per_row`: see `apply_layer`)."""
   def layer(x, p):
-    return apply_layer(x, p[0], p[1], p[2], recipe), None
+    return apply_layer(x, p[0], p[1], p[2], recipe, per_row), None
   xs = (params['ops'].T, params['signs'].T, jnp.swapaxes(params['centres'], 0, 1))
   return jax.lax.scan(layer, images, xs)[0]
 
@@ -412,9 +440,13 @@ def normalize(images: jax.Array) -> jax.Array:
   return (images.astype(_F32) - jnp.asarray(MEAN_RGB)) / jnp.asarray(STDDEV_RGB)
 
 
-def augment(batch: Dict[str, jax.Array], recipe: Recipe, seed: int) -> Dict[str, jax.Array]:
+def augment(batch: Dict[str, jax.Array], recipe: Recipe, seed: int,
+            per_row: Optional[bool] = None) -> Dict[str, jax.Array]:
   """Batch of the module docstring -> {images [B, S, S, 3] float32 (bfloat16 with
-  recipe.bfloat16), labels [B, K], mask [B]}."""
+  recipe.bfloat16), labels [B, K], mask [B]}. per_row (see `apply_layer`): None
+  picks it for the default backend (True on the CPU)."""
+  if per_row is None:
+    per_row = jax.default_backend() == 'cpu'
   images, labels = batch['images'], batch['labels'].astype(_F32)
   b, _, h, w, _ = images.shape
   keys = row_keys(seed, batch['aug_step'], batch['aug_row'])
@@ -434,7 +466,7 @@ def augment(batch: Dict[str, jax.Array], recipe: Recipe, seed: int) -> Dict[str,
     out, labels = a.astype(_F32), la
   if recipe.randaugment:
     params = draw_randaugment(keys, recipe.num_layers, h, w)
-    out = randaugment(to_uint8(out), params, recipe)
+    out = randaugment(to_uint8(out), params, recipe, per_row)
   out = normalize(out) if recipe.normalize else out.astype(_F32)
   if recipe.bfloat16:
     out = out.astype(jnp.bfloat16)
