@@ -322,13 +322,19 @@ def _static_luts(recipe: Recipe) -> np.ndarray:
   return luts.astype(np.uint8)
 
 
+def _lut_index(images: jax.Array) -> jax.Array:
+  """int32 [B, H, W, 3]: each pixel's entry in a flattened [B, 3, 256] table."""
+  b = images.shape[0]
+  return (images.astype(jnp.int32) + jnp.array([0, 256, 512], jnp.int32)
+          + (jnp.arange(b, dtype=jnp.int32) * 768)[:, None, None, None])
+
+
 def histogram(images: jax.Array) -> jax.Array:
   """int32 [B, 3, 256]: per row and channel, the count of each level (one
   scatter-add over the batch)."""
   b = images.shape[0]
-  idx = (images.astype(jnp.int32) + jnp.array([0, 256, 512], jnp.int32)
-         + (jnp.arange(b, dtype=jnp.int32) * 768)[:, None, None, None])
-  return jnp.zeros([b * 768], jnp.int32).at[idx.reshape(-1)].add(1).reshape(b, 3, 256)
+  idx = _lut_index(images).reshape(-1)
+  return jnp.zeros([b * 768], jnp.int32).at[idx].add(1).reshape(b, 3, 256)
 
 
 def _autocontrast_luts(hist: jax.Array) -> jax.Array:
@@ -368,8 +374,7 @@ def point(images: jax.Array, ops: jax.Array, recipe: Recipe) -> jax.Array:
   # The barrier keeps XLA from fusing the table computation into the gather (which
   # would recompute it per pixel).
   luts = jax.lax.optimization_barrier(luts)
-  return jax.vmap(lambda x, t: jnp.stack([t[ch][x[..., ch]] for ch in range(c)], -1))(
-      images, luts)
+  return jnp.take(luts.reshape(-1), _lut_index(images), mode='clip')
 
 
 def cutout(images: jax.Array, ops: jax.Array, centres: jax.Array, recipe: Recipe
@@ -475,7 +480,8 @@ def augment(batch: Dict[str, jax.Array], recipe: Recipe, seed: int,
 
 @functools.lru_cache(maxsize=8)
 def _jit(recipe: Recipe, seed: int):
-  return jax.jit(functools.partial(augment, recipe=recipe, seed=seed))
+  # Always the host's CPU backend: the row-by-row schedule.
+  return jax.jit(functools.partial(augment, recipe=recipe, seed=seed, per_row=True))
 
 
 def augment_on_host(batch: Dict[str, np.ndarray], recipe: Recipe, seed: int
