@@ -19,9 +19,9 @@ train size, K classes):
 
 With `mix.pairing='within_batch'` (m = 1) output row i mixes rows i and i ^ 1.
 
-Cost: a RandAugment layer costs about the same whichever ops its rows picked. The
-16 ops fall into four families, each one computation with per-row parameters that
-is the identity on rows that picked another family:
+Cost: a layer never computes every op for every row. The 16 ops fall into four
+families, each one computation with per-row parameters that is the identity on
+rows that picked another family:
   geometric (Rotate, ShearX/Y, TranslateX/Y): one gather by a per-row source map
     (10 maps, one per op and sign, computed once in numpy with the arithmetic of
     TF's ImageProjectiveTransformV3, plus the identity map);
@@ -31,6 +31,10 @@ is the identity on rows that picked another family:
     per-row, per-channel 256-entry lookup table; AutoContrast's min/max and
     Equalize's histogram both come from one scatter-add histogram of the batch;
   Cutout: one mask with a per-row box (empty = identity).
+Two schedules run these same functions (`apply_layer`): on an accelerator the four
+families over the whole batch (wide and branch-free: a layer costs four passes
+whichever ops were picked); on the CPU a loop over the rows with one branch per
+op, that op's family with the op fixed, so a row costs only the op it picked.
 """
 from __future__ import annotations
 
