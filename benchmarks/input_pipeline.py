@@ -246,11 +246,14 @@ def augment_batch(size: int, batch: int, classes: int = 1000) -> dict:
               mask=np.ones([batch], np.float32))
 
 
-def time_device_augment(size: int, magnitude: float, batch: int, repeats: int = 3) -> dict:
+def time_device_augment(size: int, magnitude: float, batch: int, repeats: int = 5) -> dict:
   """ms per image of the jitted augmentation of one batch, on this machine's JAX
   backend: today's `augment.augment` and the former `apply_device_augment` (kept
   in benchmarks/old_device_augment.py for this comparison only; fed random
-  parameters of the same shapes)."""
+  parameters of the same shapes). The two take turns, call by call, so machine
+  noise hits them alike; call i of the new one augments step i (its own draw of
+  ops: its cost depends on them, the former's does not). Wall: median of the calls;
+  CPU: median of the process CPU time (all threads) of the same calls."""
   import jax
   from nfnet_jax import data
   from nfnet_jax.data import augment
@@ -269,20 +272,30 @@ def time_device_augment(size: int, magnitude: float, batch: int, repeats: int = 
                    ra_centres=rng.integers(0, size, (batch, n, 2)).astype(np.int32),
                    mask=new_batch['mask'])
   recipe = augment.Recipe.from_config(cfg)
-  out = dict(size=size, magnitude=magnitude, batch=batch, backend=jax.default_backend())
-  for name, fn, b in (
-      ('old', jax.jit(lambda b: old_device_augment.apply_device_augment(b, cfg)), old_batch),
-      ('new', jax.jit(lambda b: augment.augment(b, recipe, 0)), new_batch)):
-    b = jax.device_put(b)
+  out = dict(size=size, magnitude=magnitude, batch=batch, backend=jax.default_backend(),
+             calls=repeats)
+  calls = {
+      'old': (jax.jit(lambda b: old_device_augment.apply_device_augment(b, cfg)),
+              [jax.device_put(old_batch)] * repeats),
+      'new': (jax.jit(lambda b: augment.augment(b, recipe, 0)),
+              [jax.device_put(dict(new_batch, aug_step=np.full([batch], i, np.int32)))
+               for i in range(repeats)])}
+  for name, (fn, batches) in calls.items():
     t = time.perf_counter()
-    jax.block_until_ready(fn(b))
+    jax.block_until_ready(fn(batches[0]))
     out[f'{name}_compile_s'] = round(time.perf_counter() - t, 1)
-    cpu0 = cpu_seconds()
-    times = timing.time_calls(lambda: fn(b), jax.block_until_ready, repeats, 0,
-                              pipelined=False)
-    out[f'{name}_ms_per_image'] = round(1000 * times['step_s_median'] / batch, 3)
+  wall = {name: [] for name in calls}
+  cpu = {name: [] for name in calls}
+  for i in range(repeats):
+    for name, (fn, batches) in calls.items():
+      t, c = time.perf_counter(), cpu_seconds()
+      jax.block_until_ready(fn(batches[i]))
+      wall[name].append(time.perf_counter() - t)
+      cpu[name].append(cpu_seconds() - c)
+  for name in calls:
+    out[f'{name}_ms_per_image'] = round(1000 * float(np.median(wall[name])) / batch, 3)
     # Process CPU time (all threads) per image: robust on a shared machine.
-    out[f'{name}_cpu_ms_per_image'] = round(1000 * (cpu_seconds() - cpu0) / (repeats * batch), 3)
+    out[f'{name}_cpu_ms_per_image'] = round(1000 * float(np.median(cpu[name])) / batch, 3)
   out['speedup'] = round(out['old_ms_per_image'] / out['new_ms_per_image'], 2)
   out['cpu_speedup'] = round(out['old_cpu_ms_per_image'] / out['new_cpu_ms_per_image'], 2)
   # The former name of the field, read by the step comparison below.
