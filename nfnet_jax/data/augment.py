@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -392,9 +392,10 @@ def cutout(images: jax.Array, ops: jax.Array, centres: jax.Array, recipe: Recipe
   return jnp.where(hit[..., None], jnp.uint8(recipe.fill), images)
 
 
-def _families(ops, signs, centres, recipe: Recipe):
-  """The four families as functions of uint8 [B, H, W, 3], in the order a layer
-  applies them."""
+def _families(ops: jax.Array, signs: jax.Array, centres: jax.Array, recipe: Recipe
+              ) -> Tuple[Callable[[jax.Array], jax.Array], ...]:
+  """The four families as functions of uint8 [B, H, W, 3] (ops, signs [B],
+  centres [B, 2]), in the order a layer applies them."""
   return (lambda x: warp(x, ops, signs, recipe), lambda x: colour(x, ops, recipe),
           lambda x: point(x, ops, recipe), lambda x: cutout(x, ops, centres, recipe))
 
@@ -411,9 +412,9 @@ def apply_layer(images: jax.Array, ops: jax.Array, signs: jax.Array, centres: ja
 
   per_row=False: every family runs on the whole batch, the identity on the rows
   that picked another one (wide, branch-free: for accelerators). per_row=True: a
-  loop over the rows runs only the family each row picked (for the CPU, where a
-  branch is cheap and every pass over the pixels costs). The same numbers either
-  way: the families are the same functions."""
+  loop over the rows runs only the op each row picked, as its family with the op
+  fixed (for the CPU, where a branch is cheap and every pass over the pixels
+  costs). The same numbers either way: the families are the same functions."""
   if not per_row:
     for family in _families(ops, signs, centres, recipe):
       images = family(images)
