@@ -354,7 +354,7 @@ class Manager:
     except Exception as e:  # pylint: disable=broad-except
       self._failed(step, e, stopped_at=step)
 
-  def wait(self, step: int) -> None:
+  def wait(self, step: Optional[int]) -> None:
     """Blocks until the last save is written and committed. Raises errors.RunError
     when it failed (e.g. the disk is full), naming `step` as where the run stopped,
     after removing orbax's partial directory; earlier checkpoints are untouched."""
