@@ -440,6 +440,9 @@ class Manager:
               meta=ocp.args.JsonRestore()))
           problem = _verify(restored['state'], meta) if 'checksum' in meta else None
         except Exception as e:  # pylint: disable=broad-except
+          # orbax stops at the first read that fails and drops the others unawaited
+          # (no public API waits for or cancels them): Python may print 'Exception
+          # ignored in: <coroutine ...>' for them when they are collected.
           problem = f'unreadable: {_first_line(e)}'
       if problem is None:
         if 'checksum' not in meta:
