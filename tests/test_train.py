@@ -111,9 +111,10 @@ HOOK = textwrap.dedent('''
             workdir = next(a.split('=', 1)[1] for a in sys.argv
                            if a.startswith('--workdir='))
             from nfnet_jax import checkpoints
-            deadline = time.time() + 120  # The earlier save is written in the
+            # The earlier save is written in the background: committed first.
+            deadline = time.time() + 120
             while not checkpoints.has_checkpoint(workdir) and time.time() < deadline:
-              time.sleep(0.05)  # background: committed before the disk fills.
+              time.sleep(0.05)
             st = os.statvfs(workdir)
             with open(os.path.join(workdir, 'filler'), 'wb') as f:
               f.write(bytes(max(st.f_bavail * st.f_frsize - 16384, 0)))
