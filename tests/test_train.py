@@ -16,7 +16,7 @@ XLA's code quality):
              to the second process only while step 3's batch is read: both stop
              after step 4 (compared with 'four' up to there)
   preempted  'one' with a real SIGTERM at a random step; then `resumed`, the same
-             command again, with a half-written checkpoint and an orbax tmp dir added
+             command again, with a partial step directory and an orbax tmp dir added
   nan        'one' with a NaN in the batches of steps 2, 4 and 5, and
              max_consecutive_nonfinite=2: step 2 is skipped, 5 stops the run
   evaluate   --mode=eval on a copy of 'one's workdir
@@ -88,8 +88,8 @@ TINY_CONFIG = textwrap.dedent('''
 # Runs the real entry point after wrapping the input pipeline: 'nan' puts a NaN into
 # the batches of the given steps (comma-separated), 'sigterm' sends this process a
 # real SIGTERM while the batch of that step is being fetched, 'fill' fills the
-# workdir's file system to 16 KiB free then, 'slow' takes 1 s for each of those
-# batches.
+# workdir's file system to 16 KiB free then (once a checkpoint is committed), 'slow'
+# takes 1 s for each of those batches.
 HOOK = textwrap.dedent('''
     import os, signal, sys, time
     import numpy as np
@@ -110,6 +110,11 @@ HOOK = textwrap.dedent('''
           elif what == 'fill':
             workdir = next(a.split('=', 1)[1] for a in sys.argv
                            if a.startswith('--workdir='))
+            from nfnet_jax import checkpoints
+            # The earlier save is written in the background: committed first.
+            deadline = time.time() + 120
+            while not checkpoints.has_checkpoint(workdir) and time.time() < deadline:
+              time.sleep(0.05)
             st = os.statvfs(workdir)
             with open(os.path.join(workdir, 'filler'), 'wb') as f:
               f.write(bytes(max(st.f_bavail * st.f_frsize - 16384, 0)))
@@ -310,7 +315,8 @@ class Runs:
 
   def start_disk_full(self, no_eval: str) -> None:
     """'one' with a checkpoint every 2 steps into a 64 MiB tmpfs that fills up while
-    step 3's batch is fetched: step 2's save succeeds, step 4's fails."""
+    step 3's batch is fetched (once step 2's checkpoint is committed): step 4's save
+    finds no room."""
     mnt = self.root / 'tmpfs'
     mnt.mkdir()
     done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(mnt)],
@@ -324,9 +330,10 @@ class Runs:
 
   @staticmethod
   def simulate_half_written(workdir: Path) -> dict[str, Path]:
-    """What a kill mid-save leaves: a later step dir without commit marker (as on a
-    file system without atomic rename, e.g. GCS), and an orbax tmp dir (on POSIX) for
-    the step the resumed run will write last."""
+    """What a kill mid-save leaves: a later step dir with part of a checkpoint (as on
+    a file system without atomic rename, e.g. GCS; on this one orbax counts it as
+    committed, so the resumed run finds it damaged), and an orbax tmp dir (on POSIX)
+    for the step the resumed run will write last."""
     ckpts = workdir / 'checkpoints'
     last = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     partial = ckpts / str(last + 1)
@@ -494,8 +501,8 @@ def test_sigterm_then_rerun_equals_uninterrupted_run_bitwise(runs):
   half = runs.half_written
   assert half['last'] == stopped
   assert f'Resumed from checkpoint at step {stopped} ' in res.output
-  assert f'{half["partial"]} is incomplete' in res.output
-  assert list(half['partial'].parent.glob(f'incomplete-{half["partial"].name}-*'))
+  assert f'Checkpoint {half["partial"].name} is damaged (unreadable: meta' in res.output
+  assert list(half['partial'].parent.glob(f'damaged-{half["partial"].name}-*'))
   assert res.steps()[-1] == STEPS
   assert_trees_equal(res.state(), one.state())  # params, opt_state, EMA, counters
   # metrics.jsonl holds the interrupted run's steps, then the resumed ones.
@@ -596,8 +603,9 @@ def test_full_disk_stops_at_the_failed_save_with_one_message(runs):
   errors = [l for l in run.output.splitlines() if 'Cannot save' in l]
   assert len(errors) == 1 and errors[0].startswith(
       f'Error: Cannot save checkpoint 4 in {run.workdir}/checkpoints: '), run.output[-3000:]
-  assert ('Stopped at step 4; the last good checkpoint, step 2, is kept, the partial one '
-          'removed.') in errors[0]
+  assert 'OSError: No space left on device (the state needs ' in errors[0]
+  assert ('Stopped at step 4; the last good checkpoint, step 2, is kept, nothing of '
+          'checkpoint 4 was written.') in errors[0]
   assert sorted(p.name for p in (run.workdir / 'checkpoints').iterdir()) == ['2']
   assert int(run.state(2)['step']) == 2  # The kept checkpoint restores.
   assert sorted(run.metrics()) == [1, 2, 3, 4]  # Nothing after the failed save.
