@@ -225,7 +225,6 @@ def test_core_install_loads_weights_and_trains_on_offline_data(tmp_path):
   assert list(workdir.glob('events.out.tfevents.*'))
 
 
-@pytest.mark.slow
 def test_core_install_names_the_data_extra_in_one_line(tmp_path):
   """The TF input pipeline, the tfds source and dataset preparation, without the
   data extra: one line each, naming it, and nothing created."""
