@@ -384,7 +384,7 @@ def main(argv) -> None:
     logging.info(data_config.describe_eval(_CONFIG.value.data))
     if _CHECK_PATHS.value or not _CHECK_CONFIG.value:  # A run always checks them.
       configs.check_run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-  except ValueError as e:
+  except (ValueError, errors.MissingExtra) as e:
     _fail('Config error', configs.one_line(e))
   line = f'{configs.summary(_CONFIG.value, config_spec())}, --mode={_MODE.value}'
   if _CHECK_CONFIG.value:

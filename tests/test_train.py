@@ -35,7 +35,6 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import textwrap
@@ -686,48 +685,11 @@ def test_eval_mode_and_summaries(runs):
   assert [r['eval/count'] for r in rows if r['step'] == STEPS and 'eval/count' in r] == [40]
   assert ev.metrics() == one.metrics()
   # TensorBoard: the event file holds the same scalars as metrics.jsonl.
-  events = read_events(one.workdir)
-  assert events[0].file_version.startswith('brain.Event')
-  scalars = {}
-  for e in events[1:]:
-    for v in e.summary.value:
-      scalars.setdefault(v.tag, {})[e.step] = v.simple_value
-  np.testing.assert_allclose([scalars['train/loss'][s] for s in range(1, STEPS + 1)],
+  from test_metrics_writer import read_scalars  # pylint: disable=g-import-not-at-top
+  scalars = read_scalars(one.workdir)
+  np.testing.assert_allclose([scalars[s, 'train/loss'] for s in range(1, STEPS + 1)],
                              one.losses(), rtol=1e-6)
-  assert scalars['eval/raw_top1'][STEPS] == pytest.approx(one.metrics('eval')[STEPS]['raw_top1'])
-
-
-def read_events(logdir: Path):
-  """Events of the TensorBoard file(s) in `logdir`, parsing the TFRecord framing
-  (length, masked CRC-32C of the length, data, masked CRC-32C of the data)."""
-  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  files = sorted(logdir.glob('events.out.tfevents.*'))
-  assert files, f'no event file in {logdir}'
-  events = []
-  for f in files:
-    buf = f.read_bytes()
-    pos = 0
-    while pos < len(buf):
-      header = buf[pos:pos + 8]
-      (length,) = struct.unpack('<Q', header)
-      (hcrc,) = struct.unpack('<I', buf[pos + 8:pos + 12])
-      assert hcrc == _masked_crc32c(header)
-      data = buf[pos + 12:pos + 12 + length]
-      (dcrc,) = struct.unpack('<I', buf[pos + 12 + length:pos + 16 + length])
-      assert dcrc == _masked_crc32c(data)
-      events.append(event_pb2.Event.FromString(data))
-      pos += 16 + length
-  return events
-
-
-def _masked_crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:  # Bitwise CRC-32C (Castagnoli, reflected polynomial 0x82F63B78).
-    crc ^= byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-  crc ^= 0xFFFFFFFF
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+  assert scalars[STEPS, 'eval/raw_top1'] == pytest.approx(one.metrics('eval')[STEPS]['raw_top1'])
 
 
 # ---------------------------------------------------------------------------

@@ -3,10 +3,13 @@ RandAugment, per-host sharding; a numpy path for the offline dataset. See
 docs/data.md.
 
 TensorFlow is imported lazily, only when a TF pipeline is built, and then with
-every GPU/TPU hidden from it. Public API:
+every GPU/TPU hidden from it; it and tensorflow-datasets come with the data extra
+(`pip install 'nfnet_jax[data]'`), which the offline source's numpy path
+(data.use_tf=False) does not need. Public API:
 
   default_config() -> ConfigDict
-  check_config(cfg) -> None (ValueError for a bad value; reads no data)
+  check_config(cfg) -> None (ValueError for a bad value, errors.MissingExtra for a
+      path that needs the data extra when it is not installed; reads no data)
   dataset_info(cfg) -> {num_classes, num_train, num_eval, train_size, eval_size}
   describe_eval(cfg) -> one line saying what the eval transform does
   build_train_iter(cfg, global_batch_size, seed, start_step=0,
@@ -77,7 +80,13 @@ def check_config(cfg) -> None:
   if not cfg.use_tf:
     if cfg.source != 'offline':
       raise ValueError("data.use_tf=False (numpy path) only supports source='offline'; "
-                       'install tensorflow for the tfds and folder sources.')
+                       'the tfds and folder sources need data.use_tf=True.')
+  elif cfg.source == 'offline':
+    errors.require_extra('data', 'data.use_tf=True (the TF input pipeline; '
+                         'data.use_tf=False is the numpy one)', 'tensorflow')
+  else:
+    errors.require_extra('data', f'data.source={cfg.source!r}', 'tensorflow',
+                         *(('tensorflow_datasets',) if cfg.source == 'tfds' else ()))
     if cfg.crop not in ('auto', 'pad_crop', 'none'):
       raise ValueError("data.use_tf=False (numpy path) supports data.crop 'auto', "
                        f"'pad_crop' or 'none', got {cfg.crop!r}")
