@@ -1,11 +1,12 @@
 """The training config: the base that every file in experiments/ starts from, and
 its checks, which all run before anything is built, compiled or created.
 
-Where each check lives: `validate_config` (values: names, ranges, the model built
-from config.model_kwargs and its smallest image size) calls `data.check_config` for
-the data keys (beside the data code) and `optim.check_name`; `check_run` (what the
-file system must hold: a writable workdir, the data, config.init_from that fits the
-model, something to evaluate) reads only. `python -m nfnet_jax.train` runs both
+Where each check lives (docs/training.md, "The checks", is the one list): beside
+what it checks. `validate_config` (values: names, ranges, the model built from
+config.model_kwargs and its smallest image size) calls `data.check_config` for the
+data keys, `registry.check_options` for the model's remat policy and
+`optim.check_name`; `check_run` (what the file system must hold: a writable workdir,
+the data, config.init_from that fits the model, something to evaluate) reads only. `python -m nfnet_jax.train` runs both
 before a run and for --check_config; `config_arg` parses the experiments'
 `--config=FILE:ARG` arguments.
 
@@ -370,9 +371,6 @@ def _check_stateful(config) -> None:
   if config.sam.enabled:
     raise ValueError(f'config.sam.enabled with the BatchNorm model {config.model!r} is '
                      'not supported (the perturbed pass would update its statistics)')
-  if config.get('remat', 'none') != 'none':
-    raise ValueError(f'config.remat={config.remat!r} with the BatchNorm model '
-                     f'{config.model!r} is not supported; use remat=\'none\'')
 
 
 def unknown_override(argv: list[str]) -> Optional[str]:
@@ -411,6 +409,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if config.get('remat', 'none') not in models.REMAT_POLICIES:
     raise ValueError('config.remat: ' + errors.unknown_name(
         'remat policy', config.remat, models.REMAT_POLICIES))
+  try:
+    registry.check_options(config.model, remat=config.get('remat', 'none'))
+  except ValueError as e:
+    raise ValueError(f'config.remat: {e}') from None
   _check_stateful(config)
   for key in ('compute_dtype', 'eval_dtype'):
     if config[key] not in DTYPES:

@@ -34,10 +34,14 @@ REMAT_POLICIES = ('none', 'convs', 'block_convs', 'blocks')
 
 
 def check_options(family: type, remat: str = 'none', groups: str = 'auto') -> None:
-  """Raises ValueError for an unknown remat policy or grouped-conv implementation, or
-  a `groups` choice for a family without grouped convolutions."""
+  """Raises ValueError for an unknown remat policy or grouped-conv implementation, a
+  remat policy for a family without them (`HAS_REMAT`), or a `groups` choice for a
+  family without grouped convolutions (`HAS_GROUPED_CONVS`)."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f'remat must be one of {REMAT_POLICIES}, got {remat!r}')
+  if remat != 'none' and not family.HAS_REMAT:
+    raise ValueError(f'{family.__name__} takes no remat policy; remat={remat!r} '
+                     "applies to the Normalizer-Free families only (use 'none')")
   if groups not in layers.GROUPED_CONV_IMPLS:
     raise ValueError(f'groups must be one of {layers.GROUPED_CONV_IMPLS}, got {groups!r}')
   if groups != 'auto' and not family.HAS_GROUPED_CONVS:
@@ -216,6 +220,7 @@ class Network(hk.Module):
   """
 
   HAS_GROUPED_CONVS = True
+  HAS_REMAT = True
 
   def __init__(self, variants: dict[str, dict[str, Any]], variant: str, *,
                drop_rate: Optional[float], dtype: Any, remat: str = 'none',

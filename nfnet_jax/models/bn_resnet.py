@@ -174,10 +174,12 @@ class BNResNet(base.Network):
   end at a narrower width). `cross_replica_axis`: a mapped axis name (e.g. the
   training loop's data axis) over which training batch statistics are averaged; None
   (default): each device normalizes with its own batch's statistics. No grouped
-  convolutions and no remat policy (`registry.create` refuses both).
+  convolutions and no remat policy: `remat` and `groups` other than the defaults are
+  refused (base.check_options).
   """
 
   HAS_GROUPED_CONVS = False
+  HAS_REMAT = False
 
   def __init__(self, num_classes: int, variant: str = '50', width: float = 1.0,
                preactivation: bool = True, stochdepth_rate: float = 0.0,
@@ -185,8 +187,10 @@ class BNResNet(base.Network):
                use_se: bool = False, se_ratio: float = 0.25,
                bottleneck_ratio: float = 0.25, dtype: Any = None,
                cross_replica_axis: Union[str, Sequence[str], None] = None,
-               depths: Optional[Sequence[int]] = None, name: str = 'BN_ResNet'):
-    super().__init__(VARIANTS, variant, drop_rate=drop_rate, dtype=dtype, name=name)
+               depths: Optional[Sequence[int]] = None, remat: str = 'none',
+               groups: str = 'auto', name: str = 'BN_ResNet'):
+    super().__init__(VARIANTS, variant, drop_rate=drop_rate, dtype=dtype, remat=remat,
+                     groups=groups, name=name)
     self.num_classes = num_classes
     params = VARIANTS[variant]
     self.train_imsize, self.test_imsize = params['train_imsize'], params['test_imsize']
