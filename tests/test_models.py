@@ -180,6 +180,10 @@ def test_remat_and_groups_errors():
     models.create('nf_regnet_b0', groups='dense')
   with pytest.raises(ValueError, match='NFResNet has no grouped convolutions'):
     models.create('nf_resnet50', groups='split')
+  with pytest.raises(ValueError, match="BNResNet takes no remat policy; remat='convs'"):
+    models.create('bn_resnet26', remat='convs')
+  with pytest.raises(ValueError, match='BNResNet has no grouped convolutions'):
+    models.create('bn_resnet26', groups='lax')
   with pytest.raises(ValueError, match='remat must be one of'):  # the module itself
     hk.transform(lambda: models.NFRegNet(10, remat='everything')).init(None)
   with pytest.raises(ValueError, match=r"grouped conv impl must be one of \('auto', "
