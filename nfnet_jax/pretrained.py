@@ -58,6 +58,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from nfnet_jax import hub, timm_convert
+from nfnet_jax.models import nfnet
 from nfnet_jax.param_match import (canonical_name, classifier_module, format_list,
                                    match_to_model, model_leaves, model_shapes,
                                    released_name, to_released_names)
@@ -373,8 +374,6 @@ def infer_model(params: Mapping[str, Any]) -> Optional[str]:
   Read from the structure alone: the number of blocks, the stage boundaries (the
   blocks that carry `conv_shortcut`) and the stem width.
   """
-  from nfnet_jax.models import nfnet
-
   canon = {canonical_name(m): m for m in params}
   blocks = {}
   for c in canon:
