@@ -34,7 +34,6 @@ import ml_collections
 
 from nfnet_jax import checkpoints, data, errors, hub, models, optim, pretrained, sam
 from nfnet_jax.data import config as data_config
-from nfnet_jax.data import sources
 from nfnet_jax.models import registry
 
 MODES = ('train', 'eval', 'train_and_eval')
@@ -531,6 +530,8 @@ def _check_data(data_cfg, mode: str) -> int:
   if cfg.source == 'folder':
     cfg.folder_verify = 'none'
   if cfg.source == 'tfds' and cfg.manual_dir:
+    # TensorFlow only when the config reads TFDS (the numpy path never imports it).
+    from nfnet_jax.data import sources  # pylint: disable=g-import-not-at-top
     try:
       builder = sources.tfds_builder(cfg, prepare=False)
     except ValueError as e:
@@ -556,6 +557,7 @@ def _remote_classes(cfg) -> int:
   if cfg.source != 'tfds':
     raise ValueError(f'config.data.folder={cfg.folder}: a folder dataset is read from '
                      'the local file system; copy it to a local disk')
+  from nfnet_jax.data import sources  # pylint: disable=g-import-not-at-top  (TensorFlow)
   builder = sources.tfds_builder(cfg, prepare=False)
   label = (builder.info.supervised_keys or ('image', 'label'))[1]
   return int(builder.info.features[label].num_classes)
