@@ -127,9 +127,8 @@ def create_model(config, num_classes: int):
   kwargs = config.model_kwargs.to_dict()
   if config.get('bn_cross_device', False):  # BatchNorm statistics over all devices.
     kwargs['cross_replica_axis'] = steps.AXIS
-  if config.get('remat', 'none') != 'none':
-    return models.create(config.model, num_classes, remat=config.remat, **kwargs)
-  return models.create(config.model, num_classes, **kwargs)
+  return models.create(config.model, num_classes, remat=config.get('remat', 'none'),
+                       **kwargs)
 
 
 # ---------------------------------------------------------------------------

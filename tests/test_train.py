@@ -770,6 +770,10 @@ def test_valid_choices_are_listed():
   with pytest.raises(ValueError, match=r"config.remat: Unknown remat policy 'conv'. Did "
                      r"you mean convs\? Valid: none, convs, block_convs, blocks"):
     configs.validate_config(config, 1, 1)
+  config.model, config.remat = 'bn_resnet26', 'convs'  # the family's own refusal
+  config.model_kwargs = dict(width=0.125, depths=(1, 1))
+  with pytest.raises(ValueError, match=r"config.remat: BNResNet takes no remat policy"):
+    configs.validate_config(config, 1, 1)
 
 
 def test_unknown_command_line_key_is_refused(tmp_path):
