@@ -1,5 +1,6 @@
-"""pip install -e .  ([demo]: spp plots and the notebook; [hub]: hf-hub: weights;
-[test]: the test suite)."""
+"""pip install -e .  (core: models, agc, optimizer, weight loading, training on offline
+data; [data]: the TF input pipeline, TFDS and image folders; [demo]: spp plots and the
+notebook; [hub]: hf-hub: weights; [test]: the test suite, with every extra)."""
 import pathlib
 
 from setuptools import find_packages, setup
@@ -32,7 +33,8 @@ setup(
     package_data={'nfnet_jax': ['data/*.txt', 'data/*.json']},
     python_requires='>=3.11',
     install_requires=_reqs('requirements.txt'),
-    extras_require={'demo': _reqs('requirements-demo.txt'),
+    extras_require={'data': _reqs('requirements-data.txt'),
+                    'demo': _reqs('requirements-demo.txt'),
                     'hub': _reqs('requirements-hub.txt'),
                     'test': _reqs('requirements-test.txt')},
     license='Apache-2.0',

@@ -22,20 +22,21 @@ shows the same XLA peak, which says nothing about a GPU or TPU. Prints a table;
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from typing import Any
 
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+# The residual parser is a test helper (tests/nf_testing.py), shared with the
+# remat tests.
+sys.path.insert(1, os.path.join(os.path.dirname(_HERE), 'tests'))
 
 import device  # noqa: E402  pylint: disable=g-import-not-at-top
 import report  # noqa: E402  pylint: disable=g-import-not-at-top
 import train_step  # noqa: E402  pylint: disable=g-import-not-at-top
-
-_ITEMSIZE = {'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 'u32': 4, 'i32': 4, 'bool': 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,14 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def residual_bytes(residuals: list[tuple[str, tuple[int, ...], str]]) -> int:
-  return sum(_ITEMSIZE.get(dt, 4) * math.prod(shape) for dt, shape, _ in residuals)
-
-
 def analyse(args, policy: str) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from nfnet_jax import models, optim, steps  # pylint: disable=g-import-not-at-top
+  import nf_testing  # pylint: disable=g-import-not-at-top  (imports Haiku)
 
   c = train_step.make_config(args)  # the benchmark's train config (AGC 0.01, ...)
   kw = c.model_kwargs.to_dict()
@@ -96,7 +94,8 @@ def analyse(args, policy: str) -> dict[str, Any]:
   params = trainer.abstract_state['params']
   local = args.batch // jax.device_count()
   x = jax.ShapeDtypeStruct((local, args.image, args.image, 3), dt)
-  rec['residual_bytes_per_device'] = residual_bytes(models.saved_residuals(net, params, x))
+  rec['residual_bytes_per_device'] = sum(
+      nbytes for nbytes, _ in nf_testing.saved_residuals(net, params, x))
   return rec
 
 

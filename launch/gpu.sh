@@ -78,7 +78,7 @@ cd "$repo"
 if ((install)); then
   ensure_venv .venv "$venv_python" || exit 1
   run .venv/bin/pip install -q --upgrade pip
-  run .venv/bin/pip install -q "$jax_spec" -e .
+  run .venv/bin/pip install -q "$jax_spec" -e ".[data]"
 fi
 # A too-old interpreter fails here with one line, not in the middle of an import.
 ((install)) || python_ok "$python" || exit 1

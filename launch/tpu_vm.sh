@@ -172,7 +172,7 @@ q() { printf '%q' "$1"; }  # Quote one word for the remote shell.
 # install JAX for TPU and this project into it.
 # shellcheck disable=SC2088  # ~ is expanded by the worker's shell
 remote_dir='~/nfnet_jax'
-install_cmd="set -e; rm -rf $remote_dir; mkdir -p $remote_dir; tar -xzf ~/nfnet_jax.tar.gz -C $remote_dir; cd $remote_dir; source launch/lib.sh; launcher=\"tpu_vm.sh on \$(hostname)\"; ensure_venv ~/nfnet_venv $(q "$python"); ~/nfnet_venv/bin/pip install -q --upgrade pip; ~/nfnet_venv/bin/pip install -q $(q "$jax_spec") -e ."
+install_cmd="set -e; rm -rf $remote_dir; mkdir -p $remote_dir; tar -xzf ~/nfnet_jax.tar.gz -C $remote_dir; cd $remote_dir; source launch/lib.sh; launcher=\"tpu_vm.sh on \$(hostname)\"; ensure_venv ~/nfnet_venv $(q "$python"); ~/nfnet_venv/bin/pip install -q --upgrade pip; ~/nfnet_venv/bin/pip install -q $(q "$jax_spec") -e $(q ".[data]")"
 train_cmd="cd $remote_dir && ~/nfnet_venv/bin/python -m nfnet_jax.train --distributed --workdir=$(q "$workdir") --mode=$mode"
 for a in "${train_args[@]}"; do train_cmd+=" $(q "$a")"; done
 # Every worker prefixes its lines with its hostname, so the streamed logs stay readable.

@@ -1,24 +1,25 @@
-"""Checkpoints (orbax): atomic, verified on restore, the last k kept, never with NaN,
-incomplete or damaged ones set aside (renamed, never deleted); and `start`, the state
-a run starts from.
+"""Checkpoints (orbax): written in the background while training goes on, committed
+atomically, verified on restore, the last k kept, never with NaN, incomplete or
+damaged ones set aside (renamed, never deleted); and `start`, the state a run starts
+from.
 
 A checkpoint is `workdir/checkpoints/<step>/` with two items: `state` (the training
 state, see `steps.make_init_fn`) and `meta` (JSON: the step, what wrote it, and a
-checksum of every array of the state). docs/training.md describes the format, the
-checksum and what happens on a damaged checkpoint or a full disk.
+checksum of every array of the state). Only orbax's public API is used: which steps
+are committed is orbax's answer (`CheckpointManager.all_steps`,
+`orbax.checkpoint.utils`). docs/training.md describes the format, the checksum and
+what happens on a damaged checkpoint or a full disk.
 """
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging as logging_std
 import os
-import sys
-import threading
+import shutil
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -26,9 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfnet_jax import errors
-
-_TMP = '.orbax-checkpoint-tmp'  # orbax writes <step>.orbax-checkpoint-tmp*, then renames.
-
 
 def checkpoint_dir(workdir: str) -> str:
   if '://' not in workdir:  # gs://... stays as is.
@@ -41,27 +39,13 @@ def _path(path: str):
   return epath.Path(path)
 
 
-def _is_complete(step_dir) -> bool:
-  """A step directory orbax finished: commit marker (or metadata with a commit time)
-  and both items."""
-  if not ((step_dir / 'state').exists() and (step_dir / 'meta').exists()):
-    return False
-  if (step_dir / 'commit_success.txt').exists():
-    return True
-  try:
-    meta = json.loads((step_dir / '_CHECKPOINT_METADATA').read_text())
-    return bool(meta.get('commit_timestamp_nsecs'))
-  except (OSError, ValueError):
-    return False
-
-
 def _complete_steps(ckpt_dir: str) -> list[int]:
-  """Steps of the complete checkpoints in `ckpt_dir`, newest first. Reads only."""
-  root = _path(ckpt_dir)
-  if not root.exists():
+  """Steps of the checkpoints in `ckpt_dir` that orbax has committed, newest first.
+  Reads only."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if not _path(ckpt_dir).exists():
     return []
-  return sorted((int(d.name) for d in root.iterdir()
-                 if d.name.isdigit() and d.is_dir() and _is_complete(d)), reverse=True)
+  return sorted(ocp.utils.checkpoint_steps(ckpt_dir), reverse=True)
 
 
 # What a checkpoint's meta must hold, beyond `step` and `checksum`: each key that is
@@ -162,36 +146,23 @@ def _sync(name: str) -> None:
 
 
 def set_aside_incomplete(ckpt_dir: str) -> list[str]:
-  """Renames step directories without a commit (killed mid-save on a file system
-  without atomic rename) to `incomplete-<name>-<time>`, so orbax neither restores
-  them nor collides with them. orbax's own `*.orbax-checkpoint-tmp*` directories are
-  never listed as steps. Process 0 only; returns the new names."""
+  """Renames step directories that orbax has not committed (on a file system without
+  atomic rename, such as GCS, a save killed midway leaves `<step>/` without orbax's
+  commit) to `incomplete-<name>-<time>`, so orbax neither restores them nor collides
+  with them. orbax's own temporary directories are never steps. Process 0 only;
+  returns the new names."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   root = _path(ckpt_dir)
   moved = []
   if jax.process_index() == 0 and root.exists():
     for d in sorted(root.iterdir()):
-      if d.is_dir() and d.name.isdigit() and not _is_complete(d):
+      if d.is_dir() and d.name.isdigit() and not ocp.utils.is_checkpoint_finalized(d):
         new = _set_aside(d, 'incomplete')
         logging.warning('Checkpoint %s is incomplete (killed mid-save?); ignoring it, '
                         'moved to %s', d, new)
         moved.append(new)
   _sync('incomplete checkpoints set aside')
   return moved
-
-
-def manager(workdir: str, keep: int):
-  """An orbax CheckpointManager over `workdir/checkpoints`, keeping the last `keep`.
-  Raises errors.RunError when the directory cannot be created (e.g. a full disk)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  ckpt_dir = checkpoint_dir(workdir)
-  set_aside_incomplete(ckpt_dir)
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  try:
-    return ocp.CheckpointManager(ckpt_dir, options=options)
-  except OSError as e:  # It creates the directory: a full disk (or no inode) fails here.
-    raise errors.RunError(
-        f'Cannot create {ckpt_dir}: {_first_line(e)}. Nothing was written; fix the '
-        'cause (e.g. free space) and re-run the same command.') from None
 
 
 # ---------------------------------------------------------------------------
@@ -284,38 +255,34 @@ def check_same_layout(workdir: str, meta: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------
 class QuietOrbax(logging_std.Filter):
   """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint); with
-  `keep_errors=False` its ERROR records too, where the caller reports the error."""
+  `keep_errors=False` its ERROR records too, where the caller reports the error.
+
+  orbax logs through absl's logger, as this package does: it has no logger of its own
+  (a `logging.getLogger('orbax')` whose level a caller could set is the API that is
+  missing), so its records are told apart by the file that logged them."""
 
   def __init__(self, keep_errors: bool = True):
     super().__init__()
     self.min_level = logging_std.WARNING if keep_errors else logging_std.CRITICAL
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    if '/orbax/' not in record.pathname:
+    if f'{os.sep}orbax{os.sep}' not in record.pathname:
       return True
     return record.levelno == logging_std.WARNING or record.levelno >= self.min_level
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-  """Orbax's own error logs dropped (every orbax error also reaches the `save` or
-  `restore` call that reports it in one line), and the 'Exception ignored in
-  coroutine' noise of a failed read (orbax drops its pending reads) silenced."""
-  quiet = QuietOrbax(keep_errors=False)
-  loggers = [logging_std.getLogger(), logging_std.getLogger('absl')]
-  handlers = [h for lg in loggers for h in lg.handlers]
-  for h in handlers:
-    h.addFilter(quiet)
-  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
-  try:
-    yield
-  except BaseException:
-    gc.collect()  # Collects the failed read's coroutines while the hook is silent.
-    raise
-  finally:
-    sys.unraisablehook = hook
-    for h in handlers:
-      h.removeFilter(quiet)
+def _no_room(directory: str, state) -> Optional[str]:
+  """Why the file system of `directory` cannot hold a checkpoint of `state` (less
+  free space than the state's bytes), else None. Not checked for a `gs://` (or other
+  remote) directory."""
+  if '://' in directory:
+    return None
+  need = sum(x.nbytes for x in jax.tree.leaves(state))
+  free = shutil.disk_usage(directory).free
+  if free >= need:
+    return None
+  return (f'OSError: No space left on device (the state needs {need / 2**20:.1f} MiB, '
+          f'{free / 2**20:.1f} MiB free)')
 
 
 def _first_line(e: BaseException) -> str:
@@ -324,54 +291,179 @@ def _first_line(e: BaseException) -> str:
   return f'{type(e).__name__}: {text[:200]}'
 
 
-def save(mngr, state, step: int, meta: dict[str, Any]) -> None:
-  """Writes checkpoint `step` with `meta` and the state's checksum, and waits for it:
-  the train step never produces a non-finite state, so no checkpoint holds NaN.
+class Manager:
+  """The checkpoints of a run, `workdir/checkpoints`, through an orbax
+  CheckpointManager that keeps the last `keep`.
 
-  Raises errors.RunError when the write fails (e.g. the disk is full), after
-  removing orbax's partial `<step>.orbax-checkpoint-tmp*` directory; the earlier
-  checkpoints are untouched.
+  With `asynchronous` (the default) `save` returns once orbax holds the state in host
+  memory, and the files are written while training goes on. A write that fails is
+  reported (errors.RunError, one line) by the next `save` or by `wait`, whichever
+  comes first; orbax deletes checkpoints beyond `keep` only after a newer one is
+  committed, so the last good one stays. orbax's own error records (with tracebacks,
+  from its writer threads too) are dropped while the manager is open: each of its
+  errors reaches `save`, `wait` or `restore`, which report it in one line.
+
+  Raises errors.RunError when the directory cannot be created (e.g. a full disk).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  meta = dict(meta, step=step, checksum=checksum(state))
-  before = set(threading.enumerate())
-  try:
-    with _quiet():
-      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                              meta=ocp.args.JsonSave(meta)), force=True)
-      mngr.wait_until_finished()
-  except Exception as e:  # pylint: disable=broad-except
-    # A write that fails early can leave orbax's writer threads running, untracked by
-    # the manager: they end (and log) before the partial files are removed.
-    with _quiet():
-      with contextlib.suppress(Exception):
-        mngr.wait_until_finished()
-      for thread in set(threading.enumerate()) - before:
-        with contextlib.suppress(Exception):  # orbax's threads re-raise their error.
-          thread.join(timeout=60)
-      gc.collect()
-    # asyncio logs orbax's failed futures whenever they are collected, up to exit.
-    logging_std.getLogger('asyncio').addFilter(
-        lambda record: 'exception was never retrieved' not in record.getMessage())
-    root = _path(str(mngr.directory))
-    partial = [d for d in root.iterdir() if d.name.startswith(f'{step}{_TMP}')]
+
+  def __init__(self, workdir: str, keep: int, asynchronous: bool = True):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    self.directory = checkpoint_dir(workdir)
+    self.pending: Optional[int] = None  # The step whose write may still be running.
+    self._quiet = QuietOrbax(keep_errors=False)
+    self._closed = False
+    set_aside_incomplete(self.directory)
+    # cleanup_tmp_directories: orbax removes what an interrupted or failed save left
+    # (its temporary directories) when the manager opens, i.e. when a run resumes.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
+        cleanup_tmp_directories=True)
+    logging_std.getLogger('absl').addFilter(self._quiet)
+    try:
+      self.orbax = ocp.CheckpointManager(self.directory, options=options)
+    except OSError as e:  # It creates the directory: a full disk (no inode) fails here.
+      logging_std.getLogger('absl').removeFilter(self._quiet)
+      raise errors.RunError(
+          f'Cannot create {self.directory}: {_first_line(e)}. Nothing was written; fix '
+          'the cause (e.g. free space) and re-run the same command.') from None
+
+  def save(self, state, step: int, meta: dict[str, Any]) -> None:
+    """Starts writing checkpoint `step` with `meta` and the state's checksum; returns
+    once orbax holds a copy of the state (the train step may then donate it). The
+    train step never produces a non-finite state, so no checkpoint holds NaN.
+
+    First waits for the previous write (one write at a time). Raises
+    errors.RunError when that write failed, or this one fails before returning
+    (see `wait`).
+    """
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    self.wait(step)
+    no_room = _no_room(self.directory, state)
+    if no_room:
+      raise errors.RunError(
+          f'Cannot save checkpoint {step} in {self.directory}: {no_room}. Stopped at '
+          f'step {step}; {kept_note(self.directory)}, nothing of checkpoint {step} was '
+          'written. Fix the cause (e.g. free space) and re-run the same command to '
+          'resume.')
+    meta = dict(meta, step=step, checksum=checksum(state))
+    self.pending = step
+    try:
+      self.orbax.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)),
+                      force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(step, e, stopped_at=step)
+
+  def wait(self, step: Optional[int]) -> None:
+    """Blocks until the last save is written and committed. Raises errors.RunError
+    when it failed (e.g. the disk is full), naming `step` as where the run stopped,
+    after removing orbax's partial directory; earlier checkpoints are untouched."""
+    if self.pending is None:
+      return
+    try:
+      self.orbax.wait_until_finished()
+      self.orbax.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(self.pending, e, stopped_at=step)
+    self.pending = None
+
+  def _failed(self, step: int, e: BaseException, stopped_at: Optional[int]):
+    """Removes what the failed write of `step` left and raises errors.RunError.
+
+    orbax's `wait_until_finished` returns at the first of a save's writes that fails,
+    while its other writes may still run: no public API waits for or cancels them.
+    One of them may create a temporary directory again after it is removed here (the
+    next manager's `cleanup_tmp_directories` removes it), or print 'Exception ignored
+    ... Event loop is closed' when it ends; `_no_room` keeps the usual case, a disk
+    already full when a save starts, away from this path.
+    """
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    self.pending = None
+    with contextlib.suppress(Exception):  # Its error is the one being reported.
+      self.orbax.wait_until_finished()
+    # No other save is being written: every temporary directory is this one's.
+    partial = [d for d in _path(self.directory).iterdir()
+               if d.is_dir() and ocp.utils.is_tmp_checkpoint(d)]
     if jax.process_index() == 0:
-      import shutil  # pylint: disable=g-import-not-at-top
       for d in partial:
         shutil.rmtree(d, ignore_errors=True)
-    kept = kept_note(str(root), but=step)
+    _sync(f'partial checkpoint {step} removed')
+    self.orbax.reload()
+    stopped = f'Stopped at step {stopped_at}; ' if stopped_at is not None else ''
     raise errors.RunError(
-        f'Cannot save checkpoint {step} in {root}: {_first_line(e)}. Stopped at step '
-        f'{step}; {kept}' + (', the partial one removed' if partial else '') +
-        '. Fix the cause (e.g. free space) and re-run the same command to resume.'
-    ) from None
+        f'Cannot save checkpoint {step} in {self.directory}: {_first_line(e)}. '
+        f'{stopped}{kept_note(self.directory, but=step)}'
+        + (', the partial one removed' if partial else '') +
+        '. Fix the cause (e.g. free space) and re-run the same command to resume.')
 
+  def close(self) -> None:
+    """Waits for the last write and closes the manager (again: nothing). A write that
+    failed is reported here as one warning line: `close` runs on the way out of a
+    run, where another error may already be on its way."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.wait(step=None)
+    except errors.RunError as e:
+      logging.warning('%s', e)
+    finally:
+      # A failed write was reported above: an error orbax raises here repeats it.
+      with contextlib.suppress(Exception):
+        self.orbax.close()
+      logging_std.getLogger('absl').removeFilter(self._quiet)
 
-def close(mngr) -> None:
-  """Closes the manager. Each save waited for its write and reported its failure, so
-  an error orbax raises here repeats one already reported: it is not raised again."""
-  with _quiet(), contextlib.suppress(Exception):
-    mngr.close()
+  def restore(self, abstract_state, accept_unverified: bool = False
+              ) -> tuple[Optional[dict[str, Any]], Optional[dict]]:
+    """(state, meta) of the newest committed checkpoint that verifies, or (None, None)
+    if there is none.
+
+    A checkpoint is damaged when its meta is malformed (not a JSON object, another
+    step, a field of another type: `meta_problem`) or has no checksum (unless
+    `accept_unverified`: then it is restored unverified, with a warning), when its
+    arrays do not match the checksum, or when orbax cannot read it. A damaged one is
+    renamed to `damaged-<step>-<time>` (one log line) and the one before it is tried.
+    Raises errors.RunError when every checkpoint is damaged (nothing is then started
+    from scratch over them).
+    """
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    root = _path(self.directory)
+    set_aside, unverified = [], False
+    for step in sorted(self.orbax.all_steps(), reverse=True):
+      meta, problem = _read_meta(root / str(step))
+      if problem is None:
+        problem = meta_problem(meta, step, accept_unverified)
+      if problem is None:  # The meta is sound: read the arrays and check them.
+        try:
+          restored = self.orbax.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              meta=ocp.args.JsonRestore()))
+          problem = _verify(restored['state'], meta) if 'checksum' in meta else None
+        except Exception as e:  # pylint: disable=broad-except
+          # orbax stops at the first read that fails and drops the others unawaited
+          # (no public API waits for or cancels them): Python may print 'Exception
+          # ignored in: <coroutine ...>' for them when they are collected.
+          problem = f'unreadable: {_first_line(e)}'
+      if problem is None:
+        if 'checksum' not in meta:
+          logging.warning('Checkpoint %d has no checksum: restored without verification '
+                          '(config.accept_unverified_checkpoints=True)', step)
+        return restored['state'], meta
+      new = _set_aside(root / str(step), 'damaged')
+      _sync(f'damaged checkpoint {step} set aside')
+      logging.warning('Checkpoint %d is damaged (%s): moved to %s, trying the one before',
+                      step, problem, new)
+      set_aside.append(new)
+      unverified |= isinstance(meta, dict) and 'checksum' not in meta
+      self.orbax.reload()
+    if set_aside:
+      hint = (' (to restore one without a checksum, move it back and pass '
+              '--config.accept_unverified_checkpoints=True)' if unverified else '')
+      raise errors.RunError(
+          f'Every checkpoint in {root} is damaged (set aside as {", ".join(set_aside)}): '
+          f'nothing to resume from. Move one back by hand to use it anyway{hint}, or '
+          'start over with a new --workdir.')
+    return None, None
 
 
 def _verify(state, meta: dict[str, Any]) -> Optional[str]:
@@ -383,62 +475,11 @@ def _verify(state, meta: dict[str, Any]) -> Optional[str]:
   return None
 
 
-def restore(mngr, abstract_state, accept_unverified: bool = False
-            ) -> tuple[Optional[dict[str, Any]], Optional[dict]]:
-  """(state, meta) of the newest complete checkpoint that verifies, or (None, None)
-  if there is none.
-
-  A checkpoint is damaged when its meta is malformed (not a JSON object, another
-  step, a field of another type: `meta_problem`) or has no checksum (unless
-  `accept_unverified`: then it is restored unverified, with a warning), when its
-  arrays do not match the checksum, or when orbax cannot read it. A damaged one is
-  renamed to `damaged-<step>-<time>` (one log line) and the one before it is tried.
-  Raises errors.RunError when every checkpoint is damaged (nothing is then started
-  from scratch over them).
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  root = _path(str(mngr.directory))
-  set_aside, unverified = [], False
-  for step in sorted(mngr.all_steps(), reverse=True):
-    meta, problem = _read_meta(root / str(step))
-    if problem is None:
-      problem = meta_problem(meta, step, accept_unverified)
-    if problem is None:  # The meta is sound: read the arrays and check them.
-      try:
-        with _quiet():
-          restored = mngr.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              meta=ocp.args.JsonRestore()))
-        problem = _verify(restored['state'], meta) if 'checksum' in meta else None
-      except Exception as e:  # pylint: disable=broad-except
-        problem = f'unreadable: {_first_line(e)}'
-    if problem is None:
-      if 'checksum' not in meta:
-        logging.warning('Checkpoint %d has no checksum: restored without verification '
-                        '(config.accept_unverified_checkpoints=True)', step)
-      return restored['state'], meta
-    new = _set_aside(root / str(step), 'damaged')
-    _sync(f'damaged checkpoint {step} set aside')
-    logging.warning('Checkpoint %d is damaged (%s): moved to %s, trying the one before',
-                    step, problem, new)
-    set_aside.append(new)
-    unverified |= isinstance(meta, dict) and 'checksum' not in meta
-    mngr.reload()
-  if set_aside:
-    hint = (' (to restore one without a checksum, move it back and pass '
-            '--config.accept_unverified_checkpoints=True)' if unverified else '')
-    raise errors.RunError(
-        f'Every checkpoint in {root} is damaged (set aside as {", ".join(set_aside)}): '
-        f'nothing to resume from. Move one back by hand to use it anyway{hint}, or '
-        'start over with a new --workdir.')
-  return None, None
-
-
 # ---------------------------------------------------------------------------
 # Where a run starts.
 # ---------------------------------------------------------------------------
 def start(config, workdir: str, mode: str, trainer, run_meta: dict[str, Any]
-          ) -> tuple[Any, dict[str, Any]]:
+          ) -> tuple[Optional[Manager], dict[str, Any]]:
   """(checkpoint manager or None, state) a run starts from: the workdir's newest good
   checkpoint, else config.init_from, else a fresh initialisation (`trainer` is a
   `steps.Trainer`). Raises errors.RunError when there is nothing to evaluate."""
@@ -452,9 +493,13 @@ def start(config, workdir: str, mode: str, trainer, run_meta: dict[str, Any]
         'workdir first, or pass --config.init_from=<weights file>.')
   mngr = None
   if found or mode != 'eval':
-    mngr = manager(workdir, config.keep_checkpoints)
-    state, meta = restore(mngr, trainer.abstract_state,
-                          config.get('accept_unverified_checkpoints', False))
+    mngr = Manager(workdir, config.keep_checkpoints)
+    try:
+      state, meta = mngr.restore(trainer.abstract_state,
+                                 config.get('accept_unverified_checkpoints', False))
+    except BaseException:
+      mngr.close()
+      raise
     if state is not None:
       logging.info('Resumed from checkpoint at step %d (%s)', int(state['step']),
                    ', '.join(f'{k} {meta[k]}' for k in ('model', 'seed', 'batch_size')

@@ -5,8 +5,10 @@ r"""The papers' comparisons as sweeps of ordinary training runs.
       --seeds 0,1,2
 
 Each run of a sweep is `python -m nfnet_jax.train --config=experiments/claims.py:<scale>
---workdir=<out>/<claim>/<run> --config.<key>=<value> ...` in a subprocess, with its own
-workdir: re-running the same command skips the runs that finished (their
+--workdir=<out>/<claim>/<run> --config.<key>=<value> ...` in a subprocess started in
+the working directory (the recipe file is `--config`, by default
+`experiments/claims.py` of the working directory, as in the train commands), with its
+own workdir: re-running the same command skips the runs that finished (their
 `claims_run.json` exists) and resumes the others from their last checkpoint. The
 claim's results go to `<out>/<claim>.json` (every run: its settings, status, held-out
 top-1 of the raw and EMA weights, last training loss, throughput) and
@@ -42,8 +44,9 @@ import textwrap
 import time
 from typing import Any, Callable, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / 'experiments' / 'claims.py'
+# The recipe every run of a scale starts from, relative to the working directory
+# (the repository root in the documented commands), as train's --config is.
+DEFAULT_CONFIG = 'experiments/claims.py'
 SCALES = ('tiny', 'cpu', 'imagenet')
 RESULT_FILE = 'claims_run.json'
 DEFAULT_OUT = Path('runs/claims')  # Relative to the working directory.
@@ -294,12 +297,11 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in (
 # ---------------------------------------------------------------------------
 # Running and collecting.
 # ---------------------------------------------------------------------------
-def command(spec: RunSpec, scale: str, workdir: Path) -> list[str]:
-  """The train command of one run (argv)."""
+def command(spec: RunSpec, scale: str, workdir: Path,
+            config: str = DEFAULT_CONFIG) -> list[str]:
+  """The train command of one run (argv); `config` is the recipe file's path."""
   arg = f'{scale},{spec.variant}' if spec.variant else scale
-  # Relative to the repository root, where the run starts (cwd).
-  return [sys.executable, '-m', 'nfnet_jax.train',
-          f'--config={CONFIG.relative_to(REPO)}:{arg}',
+  return [sys.executable, '-m', 'nfnet_jax.train', f'--config={config}:{arg}',
           f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in spec.overrides.items()]]
 
 
@@ -375,7 +377,7 @@ def _finished_twin(cmd: Sequence[str], out: Path, workdir: Path) -> Optional[Pat
 
 
 def run_one(spec: RunSpec, scale: str, claim_dir: Path, env: dict[str, str],
-            chance: float) -> dict[str, Any]:
+            chance: float, config: str = DEFAULT_CONFIG) -> dict[str, Any]:
   """Runs (or resumes, or skips when finished) one run; returns its row. A run that
   another claim under the same output directory already finished with the same
   settings is not trained again: its row is reused (`reused_from`)."""
@@ -386,7 +388,7 @@ def run_one(spec: RunSpec, scale: str, claim_dir: Path, env: dict[str, str],
       return json.loads(result.read_text())
     except ValueError:
       pass  # Cut short while written: run again (it resumes from its checkpoint).
-  cmd = command(spec, scale, workdir)
+  cmd = command(spec, scale, workdir, config)
   head = {'name': spec.name, **spec.overrides, **spec.labels}
   batch = {'batch_size': spec.overrides.get('batch_size', _default_batch(scale))}
   workdir.mkdir(parents=True, exist_ok=True)
@@ -401,7 +403,7 @@ def run_one(spec: RunSpec, scale: str, claim_dir: Path, env: dict[str, str],
     return row
   start = time.time()
   with open(workdir / 'train.log', 'a', encoding='utf-8') as log:
-    rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                         check=False).returncode
   text = (workdir / 'train.log').read_text(errors='replace')
   if rc == 0:
@@ -437,14 +439,14 @@ def _num_classes(scale: str) -> int:
 
 
 def run_claim(name: str, out: Path, scale: str, seeds: Sequence[int],
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Runs the sweep of claim `name`; writes <out>/<name>.json and .png."""
+              log: Callable[[str], None] = print,
+              config: str = DEFAULT_CONFIG) -> dict[str, Any]:
+  """Runs the sweep of claim `name` from the recipe file `config`; writes
+  <out>/<name>.json and .png."""
   claim = CLAIMS[name]
   specs = claim.runs(scale, seeds)
   claim_dir = out / name
   env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH'))
-                                      if p)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if scale != 'imagenet':
     # Runs of one sweep share compiled programs (seeds differ only in values).
@@ -459,7 +461,7 @@ def run_claim(name: str, out: Path, scale: str, seeds: Sequence[int],
   rows = []
   for i, spec in enumerate(specs):
     log(f'[{name} {i + 1}/{len(specs)}] {spec.name}')
-    row = dict(run_one(spec, scale, claim_dir, env, chance), chance=chance)
+    row = dict(run_one(spec, scale, claim_dir, env, chance, config), chance=chance)
     if row['status'] == 'diverged':  # Scored at chance (as of this version's data).
       row['top1'] = row['ema_top1'] = chance
     log(f'  {row["status"]}: top-1 {row.get("top1")}, {row["seconds"]} s')
@@ -533,6 +535,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--scale', default='cpu', choices=SCALES)
   parser.add_argument('--seeds', default='0', type=_seeds,
                       help='comma-separated seeds (default 0)')
+  parser.add_argument('--config', default=DEFAULT_CONFIG,
+                      help='the runs\' recipe file, as train\'s --config takes it '
+                           f'(default: {DEFAULT_CONFIG}, from the repository root)')
   parser.add_argument('--dry_run', action='store_true',
                       help='print the train commands and exit')
   args = parser.parse_args(argv)
@@ -543,11 +548,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.dry_run:
     for name in names:
       for spec in CLAIMS[name].runs(args.scale, args.seeds):
-        print(' '.join(command(spec, args.scale, args.out / name / spec.name)))
+        print(' '.join(command(spec, args.scale, args.out / name / spec.name,
+                               args.config)))
     return 0
+  if not os.path.isfile(args.config):
+    parser.error(f'--config={args.config}: no such file; run from the repository '
+                 'root or pass --config=PATH/experiments/claims.py')
   failed = []
   for name in names:
-    report = run_claim(name, args.out, args.scale, args.seeds)
+    report = run_claim(name, args.out, args.scale, args.seeds, config=args.config)
     failed += [r['name'] for r in report['runs'] if r['status'] == 'failed']
     print(f'{name}: wrote {args.out / (name + ".json")} and {args.out / (name + ".png")}')
   if failed:

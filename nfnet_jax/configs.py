@@ -1,11 +1,12 @@
 """The training config: the base that every file in experiments/ starts from, and
 its checks, which all run before anything is built, compiled or created.
 
-Where each check lives: `validate_config` (values: names, ranges, the model built
-from config.model_kwargs and its smallest image size) calls `data.check_config` for
-the data keys (beside the data code) and `optim.check_name`; `check_run` (what the
-file system must hold: a writable workdir, the data, config.init_from that fits the
-model, something to evaluate) reads only. `python -m nfnet_jax.train` runs both
+Where each check lives (docs/training.md, "The checks", is the one list): beside
+what it checks. `validate_config` (values: names, ranges, the model built from
+config.model_kwargs and its smallest image size) calls `data.check_config` for the
+data keys, `registry.check_options` for the model's remat policy and
+`optim.check_name`; `check_run` (what the file system must hold: a writable workdir,
+the data, config.init_from that fits the model, something to evaluate) reads only. `python -m nfnet_jax.train` runs both
 before a run and for --check_config; `config_arg` parses the experiments'
 `--config=FILE:ARG` arguments.
 
@@ -26,9 +27,14 @@ import pickle
 import tempfile
 from typing import Any, Optional, Sequence
 
+import haiku as hk
+import jax
+import jax.numpy as jnp
 import ml_collections
 
-from nfnet_jax import errors, optim, sam
+from nfnet_jax import checkpoints, data, errors, hub, models, optim, pretrained, sam
+from nfnet_jax.data import config as data_config
+from nfnet_jax.models import registry
 
 MODES = ('train', 'eval', 'train_and_eval')
 DTYPES = ('bfloat16', 'float32')
@@ -36,7 +42,6 @@ DTYPES = ('bfloat16', 'float32')
 
 def base_config() -> ml_collections.ConfigDict:
   """Returns the full set of training keys with the paper's defaults."""
-  from nfnet_jax.data.config import default_config as data_config  # TF-free
   c = ml_collections.ConfigDict()
   c.model = 'F0'
   c.model_kwargs = ml_collections.ConfigDict(dict(stochdepth_rate=0.25))
@@ -62,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   # each device perturbs by its own rows' gradient (SAM's reference code). sam.py.
   c.sam = ml_collections.ConfigDict(dict(enabled=False, rho=0.05, fraction=1.0,
                                          perturbation='global'))
-  c.data = data_config()
+  c.data = data_config.default_config()
   c.data.model = c.get_ref('model')  # Image sizes default to this model's variant table.
   c.eval_batch_size = 1000
   c.eval_every = 0              # steps; 0: evaluate only at the end (train_and_eval)
@@ -83,7 +88,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 def nfnet_config(variant: str) -> ml_collections.ConfigDict:
   """The paper's recipe for NFNet-`variant` (e.g. 'F0', 'F3+') on ImageNet."""
-  from nfnet_jax.models import registry
   c = base_config()
   info = registry.info(variant)
   c.model = variant
@@ -124,7 +128,6 @@ def _check_keys(config, reference, prefix: str) -> None:
 
 def model_kwarg_names(model: str) -> list[str]:
   """The keyword arguments of `model`'s constructor that config.model_kwargs may set."""
-  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
   try:
     family = models.info(model)['family']
   except ValueError as e:
@@ -196,8 +199,7 @@ def set_model_kwargs(config, overrides: list[tuple[str, str, str]]) -> None:
 def summary(config, spec: str = '') -> str:
   """One line: what a run of `config` trains (printed by --check_config and at the
   start of a run); `spec` is the --config=FILE:ARG it came from."""
-  from nfnet_jax.data.config import image_sizes  # pylint: disable=g-import-not-at-top
-  train, test = image_sizes(config.data)
+  train, test = data_config.image_sizes(config.data)
   kwargs = ', '.join(f'{k}={v!r}' for k, v in config.model_kwargs.items())
   sam_text = (f', SAM (rho {config.sam.rho}, ascent on {config.sam.fraction:.0%} of the '
               f'batch)' if config.sam.enabled else '')
@@ -209,8 +211,7 @@ def summary(config, spec: str = '') -> str:
 
 def compile_notice(config, mode: str, num_devices: int) -> str:
   """The log line before XLA compiles: what, and that the first step waits for it."""
-  from nfnet_jax.data.config import image_sizes  # pylint: disable=g-import-not-at-top
-  train, test = image_sizes(config.data)
+  train, test = data_config.image_sizes(config.data)
   what = (f'the eval step ({test} px, {config.get("eval_dtype", "float32")})'
           if mode == 'eval' else
           f'the train step ({config.batch_size // max(num_devices, 1)} images of '
@@ -237,10 +238,6 @@ def model_facts(model: str, kwargs: dict[str, Any], num_classes: int
   convolution's output: how many input pixels one pixel of the last stage covers."""
   key = repr((model, sorted(kwargs.items()), num_classes))
   if key not in _MODEL_FACTS:
-    import haiku as hk  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from nfnet_jax import models  # pylint: disable=g-import-not-at-top
     net = models.create(model, num_classes, **kwargs)
     sides = []
 
@@ -306,8 +303,7 @@ def _check_model(config, num_classes: int = 10) -> int:
 def _check_image_sizes(config, stride: int) -> None:
   """Train and eval sizes at least the model's total stride: below it the last stage
   sees less than one pixel of the image."""
-  from nfnet_jax.data.config import image_sizes  # pylint: disable=g-import-not-at-top
-  for key, size in zip(('image_size', 'eval_size'), image_sizes(config.data)):
+  for key, size in zip(('image_size', 'eval_size'), data_config.image_sizes(config.data)):
     if size < stride:
       raise ValueError(f'config.data.{key}: {size} px is below the total stride of '
                        f'{config.model} as configured ({stride} px: one pixel of its last '
@@ -363,7 +359,6 @@ def _check_sources(data) -> None:
 
 def _check_stateful(config) -> None:
   """What models with state (BatchNorm) cannot combine with."""
-  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
   if not models.registry.is_stateful(config.model):
     if config.bn_cross_device:
       raise ValueError(f'config.bn_cross_device=True, but {config.model!r} has no '
@@ -375,9 +370,6 @@ def _check_stateful(config) -> None:
   if config.sam.enabled:
     raise ValueError(f'config.sam.enabled with the BatchNorm model {config.model!r} is '
                      'not supported (the perturbed pass would update its statistics)')
-  if config.get('remat', 'none') != 'none':
-    raise ValueError(f'config.remat={config.remat!r} with the BatchNorm model '
-                     f'{config.model!r} is not supported; use remat=\'none\'')
 
 
 def unknown_override(argv: list[str]) -> Optional[str]:
@@ -401,8 +393,6 @@ def unknown_override(argv: list[str]) -> Optional[str]:
 def validate_config(config: ml_collections.ConfigDict, num_devices: int,
                     num_processes: int, mode: str = 'train') -> None:
   """Raises ValueError naming the bad key and the valid choices. No compilation."""
-  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
-  from nfnet_jax import data  # pylint: disable=g-import-not-at-top
   _check_keys(config, base_config(), 'config')
   if mode not in MODES:
     raise ValueError(errors.unknown_name('mode', mode, MODES))
@@ -418,6 +408,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if config.get('remat', 'none') not in models.REMAT_POLICIES:
     raise ValueError('config.remat: ' + errors.unknown_name(
         'remat policy', config.remat, models.REMAT_POLICIES))
+  try:
+    registry.check_options(config.model, remat=config.get('remat', 'none'))
+  except ValueError as e:
+    raise ValueError(f'config.remat: {e}') from None
   _check_stateful(config)
   for key in ('compute_dtype', 'eval_dtype'):
     if config[key] not in DTYPES:
@@ -480,7 +474,6 @@ def check_run(config: ml_collections.ConfigDict, workdir: Optional[str],
   it, so init_from is not read then. Call after `validate_config`. Reads only: the
   one probe of the workdir's writability is removed at once.
   """
-  from nfnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
   if workdir is not None:
     _check_workdir(workdir)
   resumes = workdir is not None and checkpoints.has_checkpoint(workdir)
@@ -523,11 +516,10 @@ def _check_workdir(workdir: str) -> None:
                      'give a writable directory')
 
 
-def _check_data(data_config, mode: str) -> int:
+def _check_data(data_cfg, mode: str) -> int:
   """The data is there; returns its class count. The folder is listed, not verified
   (verification decodes every image and caches the verdicts: the run does it)."""
-  from nfnet_jax import data  # pylint: disable=g-import-not-at-top
-  cfg = copy.deepcopy(data_config)
+  cfg = copy.deepcopy(data_cfg)
   if cfg.source == 'offline':
     if mode == 'eval' and not cfg.offline.num_eval:
       raise ValueError('--mode=eval: config.data.offline.num_eval is 0, so nothing to '
@@ -538,6 +530,7 @@ def _check_data(data_config, mode: str) -> int:
   if cfg.source == 'folder':
     cfg.folder_verify = 'none'
   if cfg.source == 'tfds' and cfg.manual_dir:
+    # TensorFlow only when the config reads TFDS (the numpy path never imports it).
     from nfnet_jax.data import sources  # pylint: disable=g-import-not-at-top
     try:
       builder = sources.tfds_builder(cfg, prepare=False)
@@ -564,7 +557,7 @@ def _remote_classes(cfg) -> int:
   if cfg.source != 'tfds':
     raise ValueError(f'config.data.folder={cfg.folder}: a folder dataset is read from '
                      'the local file system; copy it to a local disk')
-  from nfnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from nfnet_jax.data import sources  # pylint: disable=g-import-not-at-top  (TensorFlow)
   builder = sources.tfds_builder(cfg, prepare=False)
   label = (builder.info.supervised_keys or ('image', 'label'))[1]
   return int(builder.info.features[label].num_classes)
@@ -580,7 +573,6 @@ def _check_init_from(config, num_classes: int, mode: str) -> None:
   """config.init_from reads as `checkpoints` reads it (the classifier resized to the
   data's classes for training, as is for --mode=eval) and has the shapes of the
   model that config.model_kwargs build."""
-  from nfnet_jax import hub, pretrained  # pylint: disable=g-import-not-at-top
   path = config.init_from
   kwargs = config.model_kwargs.to_dict()
   try:
@@ -653,7 +645,6 @@ def config_arg(arg: str, experiment: str, variants: Sequence[str] = (),
 def _check_augment_on(data, per_device: int) -> None:
   """data.augment_on and what 'device' needs: with within-batch pairing, an even
   number of rows per device (each device pairs its own rows 2i and 2i+1)."""
-  from nfnet_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
   data_config.check_augment_config(data)
   if data.get('augment_on', 'host') != 'device':
     return

@@ -1,9 +1,11 @@
 """Errors a user acts on: one wording for unknown names across the package (config
-keys, models, optimizers, remat policies), and `RunError` for a run that cannot go
-on for a reason the command line states in one line."""
+keys, models, optimizers, remat policies), `RunError` for a run that cannot go on
+for a reason the command line states in one line, and `MissingExtra` for a path
+that needs an optional extra (`pip install 'nfnet_jax[data]'`) not installed here."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from typing import Iterable, Optional
 
 
@@ -39,3 +41,23 @@ class RunError(RuntimeError):
   """The run cannot start or go on (a full disk, a workdir of another model, nothing
   to evaluate...). The command line prints the message alone, without a traceback,
   and exits with status 1; nothing already written is lost."""
+
+
+class MissingExtra(ImportError):
+  """A feature needs an optional extra that is not installed. The message is one
+  line naming the extra and the pip command; the command line prints it alone."""
+
+
+def missing_extra(extra: str, what: str, module: str) -> MissingExtra:
+  """The error for `what`, which needs `module` of the optional `extra`:
+  "<what> needs the <extra> extra (<module> is not installed): pip install ..."."""
+  return MissingExtra(f'{what} needs the {extra} extra ({module} is not installed): '
+                      f"pip install 'nfnet_jax[{extra}]'", name=module)
+
+
+def require_extra(extra: str, what: str, *modules: str) -> None:
+  """Raises MissingExtra unless each of `modules` (top-level names) is installed.
+  Looks them up without importing them: a config check must not load TensorFlow."""
+  for module in modules:
+    if importlib.util.find_spec(module) is None:
+      raise missing_extra(extra, what, module)

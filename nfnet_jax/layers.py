@@ -17,6 +17,8 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
+from nfnet_jax import cpu_workarounds
+
 # ---------------------------------------------------------------------------
 # Gamma-scaled activations.
 # ---------------------------------------------------------------------------
@@ -142,10 +144,9 @@ def explicit_padding(padding: str, kernel_shape: Sequence[int],
 
 # How grouped convolutions run: 'lax' (one feature-grouped XLA convolution), 'split'
 # (one dense convolution per group, concatenated: the same arithmetic) or 'auto':
-# split on CPU, lax elsewhere. XLA:CPU runs grouped convolutions far slower than dense
-# ones, while cuDNN and the TPU run them natively; 'auto' leaves tiny convs (fewer
-# than SPLIT_MIN_POSITIONS output positions N*H*W) grouped, where one conv per group
-# only adds compile time. docs/models.md has the reasoning.
+# split where cpu_workarounds.split_grouped_convs() (on CPU), lax elsewhere. 'auto'
+# leaves tiny convs (fewer than SPLIT_MIN_POSITIONS output positions N*H*W) grouped,
+# where one conv per group only adds compile time. docs/models.md has the reasoning.
 GROUPED_CONV_IMPLS = ('auto', 'lax', 'split')
 SPLIT_MIN_POSITIONS = 256
 _GROUPED_CONV_IMPL: list[str] = ['auto']
@@ -172,8 +173,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int,
   impl = _GROUPED_CONV_IMPL[-1]
   if impl == 'auto':
     positions = x.shape[0] * x.shape[1] * x.shape[2] // (stride * stride)
-    impl = ('split' if jax.default_backend() == 'cpu' and positions >= SPLIT_MIN_POSITIONS
-            else 'lax')
+    impl = ('split' if cpu_workarounds.split_grouped_convs()
+            and positions >= SPLIT_MIN_POSITIONS else 'lax')
   if groups == 1 or impl == 'lax':
     return conv(x, kernel, groups)
   cin, cout = x.shape[-1] // groups, kernel.shape[-1] // groups

@@ -1,12 +1,16 @@
 """Scalar metrics to a JSONL file and TensorBoard event files, without TensorFlow.
 
-TensorBoard's own writer imports TensorFlow when it is installed; the training loop
-must not (TF belongs to the input pipeline only), so the event file is written here
-directly: TFRecord framing (length, masked CRC32C) around `Event` protos from the
-`tensorboard` package.
+The event file is tensorboardX's: its `RecordWriter` frames and checksums each
+`Event` proto as TensorBoard reads it, and imports neither TensorFlow nor
+TensorBoard. tensorboardX's `SummaryWriter` is not used: it writes on a background
+thread, where a full disk would end the thread with a traceback and later writes
+would block on its queue; the records here are written, and fail, in the caller.
 
 Files are opened through `etils.epath`, so a `gs://bucket/run` workdir writes into
 the bucket (local paths use plain file I/O; the cloud backends are etils' own).
+tensorboardX reaches them through its public backend registry
+(`record_writer.register_writer_factory`) under the scheme `_SCHEME`, not through its
+own gs:// backend, which needs google-cloud-storage.
 
 Both files grow by whole records: a local record that cannot be written completely
 (a full disk, a quota) is cut off again, and the writer raises `WriteError`, a
@@ -18,40 +22,18 @@ import contextlib
 import json
 import os
 import socket
-import struct
 import time
 from typing import Mapping, Optional, Union
 
 from etils import epath
-from tensorboard.compat.proto import event_pb2, summary_pb2
+import tensorboardX
+from tensorboardX import record_writer, summary
+from tensorboardX.proto import event_pb2, summary_pb2
 
 from nfnet_jax import errors
 
-
-def _crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), as TFRecord uses."""
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+# tensorboardX picks a file backend by the text before the first ':' of a path.
+_SCHEME = 'nfnet-jax-epath'
 
 
 class WriteError(errors.RunError):
@@ -63,14 +45,16 @@ class WriteError(errors.RunError):
 
 
 class _RecordFile:
-  """A file that grows by whole records (bytes). Locally, a record that cannot be
-  written completely is cut off again (`os.ftruncate` to the size before it, which
-  needs no free space), so a reader never sees a partial record; other file systems
-  (gs://) write through etils, which buffers and uploads whole files."""
+  """A file that grows by whole records: `write` collects the bytes of one record,
+  `flush` appends them all or, raising OSError, none. Locally, a record that cannot
+  be written completely is cut off again (`os.ftruncate` to the size before it,
+  which needs no free space), so a reader never sees a partial record; other file
+  systems (gs://) write through etils, which buffers and uploads whole files."""
 
   def __init__(self, path: epath.Path, append: bool):
     self.path = path
     self._fd, self._file = None, None
+    self._pending: list[bytes] = []
     if '://' in os.fspath(path):
       self._file = path.open('ab' if append else 'wb')
       return
@@ -78,8 +62,12 @@ class _RecordFile:
     self._fd = os.open(path, flags, 0o644)
     self._size = os.fstat(self._fd).st_size
 
-  def append(self, data: bytes) -> None:
-    """Writes all of `data` or, raising OSError, none of it."""
+  def write(self, data: bytes) -> None:
+    self._pending.append(data)
+
+  def flush(self) -> None:
+    """Appends what `write` collected since the last flush, whole or not at all."""
+    data, self._pending = b''.join(self._pending), []
     if self._file is not None:
       self._file.write(data)
       self._file.flush()
@@ -95,14 +83,28 @@ class _RecordFile:
     self._size += done
 
   def close(self) -> None:
-    """Closes the file; errors are not raised (each record was written, or reported,
-    by its `append`)."""
+    """Closes the file, dropping a record not flushed; errors are not raised (each
+    record was written, or reported, by its `flush`)."""
+    self._pending = []
     with contextlib.suppress(OSError):
       if self._file is not None:
         self._file.close()
       elif self._fd is not None:
         os.close(self._fd)
     self._fd = self._file = None
+
+
+class _EpathBackend:
+  """tensorboardX's file backend for `_SCHEME:<path>`: a `_RecordFile` at <path>."""
+
+  def open(self, path: str) -> _RecordFile:
+    return _RecordFile(epath.Path(path[len(_SCHEME) + 1:]), append=False)
+
+  def directory_check(self, path: str) -> None:
+    del path  # MetricsWriter makes the directory (through etils) before the file.
+
+
+record_writer.register_writer_factory(_SCHEME, _EpathBackend())
 
 
 class MetricsWriter:
@@ -117,7 +119,8 @@ class MetricsWriter:
   def __init__(self, logdir: Union[str, os.PathLike], enabled: bool = True,
                step: int = 0):
     self.enabled = enabled
-    self._files: list[_RecordFile] = []
+    # What close() closes: metrics.jsonl's _RecordFile, the event file's RecordWriter.
+    self._files: list[Union[_RecordFile, tensorboardX.RecordWriter]] = []
     if not enabled:
       return
     logdir = epath.Path(logdir)
@@ -128,10 +131,11 @@ class MetricsWriter:
       self._jsonl = _RecordFile(path, append=True)
       self._files.append(self._jsonl)
       path = logdir / name
-      self._events = _RecordFile(path, append=False)
+      self._events_path = path
+      self._events = tensorboardX.RecordWriter(f'{_SCHEME}:{os.fspath(path)}')
       self._files.append(self._events)
-      self._events.append(_record(event_pb2.Event(wall_time=time.time(),
-                                                  file_version='brain.Event:2')))
+      self._append(self._events, event_pb2.Event(
+          wall_time=time.time(), file_version='brain.Event:2').SerializeToString())
     except OSError as e:
       if path.name == name:  # An empty event file is no use to anyone.
         self.close()
@@ -153,15 +157,24 @@ class MetricsWriter:
       return
     scalars = {(f'{prefix}/{k}' if prefix else k): float(v) for k, v in scalars.items()}
     line = (json.dumps({'step': int(step), **scalars}) + '\n').encode()
-    values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
-    event = _record(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                    summary=summary_pb2.Summary(value=values)))
-    for file, data in ((self._jsonl, line), (self._events, event)):
+    values = [v for k, x in scalars.items() for v in summary.scalar(k, x).value]
+    event = event_pb2.Event(wall_time=time.time(), step=int(step),
+                            summary=summary_pb2.Summary(value=values))
+    for file, path, data in ((self._jsonl, self._jsonl_path, line),
+                             (self._events, self._events_path,
+                              event.SerializeToString())):
       try:
-        file.append(data)
+        self._append(file, data)
       except OSError as e:
-        self._fail(file.path, e, step, f'the record of step {step} is not in it (the '
+        self._fail(path, e, step, f'the record of step {step} is not in it (the '
                    'earlier ones are, whole)')
+
+  @staticmethod
+  def _append(file: Union[_RecordFile, tensorboardX.RecordWriter], data: bytes) -> None:
+    """One record (a JSON line, or a serialized Event that tensorboardX frames), whole
+    or, raising OSError, not at all."""
+    file.write(data)
+    file.flush()
 
   def replace(self, step: int, scalars: Mapping[str, float], prefix: str) -> None:
     """`write`, after dropping the metrics.jsonl rows of the same step that hold only
@@ -208,10 +221,3 @@ class MetricsWriter:
       file.close()
     self._files = []
 
-
-def _record(event: event_pb2.Event) -> bytes:
-  """One TFRecord: length, its masked CRC, the serialized event, its masked CRC."""
-  data = event.SerializeToString()
-  header = struct.pack('<Q', len(data))
-  return (header + struct.pack('<I', _masked_crc(header)) + data +
-          struct.pack('<I', _masked_crc(data)))

@@ -36,7 +36,8 @@ and renamed to whatever the model's own init produces, so a released file, a `sa
 file or a timm conversion all come out in the model's naming.
 
 The restricted unpickler and its budget live in `nfnet_jax.safe_pickle`, the timm
-converter in `nfnet_jax.timm_convert`; their public names are importable from here.
+converter in `nfnet_jax.timm_convert`, the module names and shapes a tree is matched
+against in `nfnet_jax.param_match`; their public names are importable from here.
 docs/pretrained.md describes the released files, the allowed globals and the budget.
 """
 from __future__ import annotations
@@ -57,6 +58,10 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from nfnet_jax import hub, timm_convert
+from nfnet_jax.models import nfnet
+from nfnet_jax.param_match import (canonical_name, classifier_module, format_list,
+                                   match_to_model, model_leaves, model_shapes,
+                                   released_name, to_released_names)
 from nfnet_jax.safe_pickle import (ALLOWED_GLOBALS, MAX_CHECKPOINT_BYTES, Budget,
                                    CheckpointTooLargeError, Params, SafeUnpickler,
                                    UnsafePickleError, format_bytes, safe_loads,
@@ -242,7 +247,7 @@ def _model_leaves(model: Optional[str], num_classes: Optional[int]) -> list[tupl
   if model is None:
     return []
   classes = max(1000, int(num_classes or 0))
-  return [(shape, dtype) for _, ls in _model_shapes_cached(model, classes)
+  return [(shape, dtype) for _, ls in model_leaves(model, classes)
           for _, shape, dtype in ls]
 
 
@@ -351,56 +356,13 @@ def _from_timm_names(raw: Params, model: Optional[str], path: str) -> Params:
   """Converts a tree read from a timm-named file to the model's names (through
   `timm_convert.from_timm`, the one place that knows timm's names)."""
   if model is None:
-    raise ValueError(f'{path}: holds timm\'s parameter names ({_fmt_list(list(raw), 2)}); '
+    raise ValueError(f'{path}: holds timm\'s parameter names ({format_list(list(raw), 2)}); '
                      'pass model=... (the timm model it belongs to)')
   flat = {f'{m}.{leaf}' if m else leaf: a for m, ls in raw.items() for leaf, a in ls.items()}
   try:
     return timm_convert.from_timm(flat, model)
   except ValueError as e:
     raise ValueError(str(e) if str(e).startswith(path) else f'{path}: {e}') from None
-
-
-# ---------------------------------------------------------------------------
-# Names and model shapes.
-# ---------------------------------------------------------------------------
-def canonical_name(module_path: str) -> str:
-  """`NFNet/~/nf_block/~/conv0` -> `NFNet/nf_block/conv0` (drops `~` components)."""
-  return '/'.join(p for p in module_path.split('/') if p != '~')
-
-
-def released_name(module_path: str) -> str:
-  """`NFNet/nf_block/conv0` -> `NFNet/~/nf_block/~/conv0`: DeepMind's checkpoint name.
-
-  In DeepMind's NFNet every submodule is built in its parent's constructor, which
-  Haiku marks with `~`, so every separator of the released names is `/~/`.
-  """
-  return '/~/'.join(canonical_name(module_path).split('/'))
-
-
-def to_released_names(params: Mapping[str, Mapping[str, Any]]) -> dict:
-  """Renames the modules of a params tree to DeepMind's released naming."""
-  return {released_name(m): dict(leaves) for m, leaves in params.items()}
-
-
-@functools.lru_cache(maxsize=32)
-def _model_shapes_cached(model: str, num_classes: int) -> tuple:
-  import jax
-  import jax.numpy as jnp
-
-  from nfnet_jax import models
-
-  net = models.create(model, num_classes=num_classes)
-  shapes = jax.eval_shape(lambda rng, x: net.init(rng, x, is_training=False),
-                          jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
-  return tuple((m, tuple((leaf, tuple(s.shape), np.dtype(s.dtype).name)
-                         for leaf, s in leaves.items()))
-               for m, leaves in shapes.items())
-
-
-def model_shapes(model: str, num_classes: int = 1000) -> dict[str, dict[str, tuple]]:
-  """{module: {leaf: shape}} of a registered model's init (via jax.eval_shape, cached)."""
-  return {m: {leaf: shape for leaf, shape, _ in leaves}
-          for m, leaves in _model_shapes_cached(model, int(num_classes))}
 
 
 _BLOCK_RE = re.compile(r'^nf_block(?:_(\d+))?$')
@@ -412,8 +374,6 @@ def infer_model(params: Mapping[str, Any]) -> Optional[str]:
   Read from the structure alone: the number of blocks, the stage boundaries (the
   blocks that carry `conv_shortcut`) and the stem width.
   """
-  from nfnet_jax.models import nfnet
-
   canon = {canonical_name(m): m for m in params}
   blocks = {}
   for c in canon:
@@ -436,64 +396,6 @@ def infer_model(params: Mapping[str, Any]) -> Optional[str]:
     if list(facts['depth']) == depths and (width0 is None or facts['width'][0] == width0):
       return name
   return None
-
-
-def _classifier_module(shapes: Mapping[str, Any]) -> Optional[str]:
-  """The top-level `linear` module (the classifier) of a params/shape tree."""
-  for m in shapes:
-    parts = canonical_name(m).split('/')
-    if len(parts) == 2 and parts[1] == 'linear':
-      return m
-  return None
-
-
-def _fmt_list(items: list[str], limit: int = 5) -> str:
-  shown = ', '.join(items[:limit])
-  return shown + (f', ... ({len(items) - limit} more)' if len(items) > limit else '')
-
-
-def _match_to_model(params: Params, expected: dict[str, dict[str, tuple]], source: str,
-                    model: str, skip_classifier: bool = False) -> Params:
-  """Renames `params` to the model's module names and checks names and shapes.
-
-  Raises ValueError naming the first missing / unexpected / shape-differing keys.
-  """
-  by_canon = {canonical_name(m): m for m in expected}
-  classifier = _classifier_module(expected)
-  out: Params = {}
-  missing, unexpected, mismatched = [], [], []
-  seen = set()
-  for module, leaves in params.items():
-    target = by_canon.get(canonical_name(module))
-    if target is None:
-      unexpected.extend(f'{module}/{leaf}' for leaf in leaves)
-      continue
-    seen.add(target)
-    for leaf, array in leaves.items():
-      want = expected[target].get(leaf)
-      if want is None:
-        unexpected.append(f'{module}/{leaf}')
-      elif tuple(array.shape) != want and not (skip_classifier and target == classifier):
-        mismatched.append(f'{module}/{leaf} {tuple(array.shape)} (model: {want})')
-      else:
-        out.setdefault(target, {})[leaf] = array
-    for leaf in expected[target]:
-      if leaf not in leaves:
-        missing.append(f'{target}/{leaf}')
-  for target, leaves in expected.items():
-    if target not in seen and not (skip_classifier and target == classifier):
-      missing.extend(f'{target}/{leaf}' for leaf in leaves)
-  if missing or unexpected or mismatched:
-    parts = []
-    if missing:
-      parts.append(f'{len(missing)} missing: {_fmt_list(missing)}')
-    if unexpected:
-      parts.append(f'{len(unexpected)} unexpected: {_fmt_list(unexpected)}')
-    if mismatched:
-      parts.append(f'{len(mismatched)} with other shapes: {_fmt_list(mismatched)}')
-    raise ValueError(f'{source} does not match model {model!r}: ' + '; '.join(parts))
-  # Keep the model's module order.
-  return {m: out[m] for m in expected if m in out}
 
 
 def _to_float32(params: Params, source: str) -> Params:
@@ -563,7 +465,7 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None,
   if hub.is_hub_name(path):
     model = model or hub.model_name(path)
     try:
-      _model_shapes_cached(model, 1000)  # an unknown model fails before a download
+      model_leaves(model, 1000)  # an unknown model fails before a download
     except ValueError as e:
       raise ValueError(f'{path}: {e}') from None
     path = hub.fetch(path)
@@ -582,14 +484,14 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None,
       return _to_float32(raw, path)
     log.info('%s: inferred model %s', path, model)
 
-  file_cls_module = _classifier_module(raw)
+  file_cls_module = classifier_module(raw)
   file_classes = None
   if file_cls_module is not None and 'w' in raw[file_cls_module]:
     file_classes = int(np.shape(raw[file_cls_module]['w'])[-1])
   target_classes = num_classes if num_classes is not None else (file_classes or 1000)
   expected = model_shapes(model, target_classes)
   reinit = num_classes is not None and num_classes != file_classes
-  classifier = _classifier_module(expected)
+  classifier = classifier_module(expected)
   if reinit and classifier is None:
     raise ValueError(f'model {model!r} has no top-level `linear` classifier to resize')
   if reinit and file_cls_module is not None:
@@ -599,7 +501,7 @@ def load(path: Union[str, os.PathLike], model: Optional[str] = None,
     if w is not None and np.shape(w)[0] != want_in:
       raise ValueError(f'{path} does not match model {model!r}: {file_cls_module}/w has '
                        f'{np.shape(w)[0]} inputs, the model\'s classifier {want_in}')
-  params = _match_to_model(raw, expected, path, model, skip_classifier=reinit)
+  params = match_to_model(raw, expected, path, model, skip_classifier=reinit)
   params = _to_float32(params, path)
   if reinit:
     import jax

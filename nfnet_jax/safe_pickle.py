@@ -203,7 +203,7 @@ class Budget:
       raise CheckpointTooLargeError(
           f'{what} ({format_bytes(nbytes)}) would take this load to '
           f'{format_bytes(self.held + nbytes)}, over its {format_bytes(self.max_bytes)} '
-          'budget (pretrained.MAX_CHECKPOINT_BYTES; pass max_bytes= to allow more); '
+          'budget (MAX_CHECKPOINT_BYTES; pass max_bytes= to allow more); '
           'refused before allocating')
     self.held += nbytes
 

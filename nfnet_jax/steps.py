@@ -10,7 +10,7 @@ device or host count.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import haiku as hk
 import jax
@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
-from nfnet_jax import layers, optim, sam
+from nfnet_jax import cpu_workarounds, layers, optim, sam
 from nfnet_jax import agc as agc_lib
 from nfnet_jax.data import augment
 
@@ -32,20 +32,16 @@ Batch = dict[str, np.ndarray]
 # code as hk.with_empty_state(model); only a stateful one adds `model_state` and
 # `ema_model_state` to the training state, so NF checkpoints keep their layout.
 # ---------------------------------------------------------------------------
-def with_state(model) -> tuple[hk.TransformedWithState, bool]:
-  """(the model as init/apply with state, whether it has state of its own)."""
+def with_state(model: hk.Transformed | hk.TransformedWithState
+               ) -> tuple[hk.TransformedWithState, bool]:
+  """(the model as init/apply with state, whether it has state of its own): what
+  `models.create` returns, hk.transform or hk.transform_with_state of a model."""
   if isinstance(model, hk.TransformedWithState):
     return model, True
-
-  # Duck-typed (anything with apply, and init when a state is initialised), so test
-  # doubles and hand-written models work too.
-  def init(*args, **kwargs):
-    return model.init(*args, **kwargs), {}
-
-  def apply(params, state, *args, **kwargs):
-    return model.apply(params, *args, **kwargs), state
-
-  return hk.TransformedWithState(init, apply), False
+  if isinstance(model, hk.Transformed):
+    return hk.with_empty_state(model), False
+  raise TypeError(f'a train or eval step needs an hk.Transformed or '
+                  f'hk.TransformedWithState model (models.create), got {type(model)}')
 
 
 def model_variables(state, ema: bool = False) -> tuple[Any, Any]:
@@ -104,26 +100,22 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return ((rank < k) & finite).astype(jnp.float32)
 
 
-def make_train_step(config, model, tx, schedule) -> Callable:
-  """Per device: (state, local batch, host flags) -> (state, metrics, control).
+# ---------------------------------------------------------------------------
+# The train step, in pieces: loss, gradients (plain, accumulated over micro-batches,
+# or SAM's), the reduction over devices, the state update, the metrics.
+# ---------------------------------------------------------------------------
+def make_loss_fn(config, model: hk.TransformedWithState) -> Callable:
+  """(params, model state, local batch, rng, offset) -> (sum of the local examples'
+  losses / the *global* batch size, ((loss sum, top-1 count), new model state)).
 
-  A model with BatchNorm normalizes each micro-batch of each device with its own
-  statistics (config.bn_cross_device: of all devices' micro-batches) and updates its
-  moving averages once per micro-batch; the new moving averages are then averaged over
-  devices (the mean of per-device statistics), so the state stays replicated.
-
-  The local batch is the input pipeline's: {images [b, S, S, 3], labels [b, K],
-  mask [b]}, or with data.augment_on='device' the uint8 batch of `augment`
-  (every array's leading axis b).
-  """
-  model, stateful = with_state(model)
+  `offset` is the global index of the batch's row 0 (per-example randomness follows
+  it); images [b, S, S, 3] are cast to config.compute_dtype, labels [b, K] are soft,
+  mask [b] weighs each row (0: padding)."""
   global_batch = config.batch_size
-  accum = config.grad_accum_steps
   cdt = jnp.bfloat16 if config.compute_dtype == 'bfloat16' else jnp.float32
   ls = config.label_smoothing
 
   def loss_fn(params, model_state, batch, rng, offset):
-    """Sum of the local examples' losses divided by the *global* batch size."""
     with layers.example_offset(offset):
       out, model_state = model.apply(params, model_state, rng,
                                      batch['images'].astype(cdt), True)
@@ -134,51 +126,138 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     top1 = jnp.sum(top_k_correct(logits, batch['labels'], 1) * mask)
     return loss_sum / global_batch, ((loss_sum, top1), model_state)
 
-  def gradients(params, model_state, batch, rng, offset):
-    """Local gradient of sum(local losses) / global batch, summed over micro-batches;
-    returns (grads, (loss_sum, top1), new model state)."""
-    if config.sam.enabled:  # Stateless models only (configs.validate_config).
-      # The ascent rows are strided over the batch: each row carries its global
-      # example index, so its dropout / stochastic-depth draws are the ones it gets
-      # in the descent pass, on any device count. (A zero-weight padding row may get
-      # a clipped index; it does not count.)
-      local = batch['images'].shape[0]
-      ids = offset + jnp.arange(local, dtype=jnp.int32)
+  return loss_fn
 
-      def indexed_loss(p, b, r):
-        b = dict(b)
-        idx = b.pop('example_index')
-        return loss_fn(p, model_state, b, r,
-                       jnp.maximum(idx - jnp.arange(idx.shape[0]), 0))
 
-      grads, (_, (aux, _)) = sam.sam_gradient(
-          indexed_loss, params, dict(batch, example_index=ids), rng,
-          rho=config.sam.rho, fraction=config.sam.fraction, axis_name=AXIS,
-          perturbation=config.sam.perturbation)
-      return grads, aux, model_state
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-    if accum == 1:
-      grads, (aux, model_state) = grad_fn(params, model_state, batch, rng, offset)
-      return grads, aux, model_state
-    micro = batch['images'].shape[0] // accum
-    split = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
-
-    def body(carry, xs):
-      i, mb = xs  # Micro-batch i holds this device's examples [i * micro, (i+1) * micro).
-      acc_g, acc_aux, ms = carry
-      g, (aux, ms) = grad_fn(params, ms, mb, rng, offset + i * micro)
-      return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_aux, aux),
-              ms), None
-
-    zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()), jnp.zeros(())),
-             model_state)
-    # XLA:CPU runs the convolutions of a loop body many times slower than the same
-    # convolutions unrolled (benchmarks/RESULTS.md); elsewhere the loop keeps compile
-    # time independent of the number of micro-batches.
-    unroll = jax.default_backend() == 'cpu'
-    (grads, aux, model_state), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), split),
-                                                unroll=unroll)
+def accumulated_gradients(grad_fn: Callable, params, model_state, batch, rng, offset,
+                          accum: int):
+  """`grad_fn` (jax.grad of a loss_fn, with aux) summed over `accum` micro-batches of
+  the local batch, in order, the model state threaded through them; returns (grads,
+  (loss sum, top-1 count), new model state). Micro-batch i holds this device's rows
+  [i * micro, (i + 1) * micro), so every row keeps its global index."""
+  if accum == 1:
+    grads, (aux, model_state) = grad_fn(params, model_state, batch, rng, offset)
     return grads, aux, model_state
+  micro = batch['images'].shape[0] // accum
+  split = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
+
+  def body(carry, xs):
+    i, mb = xs
+    acc_g, acc_aux, ms = carry
+    g, (aux, ms) = grad_fn(params, ms, mb, rng, offset + i * micro)
+    return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc_aux, aux),
+            ms), None
+
+  zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()), jnp.zeros(())),
+           model_state)
+  (grads, aux, model_state), _ = jax.lax.scan(
+      body, zeros, (jnp.arange(accum), split), unroll=cpu_workarounds.unroll_loops())
+  return grads, aux, model_state
+
+
+def sam_gradients(loss_fn: Callable, params, model_state, batch, rng, offset,
+                  sam_config):
+  """SAM's gradient (sam.sam_gradient) of `loss_fn` on the local batch; returns
+  (grads, (loss sum, top-1 count), model state). Stateless models only
+  (configs.validate_config).
+
+  The ascent rows are strided over the batch: each row carries its global example
+  index, so its dropout / stochastic-depth draws are the ones it gets in the descent
+  pass, on any device count. (A zero-weight padding row may get a clipped index; it
+  does not count.)"""
+  local = batch['images'].shape[0]
+  ids = offset + jnp.arange(local, dtype=jnp.int32)
+
+  def indexed_loss(p, b, r):
+    b = dict(b)
+    idx = b.pop('example_index')
+    return loss_fn(p, model_state, b, r, jnp.maximum(idx - jnp.arange(idx.shape[0]), 0))
+
+  grads, (_, (aux, _)) = sam.sam_gradient(
+      indexed_loss, params, dict(batch, example_index=ids), rng, rho=sam_config.rho,
+      fraction=sam_config.fraction, axis_name=AXIS, perturbation=sam_config.perturbation)
+  return grads, aux, model_state
+
+
+def make_gradient_fn(config, loss_fn: Callable) -> Callable:
+  """(params, model state, local batch, rng, offset) -> (local gradient of sum(local
+  losses) / global batch, (loss sum, top-1 count), new model state): SAM's with
+  config.sam.enabled, else summed over config.grad_accum_steps micro-batches."""
+  if config.sam.enabled:
+    return functools.partial(sam_gradients, loss_fn, sam_config=config.sam)
+  return functools.partial(accumulated_gradients, jax.grad(loss_fn, has_aux=True),
+                           accum=config.grad_accum_steps)
+
+
+def update_state(config, tx: optax.GradientTransformation, state, grads, loss,
+                 model_state, stateful: bool):
+  """The optimizer step (AGC included: it sees the global batch's gradient), the EMAs
+  and the non-finite guard; returns (new state, gradient norm, finite).
+
+  A non-finite loss, gradient or new state skips the update: the state (and so every
+  checkpoint) stays finite. (The EMA mixes finite params, so it is too.) A model with
+  BatchNorm replaces its per-device moving averages by their mean over devices
+  (their counters are equal), and the parameters' EMA covers them too."""
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  if stateful:
+    model_state = jax.tree.map(
+        lambda x: jax.lax.pmean(x, AXIS) if jnp.issubdtype(x.dtype, jnp.floating)
+        else x, model_state)
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            & all_finite((params, opt_state, model_state)))
+  ema = optim.ema_update(state['ema_params'], params, state['step'] - state['skipped'],
+                         config.ema_decay)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  nonfinite = jnp.where(finite, 0, state['nonfinite'] + 1)
+  new_state = dict(
+      params=keep(params, state['params']),
+      opt_state=keep(opt_state, state['opt_state']),
+      ema_params=keep(ema, state['ema_params']),
+      step=state['step'] + 1,
+      nonfinite=nonfinite,
+      skipped=state['skipped'] + (~finite).astype(jnp.int32),
+      rng=state['rng'])
+  if stateful:
+    ema_ms = optim.ema_update(state['ema_model_state'], model_state,
+                              state['step'] - state['skipped'], config.ema_decay)
+    new_state.update(model_state=keep(model_state, state['model_state']),
+                     ema_model_state=keep(ema_ms, state['ema_model_state']))
+  return new_state, grad_norm, finite
+
+
+def step_metrics(config, schedule: Callable, state, grads, loss, top1, count,
+                 grad_norm, finite) -> dict[str, jax.Array]:
+  """The step's scalars: loss and top-1 of the global batch, the gradient norm, the
+  learning rate, whether the update was applied; with
+  config.log_agc_clip_fraction, the mean fraction of AGC-clipped units."""
+  metrics = dict(loss=loss, top1=top1 / jnp.maximum(count, 1.0), grad_norm=grad_norm,
+                 lr=schedule(state['step'] - state['skipped']),
+                 finite=finite.astype(jnp.float32))
+  if config.log_agc_clip_fraction and config.optimizer.agc_clipping:
+    fracs = agc_lib.clip_fraction(grads, state['params'], config.optimizer.agc_clipping,
+                                  config.optimizer.agc_eps)
+    metrics['agc_clip_fraction'] = jnp.mean(jnp.stack(
+        [jnp.asarray(f, jnp.float32) for f in jax.tree.leaves(fracs)]))
+  return metrics
+
+
+def make_train_step(config, model, tx, schedule) -> Callable:
+  """Per device: (state, local batch, host flags) -> (state, metrics, control).
+
+  `model`: what `models.create` returns. A model with BatchNorm normalizes each
+  micro-batch of each device with its own statistics (config.bn_cross_device: of all
+  devices' micro-batches) and updates its moving averages once per micro-batch; the
+  new moving averages are then averaged over devices (the mean of per-device
+  statistics), so the state stays replicated.
+
+  The local batch is the input pipeline's: {images [b, S, S, 3], labels [b, K],
+  mask [b]}, or with data.augment_on='device' the uint8 batch of `augment`
+  (every array's leading axis b).
+  """
+  model, stateful = with_state(model)
+  gradients = make_gradient_fn(config, make_loss_fn(config, model))
 
   def step_fn(state, batch, flags_in):
     # data.augment_on='device': this device's rows arrive as uint8 inputs and are
@@ -196,44 +275,12 @@ def make_train_step(config, model, tx, schedule) -> Callable:
     loss_sum, top1, count = jax.lax.psum(
         (loss_sum, top1, jnp.sum(batch['mask'])), AXIS)
     loss = loss_sum / jnp.maximum(count, 1.0)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    # A non-finite loss, gradient or new state skips the update: the state (and so
-    # every checkpoint) stays finite. (The EMA mixes finite params, so it is too.)
-    if stateful:  # Per-device moving averages -> their mean (counters are equal).
-      model_state = jax.tree.map(
-          lambda x: jax.lax.pmean(x, AXIS) if jnp.issubdtype(x.dtype, jnp.floating)
-          else x, model_state)
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & all_finite((params, opt_state, model_state)))
-    ema = optim.ema_update(state['ema_params'], params, state['step'] - state['skipped'],
-                           config.ema_decay)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    nonfinite = jnp.where(finite, 0, state['nonfinite'] + 1)
-    new_state = dict(
-        params=keep(params, state['params']),
-        opt_state=keep(opt_state, state['opt_state']),
-        ema_params=keep(ema, state['ema_params']),
-        step=state['step'] + 1,
-        nonfinite=nonfinite,
-        skipped=state['skipped'] + (~finite).astype(jnp.int32),
-        rng=state['rng'])
-    if stateful:  # The parameters' EMA covers the BatchNorm statistics too.
-      ema_ms = optim.ema_update(state['ema_model_state'], model_state,
-                                state['step'] - state['skipped'], config.ema_decay)
-      new_state.update(model_state=keep(model_state, state['model_state']),
-                       ema_model_state=keep(ema_ms, state['ema_model_state']))
-    metrics = dict(loss=loss, top1=top1 / jnp.maximum(count, 1.0), grad_norm=grad_norm,
-                   lr=schedule(state['step'] - state['skipped']),
-                   finite=finite.astype(jnp.float32))
-    if config.log_agc_clip_fraction and config.optimizer.agc_clipping:
-      fracs = agc_lib.clip_fraction(grads, state['params'], config.optimizer.agc_clipping,
-                                    config.optimizer.agc_eps)
-      metrics['agc_clip_fraction'] = jnp.mean(jnp.stack(
-          [jnp.asarray(f, jnp.float32) for f in jax.tree.leaves(fracs)]))
-    control = dict(flags=jax.lax.psum(flags_in[0], AXIS), nonfinite=nonfinite,
-                   skipped=new_state['skipped'])
+    new_state, grad_norm, finite = update_state(config, tx, state, grads, loss,
+                                                model_state, stateful)
+    metrics = step_metrics(config, schedule, state, grads, loss, top1, count,
+                           grad_norm, finite)
+    control = dict(flags=jax.lax.psum(flags_in[0], AXIS),
+                   nonfinite=new_state['nonfinite'], skipped=new_state['skipped'])
     return new_state, metrics, control
 
   return step_fn
@@ -276,12 +323,6 @@ def make_eval_step(config, model) -> Callable:
   return step_fn
 
 
-def _cpu_init_options() -> Optional[dict[str, Any]]:
-  # Initialisation runs once; on CPU, LLVM's optimisation of its ~100 RNG kernels
-  # costs more (tens of seconds for an NFNet) than running them unoptimised.
-  return {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
-
-
 class Trainer:
   """Compiled steps over a mesh of all devices, plus host-side array assembly."""
 
@@ -304,7 +345,7 @@ class Trainer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
         jax.eval_shape(init))
     self._init = jax.jit(init, out_shardings=self.replicated,
-                         compiler_options=_cpu_init_options())
+                         compiler_options=cpu_workarounds.init_compiler_options())
 
   def init_state(self, params=None) -> dict[str, Any]:
     """Fresh state (replicated); `params`: host arrays to start from (fine-tuning)."""

@@ -6,7 +6,7 @@ model in `nfnet_jax.models.timm_models.TIMM_MODELS` (`dm_nfnet_f0`..`f6`,
 `nfnet_l0`, `eca_nfnet_l0`..`l2`, `nf_regnet_b1`, `nf_resnet50`), maps the names to
 DeepMind's module names (the table is in its docstring), transposes kernels and
 linear weights, and renames the result to the registered model's own module names
-(via `nfnet_jax.pretrained`'s matching). `models.create(registry_name(name))` then
+(via `nfnet_jax.param_match`). `models.create(registry_name(name))` then
 computes what timm computes; for the older form `from_timm(state_dict, 'F0')` run
 the model with `TIMM_MODEL_OVERRIDES`.
 """
@@ -17,11 +17,12 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from nfnet_jax import errors, param_match
+from nfnet_jax.models import nfnet, registry, timm_models
 from nfnet_jax.models.timm_models import DM_NFNET_OPTIONS, TIMM_STD_CONV_EPS
+from nfnet_jax.safe_pickle import Params
 
 __all__ = ['from_timm', 'registry_name', 'TIMM_MODEL_OVERRIDES', 'TIMM_STD_CONV_EPS']
-
-Params = dict[str, dict[str, np.ndarray]]
 
 # Model options that make converted dm_nfnet_* weights compute what timm computes:
 # `nfnet_jax.models.create('F0', **TIMM_MODEL_OVERRIDES)` (the registered
@@ -86,14 +87,12 @@ def registry_name(model: str) -> str:
   `nf_resnet50` -> `timm/nf_resnet50` (timm_models.registry_name); a registry name of
   a timm model (`timm/nf_resnet50`) or an NFNet variant (`F0`, the older API) as is.
   Raises ValueError (one line, the valid names) for anything else."""
-  from nfnet_jax.models import nfnet, timm_models  # pylint: disable=g-import-not-at-top
   if model in timm_models.TIMM_MODELS:
     return timm_models.registry_name(model)
   bare = model[len('timm/'):] if model.startswith('timm/') else None
   if (bare in timm_models.TIMM_MODELS and timm_models.registry_name(bare) == model
       or model in nfnet.VARIANTS):
     return model
-  from nfnet_jax import errors  # pylint: disable=g-import-not-at-top
   raise ValueError(errors.unknown_name('timm model', model, timm_models.TIMM_MODELS))
 
 
@@ -148,9 +147,6 @@ def from_timm(arrays: Mapping[str, Any], model: Optional[str] = None, *,
   Parameter-free timm modules (activations, downsample.pool, stem.pool, attn gates,
   head.global_pool, drop_path) have no keys.
   """
-  from nfnet_jax import pretrained  # pylint: disable=g-import-not-at-top (it imports us)
-  from nfnet_jax.models import registry  # pylint: disable=g-import-not-at-top
-
   if model is not None and variant is not None and model != variant:
     raise ValueError(f'from_timm: model={model!r} and variant={variant!r} disagree')
   name = registry_name(model or variant or 'F0')
@@ -223,23 +219,9 @@ def from_timm(arrays: Mapping[str, Any], model: Optional[str] = None, *,
     params.setdefault(module, {})[leaf] = np.asarray(a, dtype=np.float32, order='C')
   if unknown:
     raise ValueError(f'{len(unknown)} timm keys not understood for {label}'
-                     f': {pretrained._fmt_list(unknown)}')
+                     f': {param_match.format_list(unknown)}')
   fc = params.get(f'{top}/~/linear', {}).get('w')
   num_classes = int(fc.shape[1]) if fc is not None else 1000
-  expected = (_shapes(name, num_classes, overrides) if overrides
-              else pretrained.model_shapes(name, num_classes))
-  return pretrained._match_to_model(params, expected, 'timm weights', name)
+  expected = param_match.model_shapes(name, num_classes, overrides)
+  return param_match.match_to_model(params, expected, 'timm weights', name)
 
-
-def _shapes(name: str, num_classes: int,
-            overrides: Mapping[str, Any]) -> dict[str, dict[str, tuple]]:
-  """{module: {leaf: shape}} of create(name, num_classes, **overrides)'s params."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from nfnet_jax import models  # pylint: disable=g-import-not-at-top
-  net = models.create(name, num_classes=num_classes, **overrides)
-  shapes = jax.eval_shape(lambda rng, x: net.init(rng, x, is_training=False),
-                          jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
-  return {m: {leaf: tuple(v.shape) for leaf, v in leaves.items()}
-          for m, leaves in shapes.items()}

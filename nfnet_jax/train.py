@@ -127,9 +127,8 @@ def create_model(config, num_classes: int):
   kwargs = config.model_kwargs.to_dict()
   if config.get('bn_cross_device', False):  # BatchNorm statistics over all devices.
     kwargs['cross_replica_axis'] = steps.AXIS
-  if config.get('remat', 'none') != 'none':
-    return models.create(config.model, num_classes, remat=config.remat, **kwargs)
-  return models.create(config.model, num_classes, **kwargs)
+  return models.create(config.model, num_classes, remat=config.get('remat', 'none'),
+                       **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -243,17 +242,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       step, state = _train_loop(config, trainer, mngr, writer, state, run_meta,
                                 start_step, total_steps, train_iter, caught,
                                 eval_now if mode == 'train_and_eval' else None)
+    mngr.wait(step)  # The last checkpoint is written (or its failure reported) first.
     if info['num_eval']:
       return eval_now(step, state)
     return {}
   except metrics_writer.WriteError as e:  # e.g. a full disk: one line, as for a save.
+    if mngr is not None:
+      mngr.close()  # A checkpoint being written ends before the kept one is named.
     raise errors.RunError(
         f'{e}. Stopped at step {e.step}; '
         f'{checkpoints.kept_note(checkpoints.checkpoint_dir(workdir))}. Fix the cause '
         '(e.g. free space) and re-run the same command to resume.') from None
   finally:
     if mngr is not None:
-      checkpoints.close(mngr)
+      mngr.close()
     if writer is not None:
       writer.close()
 
@@ -312,9 +314,10 @@ def _train_loop(config, trainer: Trainer, mngr, writer, state, run_meta: dict[st
       every = config.checkpoint_every_steps
       if stop or save or step == total_steps or (every and step % every == 0):
         _check_nonfinite(jax.device_get(control), step, max_bad)
-        checkpoints.save(mngr, state, step, run_meta)
+        mngr.save(state, step, run_meta)  # Written while the next steps run.
         last_save = time.time()
         if stop:
+          mngr.wait(step)
           logging.warning('Signal %s: checkpoint saved at step %d; exiting. Re-run the '
                           'same command to resume.', caught[0] if caught else '(another '
                           'host)', step)
@@ -380,7 +383,7 @@ def main(argv) -> None:
     logging.info(data_config.describe_eval(_CONFIG.value.data))
     if _CHECK_PATHS.value or not _CHECK_CONFIG.value:  # A run always checks them.
       configs.check_run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-  except ValueError as e:
+  except (ValueError, errors.MissingExtra) as e:
     _fail('Config error', configs.one_line(e))
   line = f'{configs.summary(_CONFIG.value, config_spec())}, --mode={_MODE.value}'
   if _CHECK_CONFIG.value:

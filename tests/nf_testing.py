@@ -1,10 +1,14 @@
-"""Helpers shared by the model-family tests (imported by tests/test_*.py).
+"""Helpers shared by the model-family tests (imported by tests/test_*.py) and by
+benchmarks/step_memory.py (`saved_residuals`).
 
 Parameters for forward passes are drawn in numpy from the shapes that `jax.eval_shape`
 gives (WS convs standardise their kernels, so any N(0, 1/fan_in) draw is an honest
 init); running Haiku's initialisers eagerly costs a compile per parameter shape on CPU.
 """
+import contextlib
+import io
 import math
+import re
 
 import haiku as hk
 import jax
@@ -129,3 +133,30 @@ def probe_model(name, replicate_strided, batch=8, size=64):
   f = jax.jit(hk.transform(probe).apply, **JIT)
   run = lambda params, x, inject=False: f(params, None, x, noises, inject)  # noqa: E731
   return shapes, run, x, betas, [s for _, s in blocks_in]
+
+
+# Bytes per element of the dtypes print_saved_residuals names.
+_ITEMSIZE = {'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 'u8': 1, 'i8': 1, 'u32': 4,
+             'i32': 4, 'bool': 1}
+
+
+def saved_residuals(net: hk.Transformed, params, x) -> list[tuple[int, str]]:
+  """[(bytes, why)] of the batch-sized arrays JAX's autodiff keeps for the backward
+  pass of sum(logits) in training mode: `jax.ad_checkpoint.print_saved_residuals`,
+  parsed. What a remat policy saves is visible here (XLA:CPU's own buffers are not a
+  guide: it merges recomputation back into the forward pass). `x` [N, H, W, 3] (an
+  array or a ShapeDtypeStruct): N must differ from every parameter's leading
+  dimension."""
+  f = lambda p, x: net.apply(p, jax.random.PRNGKey(0), x, True)['logits'].sum()
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    jax.ad_checkpoint.print_saved_residuals(f, params, x)
+  out = []
+  for line in buf.getvalue().splitlines():
+    m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line.strip())
+    if not m:
+      raise ValueError(f'unexpected print_saved_residuals line: {line!r}')
+    shape = tuple(int(d) for d in m.group(2).split(',') if d)
+    if shape and shape[0] == x.shape[0]:
+      out.append((_ITEMSIZE[m.group(1)] * math.prod(shape), m.group(3)))
+  return out

@@ -252,7 +252,7 @@ def test_cross_replica_statistics_over_a_mapped_axis():
 
 
 def test_unknown_variant_is_a_clear_error():
-  with pytest.raises(ValueError, match='Unknown BN-ResNet variant'):
+  with pytest.raises(ValueError, match='Unknown BNResNet variant'):
     hk.transform(lambda: bn_resnet.BNResNet(10, variant='51')).init(None)
 
 

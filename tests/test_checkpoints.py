@@ -30,10 +30,10 @@ def _abstract(state):
 
 
 def _write(workdir: Path, steps=(1, 2)) -> dict[int, dict]:
-  mngr = checkpoints.manager(str(workdir), keep=5)
+  mngr = checkpoints.Manager(str(workdir), keep=5)
   states = {s: _state(s) for s in steps}
   for s in steps:
-    checkpoints.save(mngr, states[s], s, dict(model='test'))
+    mngr.save(states[s], s, dict(model='test'))
   mngr.close()
   return states
 
@@ -142,9 +142,9 @@ def test_damaged_checkpoint_is_set_aside_and_the_previous_restored(damage, tmp_p
   if arrays in ('bit', 'overwrite', 'truncate', 'empty'):
     target.write_bytes(bytes(data))
   files = sorted(p.relative_to(ckpts / '2') for p in (ckpts / '2').rglob('*'))
-  mngr = checkpoints.manager(str(tmp_path), keep=5)
+  mngr = checkpoints.Manager(str(tmp_path), keep=5)
   with caplog.at_level(logging.WARNING):
-    state, meta = checkpoints.restore(mngr, _abstract(states[2]))
+    state, meta = mngr.restore(_abstract(states[2]))
   _tree_equal(state, states[1])
   assert meta['step'] == 1
   moved = [p for p in ckpts.iterdir() if p.name.startswith('damaged-2-')]
@@ -165,9 +165,9 @@ def test_damaged_checkpoint_is_set_aside_and_the_previous_restored(damage, tmp_p
     assert '(unreadable: ' in lines[0] and len(lines[0]) < 400, lines[0]
   assert not [r for r in caplog.records if 'without verification' in r.getMessage()]
   # Training goes on from step 1: the next save of step 2 does not collide.
-  checkpoints.save(mngr, states[2], 2, dict(model='test'))
+  mngr.save(states[2], 2, dict(model='test'))
   mngr.close()
-  assert mngr.all_steps() == [1, 2]
+  assert mngr.orbax.all_steps() == [1, 2]
 
 
 def _drop_checksums(workdir: Path, steps=(1, 2)) -> None:
@@ -246,29 +246,33 @@ def test_every_checkpoint_damaged_is_an_error(tmp_path):
   states = _write(tmp_path)
   for step in (1, 2):
     _flip_middle(_array_file(tmp_path / 'checkpoints' / str(step)))
-  mngr = checkpoints.manager(str(tmp_path), keep=5)
+  mngr = checkpoints.Manager(str(tmp_path), keep=5)
   with pytest.raises(errors.RunError, match=r'Every checkpoint in .* is damaged \(set '
                      r'aside as damaged-2-\d+, damaged-1-\d+\): nothing to resume from'):
-    checkpoints.restore(mngr, _abstract(states[2]))
+    mngr.restore(_abstract(states[2]))
   assert sorted(p.name.split('-')[1] for p in (tmp_path / 'checkpoints').iterdir()) == [
       '1', '2']
 
 
-def test_incomplete_checkpoints_are_set_aside(tmp_path):
+def test_uncommitted_step_directories_are_set_aside(tmp_path, monkeypatch):
+  """A step directory that orbax does not count as committed (on GCS, where orbax
+  commits a save with a marker file, one killed midway) is renamed to
+  `incomplete-<step>-<time>`; committed checkpoints and orbax's temporary
+  directories stay where they are."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  _write(tmp_path, steps=(4, 6))
   ckpts = tmp_path / 'checkpoints'
-  good = ckpts / '4'
-  for item in ('state', 'meta'):
-    (good / item).mkdir(parents=True)
-  (good / 'commit_success.txt').write_text('ok')
-  legacy = ckpts / '6'  # Committed, with the commit time in its metadata only.
-  for item in ('state', 'meta'):
-    (legacy / item).mkdir(parents=True)
-  (legacy / '_CHECKPOINT_METADATA').write_text('{"commit_timestamp_nsecs": 1}')
   (ckpts / '8' / 'state').mkdir(parents=True)  # Killed mid-save.
   (ckpts / '9.orbax-checkpoint-tmp').mkdir()
+  # This file system commits by renaming, so orbax counts every step directory as
+  # committed: the test models one that commits with a marker, which 8 lacks.
+  committed = ocp.utils.is_checkpoint_finalized
+  monkeypatch.setattr(ocp.utils, 'is_checkpoint_finalized',
+                      lambda path: path.name != '8' and committed(path))
   moved = checkpoints.set_aside_incomplete(str(ckpts))
   assert len(moved) == 1 and moved[0].startswith('incomplete-8-')
-  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ['4', '6']
+  assert sorted(p.name for p in ckpts.iterdir()) == [
+      '4', '6', '9.orbax-checkpoint-tmp', moved[0]]
 
 
 def test_another_layout_is_refused_before_anything_is_touched(tmp_path):
@@ -278,8 +282,8 @@ def test_another_layout_is_refused_before_anything_is_touched(tmp_path):
   c.model_kwargs = dict(width=0.125)
   state = _state(1)
   meta = checkpoints.run_meta(c, 10, 100, 5, jax.eval_shape(lambda: state))
-  mngr = checkpoints.manager(str(tmp_path), keep=5)
-  checkpoints.save(mngr, state, 1, meta)
+  mngr = checkpoints.Manager(str(tmp_path), keep=5)
+  mngr.save(state, 1, meta)
   mngr.close()
   (tmp_path / 'checkpoints' / '3' / 'state').mkdir(parents=True)  # Would be set aside.
   before = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob('*'))
@@ -316,36 +320,85 @@ def small_filesystem(tmp_path):
     yield mnt
 
 
-@pytest.mark.parametrize('free', [0, 16384, None])
-def test_full_disk_stops_at_the_failed_save_and_keeps_the_last_good(small_filesystem,
-                                                                    free, caplog):
-  """A disk with no room left at all, with a little (the small files are written, an
-  array fails), and one where only the big array does not fit (free=None)."""
+def _big(small: dict) -> dict:
+  """`small` with a 512 KiB weight of random bits (incompressible)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  mngr = checkpoints.manager(str(small_filesystem), keep=5)
+  bits = np.random.default_rng(0).integers(0, 2**32, size=(128, 1024), dtype=np.uint32)
+  return dict(small, params=dict(small['params'], w=jnp.asarray(bits)))
+
+
+def _leave_free(mnt: Path, free: int) -> None:
+  """Fills the file system at `mnt` up to `free` bytes left."""
+  st = os.statvfs(mnt)
+  (mnt / 'filler').write_bytes(bytes(max(st.f_bavail * st.f_frsize - free, 0)))
+
+
+def _resume(mnt: Path, small: dict) -> None:
+  """Space freed, the same run resumes from step 1 and saves step 2."""
+  (mnt / 'filler').unlink()
+  mngr = checkpoints.Manager(str(mnt), keep=1)
+  state, _ = mngr.restore(_abstract(small))
+  _tree_equal(state, small)
+  mngr.save(state, 2, {})
+  mngr.close()
+  assert sorted(os.listdir(mnt / 'checkpoints')) == ['2']
+
+
+def test_full_disk_stops_at_the_save_and_keeps_the_last_good(small_filesystem, caplog):
+  """A disk without room for the state: the save stops the run at once with one
+  line, before anything of it is written; the last good checkpoint stays (keep=1)."""
+  mngr = checkpoints.Manager(str(small_filesystem), keep=1)
   small = _state(1)
-  checkpoints.save(mngr, small, 1, {})
-  if free is not None:
-    st = os.statvfs(small_filesystem)
-    (small_filesystem / 'filler').write_bytes(bytes(max(st.f_bavail * st.f_frsize - free,
-                                                        0)))
-  big = dict(small, params={'w': jnp.asarray(np.random.default_rng(0).normal(
-      size=(512, 1024)), jnp.float32), 'b': small['params']['b']})  # 2 MiB
+  mngr.save(small, 1, {})
+  mngr.wait(1)
+  _leave_free(small_filesystem, 16384)  # Room for small files, not for the state.
   with caplog.at_level(logging.INFO):
     with pytest.raises(errors.RunError) as e:
-      checkpoints.save(mngr, big, 2, {})
-  message = str(e.value)
-  assert message.startswith(f'Cannot save checkpoint 2 in {small_filesystem}/checkpoints: ')
-  assert 'Stopped at step 2; the last good checkpoint, step 1, is kept, the partial one ' \
-         'removed' in message and '\n' not in message and len(message) < 500
-  assert 'RESOURCE_EXHAUSTED' in message or 'No space left' in message
+      mngr.save(_big(small), 2, {})
+  assert str(e.value) == (
+      f'Cannot save checkpoint 2 in {small_filesystem}/checkpoints: OSError: No space '
+      'left on device (the state needs 0.5 MiB, 0.0 MiB free). Stopped at step 2; the '
+      'last good checkpoint, step 1, is kept, nothing of checkpoint 2 was written. Fix '
+      'the cause (e.g. free space) and re-run the same command to resume.')
   assert sorted(os.listdir(small_filesystem / 'checkpoints')) == ['1']
+  mngr.close()
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+  _resume(small_filesystem, small)
+
+
+@pytest.mark.parametrize('reported_by', ['next save', 'end of run'])
+def test_a_write_that_fails_in_the_background_is_reported_by_the_next_save_or_the_end(
+    small_filesystem, reported_by, caplog):
+  """The disk fills up while a checkpoint is written after `save` returned: the next
+  save (or the wait at the end of a run) stops the run with one line naming that
+  checkpoint; orbax's partial directory is removed, its error records are not shown,
+  and the last good checkpoint stays (keep=1: orbax deletes the older one only once
+  a newer one is committed)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  mngr = checkpoints.Manager(str(small_filesystem), keep=1)
+  small = _state(1)
+  mngr.save(small, 1, {})
+  mngr.wait(1)
+  big = _big(small)
+  # Room for the state's bytes, so the save starts, but not for orbax's other files.
+  _leave_free(small_filesystem, sum(x.nbytes for x in jax.tree.leaves(big)) + 8192)
+  with caplog.at_level(logging.INFO):
+    mngr.save(big, 2, {})  # Returns: the files are written in the background.
+    with pytest.raises(errors.RunError) as e:
+      if reported_by == 'next save':
+        mngr.save(small, 3, {})
+      else:
+        mngr.wait(3)
+    mngr.close()
+  message = str(e.value)
+  assert message.startswith(f'Cannot save checkpoint 2 in {small_filesystem}/checkpoints:')
+  assert 'Stopped at step 3; the last good checkpoint, step 1, is kept, the partial one ' \
+         'removed. Fix the cause' in message and '\n' not in message
+  assert len(message) < 500
+  assert 'RESOURCE_EXHAUSTED' in message or 'No space left' in message
+  assert mngr.orbax.all_steps() == [1]
   assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no orbax noise
-  checkpoints.close(mngr)
-  (small_filesystem / 'filler').unlink(missing_ok=True)
-  mngr = checkpoints.manager(str(small_filesystem), keep=5)
-  state, _ = checkpoints.restore(mngr, _abstract(small))
-  _tree_equal(state, small)
+  _resume(small_filesystem, small)
 
 
 def test_no_room_for_the_checkpoint_directory_is_one_line(tmp_path):
@@ -357,7 +410,7 @@ def test_no_room_for_the_checkpoint_directory_is_one_line(tmp_path):
       for i in range(3):
         (mnt / f'file{i}').write_bytes(b'')
     with pytest.raises(errors.RunError) as e:
-      checkpoints.manager(str(mnt / 'run'), keep=3)
+      checkpoints.Manager(str(mnt / 'run'), keep=3)
     assert str(e.value) == (
         f'Cannot create {mnt}/run/checkpoints: OSError: [Errno 28] No space left on '
         f"device: '{mnt}/run/checkpoints'. Nothing was written; fix the cause (e.g. free "

@@ -160,9 +160,23 @@ def test_dry_run_prints_the_train_commands(tmp_path):
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
   assert len(lines) == 9  # 3 batch sizes x 3 arms
-  assert all(' -m nfnet_jax.train --config=' in l and 'claims.py:cpu ' in l for l in lines)
+  assert all(' -m nfnet_jax.train --config=experiments/claims.py:cpu ' in l
+             for l in lines)
   assert any('--config.batch_size=2048 --config.grad_accum_steps=8' in l for l in lines)
   assert not list(tmp_path.iterdir())  # nothing run, nothing written
+  # The recipe file is an argument: the runs start from the one given.
+  recipe = str(REPO / 'experiments' / 'claims.py')
+  r = _cli('--claim', 'cost', '--config', recipe, '--dry_run', cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert all(f' --config={recipe}:cpu' in l for l in r.stdout.strip().splitlines())
+
+
+def test_a_missing_recipe_file_is_one_line(tmp_path):
+  # Outside the repository the default experiments/claims.py is not there.
+  r = _cli('--claim', 'cost', '--out', str(tmp_path), cwd=tmp_path)
+  assert r.returncode == 2
+  assert '--config=experiments/claims.py: no such file' in r.stderr
+  assert 'Traceback' not in r.stderr and not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -224,7 +238,7 @@ def test_run_one_records_status_and_skips_finished_runs(tmp_path, monkeypatch):
   failed run leaves no result (so the next invocation retries it)."""
   calls = []
 
-  def fake_command(spec, scale, workdir):
+  def fake_command(spec, scale, workdir, config):
     calls.append(spec.name)
     return [sys.executable, '-c', FAKE_TRAIN, str(workdir), spec.name]
 

@@ -72,7 +72,8 @@ def test_tpu_vm_creates_installs_trains_on_all_workers_and_deletes():
   assert o['accelerator-type'] == 'v4-32' and o['version'] == 'tpu-ubuntu2204-base'
   assert o['zone'] == 'europe-west4-a' and o['project'] == 'proj' and 'spot' in o
   assert options(scp)['worker'] == 'all' and scp[6] == 'nf-test:nfnet_jax.tar.gz'
-  # Install on every worker: unpack the tarball, venv, pip install JAX for TPU + us.
+  # Install on every worker: unpack the tarball, venv, pip install JAX for TPU + us
+  # with the data extra (the TF input pipeline).
   o = options(install)
   assert o['worker'] == 'all'
   remote = o['command']
@@ -81,7 +82,7 @@ def test_tpu_vm_creates_installs_trains_on_all_workers_and_deletes():
   steps = [step.strip() for step in remote.split(';')]
   venv = steps.index("ensure_venv ~/nfnet_venv ''")
   assert steps.index('source launch/lib.sh') < venv
-  assert steps.index('~/nfnet_venv/bin/pip install -q jax\\[tpu\\] -e .') > venv
+  assert steps.index('~/nfnet_venv/bin/pip install -q jax\\[tpu\\] -e .\\[data\\]') > venv
   # The same training command on every worker.
   o = options(train)
   assert o['worker'] == 'all'
@@ -132,7 +133,7 @@ def test_gpu_script(sandbox):
   cmds = commands(out)
   assert ['python3', '-m', 'venv', '.venv'] in cmds
   assert any(c[:3] == ['.venv/bin/pip', 'install', '-q'] and 'jax[cuda12]' in c
-             and '-e' in c for c in cmds)
+             and c[-2:] == ['-e', '.[data]'] for c in cmds)
   assert cmds[-1][0].endswith('.venv/bin/python')
   out = dry_run('gpu.sh', ok=False)
   assert out.returncode == 2 and '--workdir is required' in out.stderr
@@ -314,7 +315,7 @@ def test_worker_install_with_python_310_provisions_python_with_uv(sandbox):
   assert 'python3 -m pip install --user -q uv' in calls
   assert 'uv python install 3.12' in calls
   assert f'uv venv --seed --python 3.12 {home}/nfnet_venv' in calls
-  assert _jax_installs(calls) == [('uv-3.12-venv', 'uv-3.12-venv pip install -q jax[tpu] -e .')]
+  assert _jax_installs(calls) == [('uv-3.12-venv', 'uv-3.12-venv pip install -q jax[tpu] -e .[data]')]
   assert not any(c.startswith('python3 -m venv') for c in calls)
   said = [l for l in out.stderr.splitlines() if 'uv' in l]
   assert len(said) == 1 and 'Python 3.10' in said[0] and '3.11' in said[0], out.stderr

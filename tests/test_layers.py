@@ -171,3 +171,20 @@ def test_split_grouped_conv_equals_xla_grouped_conv():
       out = layers.conv2d(x, k, stride, 'SAME', 3)
     assert 'feature_group_count=3' not in jaxpr and jaxpr.count('conv_general') == 3
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_workarounds_switch_decides_how_auto_runs_grouped_convs(monkeypatch):
+  # 32 x 32 output positions: above layers.SPLIT_MIN_POSITIONS, so only the switch
+  # decides. Tracing only: nothing is compiled.
+  x, k = jnp.zeros((1, 32, 32, 8)), jnp.zeros((3, 3, 2, 8))
+  convs = lambda: str(jax.make_jaxpr(lambda x, k: layers.conv2d(x, k, 1, 'SAME', 4))(
+      x, k)).count('conv_general_dilated')
+  monkeypatch.delenv('NFNET_JAX_CPU_WORKAROUNDS', raising=False)
+  assert convs() == (4 if jax.default_backend() == 'cpu' else 1)
+  monkeypatch.setenv('NFNET_JAX_CPU_WORKAROUNDS', '0')
+  assert convs() == 1
+  monkeypatch.setenv('NFNET_JAX_CPU_WORKAROUNDS', '1')
+  assert convs() == 4
+  monkeypatch.setenv('NFNET_JAX_CPU_WORKAROUNDS', 'yes')
+  with pytest.raises(ValueError, match=r"NFNET_JAX_CPU_WORKAROUNDS='yes': expected 0"):
+    convs()

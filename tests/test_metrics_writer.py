@@ -1,34 +1,31 @@
 """nfnet_jax/metrics_writer.py: metrics.jsonl and TensorBoard event files, written
 through etils.epath so that a gs:// workdir lands in the bucket (not in a local
 './gs:' folder). The bucket is simulated by etils' own mock backend, which maps
-gs://bucket/... onto a temporary directory. A full disk is a real, small tmpfs."""
+gs://bucket/... onto a temporary directory. A full disk is a real, small tmpfs.
+Event files are read back with TensorBoard's own reader (`EventAccumulator`)."""
 import json
 import os
-import struct
 
 from etils import epath
 from etils.epath import gpath, testing as epath_testing
 import pytest
-from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.backend.event_processing import event_accumulator
 
 from nfnet_jax import errors
-from nfnet_jax.metrics_writer import MetricsWriter, WriteError, crc32c
+from nfnet_jax.metrics_writer import MetricsWriter, WriteError
 from test_checkpoints import small_filesystem  # pylint: disable=unused-import
 
 
-def read_events(path):
-  """Events of a TFRecord file, checking the framing (length + masked CRCs)."""
-  data, out = open(path, 'rb').read(), []
-  mask = lambda c: (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-  while data:
-    header = data[:8]
-    (n,) = struct.unpack('<Q', header)
-    assert struct.unpack('<I', data[8:12])[0] == mask(crc32c(header))
-    payload = data[12:12 + n]
-    assert struct.unpack('<I', data[12 + n:16 + n])[0] == mask(crc32c(payload))
-    out.append(event_pb2.Event.FromString(payload))
-    data = data[16 + n:]
-  return out
+def read_scalars(path) -> dict[tuple[int, str], float]:
+  """{(step, tag): value} of the scalars TensorBoard reads from the event file (or
+  the directory of event files) `path`; fails unless it is a TensorBoard event
+  file (brain.Event:2)."""
+  acc = event_accumulator.EventAccumulator(os.fspath(path), size_guidance={
+      event_accumulator.SCALARS: 0})  # 0: keep every scalar, not a sample.
+  acc.Reload()
+  assert acc.file_version == 2.0, acc.file_version
+  return {(s.step, tag): s.value
+          for tag in acc.Tags()['scalars'] for s in acc.Scalars(tag)}
 
 
 def check_dir(path):
@@ -36,10 +33,7 @@ def check_dir(path):
   assert lines == [{'step': 3, 'train/loss': 1.5, 'train/top1': 0.25},
                    {'step': 7, 'eval/top1': 0.75}]
   (events,) = [f for f in os.listdir(path) if f.startswith('events.out.tfevents.')]
-  ev = read_events(os.path.join(path, events))
-  assert ev[0].file_version == 'brain.Event:2'
-  got = {(e.step, v.tag): v.simple_value for e in ev[1:] for v in e.summary.value}
-  assert got == {(3, 'train/loss'): 1.5, (3, 'train/top1'): 0.25, (7, 'eval/top1'): 0.75}
+  assert read_scalars(os.path.join(path, events)) == {(3, 'train/loss'): 1.5, (3, 'train/top1'): 0.25, (7, 'eval/top1'): 0.75}
 
 
 def write(logdir):
@@ -157,10 +151,11 @@ def test_full_disk_mid_record_leaves_whole_records_and_one_line(small_filesystem
   w.write(3, {'loss': 1.0})  # The writer writes nothing more, and closes quietly.
   w.close()
   assert (jsonl.read_bytes(), events.read_bytes()) == before
-  assert [e.step for e in read_events(events)] == [0, 1]
+  assert set(read_scalars(events)) == {(1, 'train/loss'), (1, 'train/top1')}
 
 
-def test_full_disk_in_the_event_file_keeps_both_files_whole(small_filesystem):
+def test_full_disk_in_the_event_file_keeps_both_files_whole(small_filesystem,
+                                                            tmp_path):
   """metrics.jsonl takes the record (room left in its last block), the event file does
   not (less room in its last block than the record needs): the event file is cut back
   to its earlier records, and the error names it."""
@@ -174,14 +169,25 @@ def test_full_disk_in_the_event_file_keeps_both_files_whole(small_filesystem):
   room = [4096 - len(b) % 4096 for b in before]
 
   def sizes(n: int) -> tuple[int, int]:
-    """Bytes of the JSON line and of the TFRecord of {'x' * n: 1.0} at step 5."""
-    line = json.dumps({'step': 5, 'x' * n: 1.0}) + '\n'
-    value = summary_pb2.Summary.Value(tag='x' * n, simple_value=1.0)
-    event = event_pb2.Event(wall_time=1.0, step=5, summary=summary_pb2.Summary(
-        value=[value]))
-    return len(line), 16 + len(event.SerializeToString())
+    """Bytes that the record {'x' * n: 1.0} at step 5 adds to metrics.jsonl and to
+    the event file, measured by writing it on a disk with room."""
+    scratch = tmp_path / f'sizes_{n}'
+    w = MetricsWriter(str(scratch))
+    start = [p.stat().st_size for p in sorted(scratch.iterdir())]
+    w.write(5, {'x' * n: 1.0})
+    w.close()
+    grown_events, grown_jsonl = [p.stat().st_size - s for p, s in
+                                 zip(sorted(scratch.iterdir()), start)]
+    return grown_jsonl, grown_events
 
-  n = next(n for n in range(4096) if sizes(n)[1] > room[1])
+  lo, hi = 0, 4096  # The smallest n whose event record does not fit (bisection).
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if sizes(mid)[1] > room[1]:
+      hi = mid
+    else:
+      lo = mid + 1
+  n = lo
   assert sizes(n)[0] <= room[0]  # the line fits
   with pytest.raises(WriteError) as e:
     w.write(5, {'x' * n: 1.0})
@@ -190,7 +196,7 @@ def test_full_disk_in_the_event_file_keeps_both_files_whole(small_filesystem):
       'of step 5 is not in it (the earlier ones are, whole)')
   w.close()
   assert events.read_bytes() == before[1]
-  assert [e.step for e in read_events(events)] == [0, 1]
+  assert read_scalars(events) == {(1, 'a'): 1.0}
   assert [json.loads(l)['step'] for l in jsonl.read_text().splitlines()] == [1, 5]
 
 

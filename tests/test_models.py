@@ -9,7 +9,6 @@ by up to 4.2e-4 relative on an AMD Zen 3, so they are compared within 1e-3 relat
 """
 import functools
 import json
-import math
 import os
 import re
 
@@ -144,16 +143,6 @@ def test_remat_computes_the_same_function(name, remat):
   _assert_trees_close(grads, ref_grads, rtol=1e-5)
 
 
-def saved_residuals(net, params, x) -> list[tuple[int, str]]:
-  """[(bytes, why)] of the batch-sized arrays kept for the backward pass."""
-  return [(jnp.dtype(_DTYPES[dt]).itemsize * math.prod(shape), why)
-          for dt, shape, why in models.saved_residuals(net, params, x)]
-
-
-_DTYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16,
-           'u32': jnp.uint32, 'i32': jnp.int32, 'bool': jnp.bool_}
-
-
 @pytest.mark.parametrize('name', list(TINY))
 def test_remat_changes_saved_residuals(name):
   """What the backward pass keeps, as JAX hands it to XLA, per policy.
@@ -167,7 +156,7 @@ def test_remat_changes_saved_residuals(name):
   kept, size = {}, {}
   for remat in models.REMAT_POLICIES:
     net = models.create(name, NUM_CLASSES, remat=remat, **TINY[name])
-    kept[remat] = saved_residuals(net, params, x)
+    kept[remat] = nf_testing.saved_residuals(net, params, x)
     size[remat] = sum(b for b, _ in kept[remat])
   conv = f"named '{layers.CONV_NAME}'"
   # Without remat, activation outputs and other elementwise intermediates are kept.
@@ -191,6 +180,10 @@ def test_remat_and_groups_errors():
     models.create('nf_regnet_b0', groups='dense')
   with pytest.raises(ValueError, match='NFResNet has no grouped convolutions'):
     models.create('nf_resnet50', groups='split')
+  with pytest.raises(ValueError, match="BNResNet takes no remat policy; remat='convs'"):
+    models.create('bn_resnet26', remat='convs')
+  with pytest.raises(ValueError, match='BNResNet has no grouped convolutions'):
+    models.create('bn_resnet26', groups='lax')
   with pytest.raises(ValueError, match='remat must be one of'):  # the module itself
     hk.transform(lambda: models.NFRegNet(10, remat='everything')).init(None)
   with pytest.raises(ValueError, match=r"grouped conv impl must be one of \('auto', "

@@ -93,7 +93,7 @@ def test_variant_table():
     assert info['family'] == 'NFRegNet'
 
 
-def test_b0_params_and_flops_by_hand():
+def test_b0_params_and_macs_by_hand():
   params, macs = models.summarize('nf_regnet_b0')
   assert params == hand_params('B0') == 8_595_372
   assert macs == hand_macs('B0') == 443_672_488  # 0.44 GMACs at 224 px

@@ -74,7 +74,7 @@ def test_variant_table():
   assert base.expected_stds([2, 2]) == pytest.approx(expected_curve([2, 2])[1])
 
 
-def test_resnet50_params_and_flops_by_hand():
+def test_resnet50_params_and_macs_by_hand():
   params, macs = models.summarize('nf_resnet50')
   assert params == hand_params(DEPTHS['50'])
   # Published: torchvision ResNet-50 has 25,557,032 parameters (BN scale/offset where we

@@ -15,10 +15,10 @@ PAPER = {'F0': (71.5, 12.38), 'F1': (132.6, 35.54), 'F2': (193.8, 62.59),
 
 
 @pytest.mark.parametrize('variant', list(PAPER))
-def test_params_and_flops_match_paper(variant):
-  params, flops = models.summarize(variant)
+def test_params_and_macs_match_paper(variant):
+  params, macs = models.summarize(variant)
   assert round(params / 1e6, 1) == PAPER[variant][0]
-  assert round(flops / 1e9, 2) == PAPER[variant][1]
+  assert round(macs / 1e9, 2) == PAPER[variant][1]
 
 
 def test_variant_table():

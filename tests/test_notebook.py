@@ -39,6 +39,11 @@ def test_notebook_is_clean_and_offline():
   source = '\n'.join(c.source for c in code)
   assert "'google.colab' in sys.modules" in source      # installs only on Colab
   assert 'https://github.com/nfnet-jax/nfnet_jax' in source
+  # Colab's own TensorFlow stays alone: the cell installs the package's core (no TF,
+  # tests/test_extras.py) and nothing else.
+  installs = [l for l in source.splitlines() if "'pip', 'install'" in l]
+  assert installs == ["    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', "
+                      "f'git+{REPO_URL}'],"]
 
 
 @pytest.mark.slow

@@ -379,7 +379,7 @@ def test_hub_name_without_huggingface_hub_says_how(tmp_path):
 # Packaging and the fine-tuning config.
 # ---------------------------------------------------------------------------
 def test_hub_is_an_optional_extra_and_the_reader_needs_only_core():
-  from test_demo_extra import REPO, _imported_modules, _requirement_names  # pylint: disable=g-import-not-at-top
+  from test_extras import REPO, _imported_modules, _requirement_names  # pylint: disable=g-import-not-at-top
   core = _requirement_names('requirements.txt')
   assert 'huggingface-hub' in _requirement_names('requirements-hub.txt')
   assert 'huggingface-hub' not in core and 'safetensors' not in core

@@ -234,29 +234,30 @@ EIGHT_DEVICES_SCRIPT = textwrap.dedent("""
     # ascent rows (4 of 16: rows 0, 4, 8, 12) sit on 4 of the 8 devices and the
     # model draws per-example noise (as dropout / stochastic depth do), which must
     # follow each row's global index in the ascent pass too.
-    import ml_collections, optax
-    from nfnet_jax import layers, steps
+    import haiku as hk, optax
+    from nfnet_jax import configs, layers, steps
 
-    class Noisy:
-      def apply(self, params, rng, images, is_training):
-        keep = layers.per_example_uniform(rng, images.shape[0]) > 0.4
-        h = images.reshape(images.shape[0], -1) @ params["w"]
-        return {"logits": jnp.tanh(h) * keep[:, None]}
+    def noisy(images, is_training):
+      w = hk.get_parameter("w", (12, 3), jnp.float32, init=jnp.zeros)
+      keep = layers.per_example_uniform(hk.next_rng_key(), images.shape[0]) > 0.4
+      h = images.reshape(images.shape[0], -1) @ w
+      return {"logits": jnp.tanh(h) * keep[:, None]}
 
-    config = ml_collections.ConfigDict(dict(
-        batch_size=16, grad_accum_steps=1, compute_dtype="float32", label_smoothing=0.0,
-        ema_decay=0.0, log_agc_clip_fraction=False,
-        sam=dict(enabled=True, rho=0.5, fraction=0.25, perturbation="global")))
+    config = configs.base_config()
+    config.update(batch_size=16, grad_accum_steps=1, compute_dtype="float32",
+                  label_smoothing=0.0, ema_decay=0.0)
+    config.sam.update(enabled=True, rho=0.5, fraction=0.25, perturbation="global")
     tx = optax.sgd(1.0)
     rng = np.random.default_rng(0)
-    p0 = {"w": rng.normal(size=(12, 3)).astype(np.float32)}
+    p0 = {"~": {"w": rng.normal(size=(12, 3)).astype(np.float32)}}
     data = dict(images=rng.normal(size=(16, 2, 2, 3)).astype(np.float32),
                 labels=np.eye(3, dtype=np.float32)[rng.integers(0, 3, 16)],
                 mask=np.ones([16], np.float32))
 
     def train_step(n):
       mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
-      fn = jax.jit(jax.shard_map(steps.make_train_step(config, Noisy(), tx, lambda s: 1.0),
+      fn = jax.jit(jax.shard_map(steps.make_train_step(config, hk.transform(noisy), tx,
+                                                       lambda s: 1.0),
                                  mesh=mesh, in_specs=(P(), P("data"), P("data")),
                                  out_specs=(P(), P(), P()), check_vma=False))
       state = dict(params=p0, opt_state=tx.init(p0), ema_params=p0,
@@ -265,10 +266,10 @@ EIGHT_DEVICES_SCRIPT = textwrap.dedent("""
       b = jax.device_put(data, NamedSharding(mesh, P("data")))
       flags = jax.device_put(np.zeros([n, 2], np.int32), NamedSharding(mesh, P("data")))
       new, metrics, _ = fn(state, b, flags)
-      return np.asarray(new["params"]["w"]), float(metrics["loss"])
+      return np.asarray(new["params"]["~"]["w"]), float(metrics["loss"])
 
     (w1, l1), (w8, l8) = train_step(1), train_step(8)
-    assert not np.allclose(w1, p0["w"])
+    assert not np.allclose(w1, p0["~"]["w"])
     np.testing.assert_allclose(w8, w1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     print("SAM_EIGHT_OK")

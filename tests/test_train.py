@@ -16,7 +16,7 @@ XLA's code quality):
              to the second process only while step 3's batch is read: both stop
              after step 4 (compared with 'four' up to there)
   preempted  'one' with a real SIGTERM at a random step; then `resumed`, the same
-             command again, with a half-written checkpoint and an orbax tmp dir added
+             command again, with a partial step directory and an orbax tmp dir added
   nan        'one' with a NaN in the batches of steps 2, 4 and 5, and
              max_consecutive_nonfinite=2: step 2 is skipped, 5 stops the run
   evaluate   --mode=eval on a copy of 'one's workdir
@@ -35,7 +35,6 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import textwrap
@@ -88,8 +87,8 @@ TINY_CONFIG = textwrap.dedent('''
 # Runs the real entry point after wrapping the input pipeline: 'nan' puts a NaN into
 # the batches of the given steps (comma-separated), 'sigterm' sends this process a
 # real SIGTERM while the batch of that step is being fetched, 'fill' fills the
-# workdir's file system to 16 KiB free then, 'slow' takes 1 s for each of those
-# batches.
+# workdir's file system to 16 KiB free then (once a checkpoint is committed), 'slow'
+# takes 1 s for each of those batches.
 HOOK = textwrap.dedent('''
     import os, signal, sys, time
     import numpy as np
@@ -110,6 +109,11 @@ HOOK = textwrap.dedent('''
           elif what == 'fill':
             workdir = next(a.split('=', 1)[1] for a in sys.argv
                            if a.startswith('--workdir='))
+            from nfnet_jax import checkpoints
+            # The earlier save is written in the background: committed first.
+            deadline = time.time() + 120
+            while not checkpoints.has_checkpoint(workdir) and time.time() < deadline:
+              time.sleep(0.05)
             st = os.statvfs(workdir)
             with open(os.path.join(workdir, 'filler'), 'wb') as f:
               f.write(bytes(max(st.f_bavail * st.f_frsize - 16384, 0)))
@@ -310,7 +314,8 @@ class Runs:
 
   def start_disk_full(self, no_eval: str) -> None:
     """'one' with a checkpoint every 2 steps into a 64 MiB tmpfs that fills up while
-    step 3's batch is fetched: step 2's save succeeds, step 4's fails."""
+    step 3's batch is fetched (once step 2's checkpoint is committed): step 4's save
+    finds no room."""
     mnt = self.root / 'tmpfs'
     mnt.mkdir()
     done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(mnt)],
@@ -324,9 +329,10 @@ class Runs:
 
   @staticmethod
   def simulate_half_written(workdir: Path) -> dict[str, Path]:
-    """What a kill mid-save leaves: a later step dir without commit marker (as on a
-    file system without atomic rename, e.g. GCS), and an orbax tmp dir (on POSIX) for
-    the step the resumed run will write last."""
+    """What a kill mid-save leaves: a later step dir with part of a checkpoint (as on
+    a file system without atomic rename, e.g. GCS; on this one orbax counts it as
+    committed, so the resumed run finds it damaged), and an orbax tmp dir (on POSIX)
+    for the step the resumed run will write last."""
     ckpts = workdir / 'checkpoints'
     last = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     partial = ckpts / str(last + 1)
@@ -494,8 +500,8 @@ def test_sigterm_then_rerun_equals_uninterrupted_run_bitwise(runs):
   half = runs.half_written
   assert half['last'] == stopped
   assert f'Resumed from checkpoint at step {stopped} ' in res.output
-  assert f'{half["partial"]} is incomplete' in res.output
-  assert list(half['partial'].parent.glob(f'incomplete-{half["partial"].name}-*'))
+  assert f'Checkpoint {half["partial"].name} is damaged (unreadable: meta' in res.output
+  assert list(half['partial'].parent.glob(f'damaged-{half["partial"].name}-*'))
   assert res.steps()[-1] == STEPS
   assert_trees_equal(res.state(), one.state())  # params, opt_state, EMA, counters
   # metrics.jsonl holds the interrupted run's steps, then the resumed ones.
@@ -596,8 +602,9 @@ def test_full_disk_stops_at_the_failed_save_with_one_message(runs):
   errors = [l for l in run.output.splitlines() if 'Cannot save' in l]
   assert len(errors) == 1 and errors[0].startswith(
       f'Error: Cannot save checkpoint 4 in {run.workdir}/checkpoints: '), run.output[-3000:]
-  assert ('Stopped at step 4; the last good checkpoint, step 2, is kept, the partial one '
-          'removed.') in errors[0]
+  assert 'OSError: No space left on device (the state needs ' in errors[0]
+  assert ('Stopped at step 4; the last good checkpoint, step 2, is kept, nothing of '
+          'checkpoint 4 was written.') in errors[0]
   assert sorted(p.name for p in (run.workdir / 'checkpoints').iterdir()) == ['2']
   assert int(run.state(2)['step']) == 2  # The kept checkpoint restores.
   assert sorted(run.metrics()) == [1, 2, 3, 4]  # Nothing after the failed save.
@@ -678,48 +685,11 @@ def test_eval_mode_and_summaries(runs):
   assert [r['eval/count'] for r in rows if r['step'] == STEPS and 'eval/count' in r] == [40]
   assert ev.metrics() == one.metrics()
   # TensorBoard: the event file holds the same scalars as metrics.jsonl.
-  events = read_events(one.workdir)
-  assert events[0].file_version.startswith('brain.Event')
-  scalars = {}
-  for e in events[1:]:
-    for v in e.summary.value:
-      scalars.setdefault(v.tag, {})[e.step] = v.simple_value
-  np.testing.assert_allclose([scalars['train/loss'][s] for s in range(1, STEPS + 1)],
+  from test_metrics_writer import read_scalars  # pylint: disable=g-import-not-at-top
+  scalars = read_scalars(one.workdir)
+  np.testing.assert_allclose([scalars[s, 'train/loss'] for s in range(1, STEPS + 1)],
                              one.losses(), rtol=1e-6)
-  assert scalars['eval/raw_top1'][STEPS] == pytest.approx(one.metrics('eval')[STEPS]['raw_top1'])
-
-
-def read_events(logdir: Path):
-  """Events of the TensorBoard file(s) in `logdir`, parsing the TFRecord framing
-  (length, masked CRC-32C of the length, data, masked CRC-32C of the data)."""
-  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  files = sorted(logdir.glob('events.out.tfevents.*'))
-  assert files, f'no event file in {logdir}'
-  events = []
-  for f in files:
-    buf = f.read_bytes()
-    pos = 0
-    while pos < len(buf):
-      header = buf[pos:pos + 8]
-      (length,) = struct.unpack('<Q', header)
-      (hcrc,) = struct.unpack('<I', buf[pos + 8:pos + 12])
-      assert hcrc == _masked_crc32c(header)
-      data = buf[pos + 12:pos + 12 + length]
-      (dcrc,) = struct.unpack('<I', buf[pos + 12 + length:pos + 16 + length])
-      assert dcrc == _masked_crc32c(data)
-      events.append(event_pb2.Event.FromString(data))
-      pos += 16 + length
-  return events
-
-
-def _masked_crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:  # Bitwise CRC-32C (Castagnoli, reflected polynomial 0x82F63B78).
-    crc ^= byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-  crc ^= 0xFFFFFFFF
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+  assert scalars[STEPS, 'eval/raw_top1'] == pytest.approx(one.metrics('eval')[STEPS]['raw_top1'])
 
 
 # ---------------------------------------------------------------------------
@@ -799,6 +769,10 @@ def test_valid_choices_are_listed():
   config.remat = 'conv'
   with pytest.raises(ValueError, match=r"config.remat: Unknown remat policy 'conv'. Did "
                      r"you mean convs\? Valid: none, convs, block_convs, blocks"):
+    configs.validate_config(config, 1, 1)
+  config.model, config.remat = 'bn_resnet26', 'convs'  # the family's own refusal
+  config.model_kwargs = dict(width=0.125, depths=(1, 1))
+  with pytest.raises(ValueError, match=r"config.remat: BNResNet takes no remat policy"):
     configs.validate_config(config, 1, 1)
 
 

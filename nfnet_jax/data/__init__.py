@@ -3,10 +3,13 @@ RandAugment, per-host sharding; a numpy path for the offline dataset. See
 docs/data.md.
 
 TensorFlow is imported lazily, only when a TF pipeline is built, and then with
-every GPU/TPU hidden from it. Public API:
+every GPU/TPU hidden from it; it and tensorflow-datasets come with the data extra
+(`pip install 'nfnet_jax[data]'`), which the offline source's numpy path
+(data.use_tf=False) does not need. Public API:
 
   default_config() -> ConfigDict
-  check_config(cfg) -> None (ValueError for a bad value; reads no data)
+  check_config(cfg) -> None (ValueError for a bad value, errors.MissingExtra for a
+      path that needs the data extra when it is not installed; reads no data)
   dataset_info(cfg) -> {num_classes, num_train, num_eval, train_size, eval_size}
   describe_eval(cfg) -> one line saying what the eval transform does
   build_train_iter(cfg, global_batch_size, seed, start_step=0,
@@ -29,7 +32,7 @@ from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
-from nfnet_jax.data.config import default_config, describe_eval, image_sizes
+from nfnet_jax.data.config import check_config, default_config, describe_eval, image_sizes
 
 __all__ = ['default_config', 'check_config', 'dataset_info', 'describe_eval',
            'build_train_iter',
@@ -55,32 +58,6 @@ def imagenet_class_names() -> List[str]:
 def imagenet_wnids() -> List[str]:
   """The 1000 WordNet IDs ('n01440764', ...) in label order."""
   return _read_lines('imagenet_wnids.txt')
-
-
-def check_config(cfg) -> None:
-  """The data config's checks, before any data is read: one clear ValueError naming
-  the key, with the closest valid value for a misspelled one."""
-  from nfnet_jax import errors
-  from nfnet_jax.data import config as config_lib
-  for key, kind, valid in (('source', 'source', config_lib.SOURCES),
-                           ('crop', 'train crop', config_lib.CROPS),
-                           ('eval_crop', 'eval crop', config_lib.EVAL_CROPS),
-                           ('folder_verify', 'verification', config_lib.FOLDER_VERIFY)):
-    if cfg[key] not in valid:
-      raise ValueError(f'data.{key}: ' + errors.unknown_name(kind, cfg[key], valid))
-  config_lib.resolve_crop(cfg)
-  config_lib.resolve_eval_crop(cfg)
-  config_lib.image_sizes(cfg)
-  for key, low in (('max_image_pixels', 1), ('max_consecutive_bad_records', 1)):
-    if key in cfg and int(cfg[key]) < low:
-      raise ValueError(f'data.{key} must be >= {low}, got {cfg[key]}')
-  if not cfg.use_tf:
-    if cfg.source != 'offline':
-      raise ValueError("data.use_tf=False (numpy path) only supports source='offline'; "
-                       'install tensorflow for the tfds and folder sources.')
-    if cfg.crop not in ('auto', 'pad_crop', 'none'):
-      raise ValueError("data.use_tf=False (numpy path) supports data.crop 'auto', "
-                       f"'pad_crop' or 'none', got {cfg.crop!r}")
 
 
 def dataset_info(cfg) -> Dict[str, int]:

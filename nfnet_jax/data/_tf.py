@@ -10,9 +10,13 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
-
 from nfnet_jax import console  # noqa: E402  pylint: disable=g-import-not-at-top
+from nfnet_jax import errors  # noqa: E402  pylint: disable=g-import-not-at-top
+
+try:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+except ModuleNotFoundError as e:  # TF, or a module it needs, is not installed.
+  raise errors.missing_extra('data', 'The TF input pipeline', e.name) from None
 
 
 def _hide_accelerators() -> None:

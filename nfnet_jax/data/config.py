@@ -13,6 +13,8 @@ from typing import Tuple
 
 import ml_collections
 
+from nfnet_jax import errors
+
 SOURCES = ('tfds', 'folder', 'offline')
 CROPS = ('auto', 'inception', 'pad_crop', 'resize', 'none')
 EVAL_CROPS = ('squash', 'center_crop')
@@ -235,3 +237,33 @@ def check_augment_config(cfg) -> None:
   for value, allowed, name in checks:
     if value not in allowed:
       raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+
+
+def check_config(cfg) -> None:
+  """The data config's checks, before any data is read: one clear ValueError naming
+  the key, with the closest valid value for a misspelled one."""
+  for key, kind, valid in (('source', 'source', SOURCES),
+                           ('crop', 'train crop', CROPS),
+                           ('eval_crop', 'eval crop', EVAL_CROPS),
+                           ('folder_verify', 'verification', FOLDER_VERIFY)):
+    if cfg[key] not in valid:
+      raise ValueError(f'data.{key}: ' + errors.unknown_name(kind, cfg[key], valid))
+  resolve_crop(cfg)
+  resolve_eval_crop(cfg)
+  image_sizes(cfg)
+  for key, low in (('max_image_pixels', 1), ('max_consecutive_bad_records', 1)):
+    if key in cfg and int(cfg[key]) < low:
+      raise ValueError(f'data.{key} must be >= {low}, got {cfg[key]}')
+  if not cfg.use_tf:
+    if cfg.source != 'offline':
+      raise ValueError("data.use_tf=False (numpy path) only supports source='offline'; "
+                       'the tfds and folder sources need data.use_tf=True.')
+    if cfg.crop not in ('auto', 'pad_crop', 'none'):
+      raise ValueError("data.use_tf=False (numpy path) supports data.crop 'auto', "
+                       f"'pad_crop' or 'none', got {cfg.crop!r}")
+  elif cfg.source == 'offline':
+    errors.require_extra('data', 'data.use_tf=True (the TF input pipeline; '
+                         'data.use_tf=False is the numpy one)', 'tensorflow')
+  else:
+    errors.require_extra('data', f'data.source={cfg.source!r}', 'tensorflow',
+                         *(('tensorflow_datasets',) if cfg.source == 'tfds' else ()))

@@ -64,10 +64,8 @@ def _max_pixels(cfg) -> int:
 
 
 def _limit(cfg) -> int:
-  limit = int(cfg.get('max_consecutive_bad_records', MAX_CONSECUTIVE_BAD_RECORDS))
-  if limit < 1:
-    raise ValueError(f'data.max_consecutive_bad_records must be >= 1, got {limit}')
-  return limit
+  # At least 1: check_config, which every builder runs first.
+  return int(cfg.get('max_consecutive_bad_records', MAX_CONSECUTIVE_BAD_RECORDS))
 
 
 def _usable(data, max_pixels: int):

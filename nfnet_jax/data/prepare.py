@@ -15,6 +15,8 @@ import logging
 import os
 from typing import Optional
 
+from nfnet_jax import errors
+
 
 def prepare_tfds(name: str, data_dir: Optional[str] = None,
                  manual_dir: Optional[str] = None, file_format: str = 'array_record'):
@@ -22,8 +24,10 @@ def prepare_tfds(name: str, data_dir: Optional[str] = None,
 
   data_dir None or '': $TFDS_DATA_DIR, else ~/tensorflow_datasets.
   """
+  errors.require_extra('data', 'Preparing a TFDS dataset', 'tensorflow',
+                       'tensorflow_datasets')
   from nfnet_jax.data import _tf  # noqa: F401  (hides accelerators first)
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR')
                                 or '~/tensorflow_datasets')
   manual_dir = manual_dir or None
@@ -62,7 +66,10 @@ def main(argv=None) -> None:
                       'needs array_record (default: %(default)s)')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
-  builder = prepare_tfds(args.name, args.data_dir, args.manual_dir, args.file_format)
+  try:
+    builder = prepare_tfds(args.name, args.data_dir, args.manual_dir, args.file_format)
+  except errors.MissingExtra as e:
+    parser.exit(1, f'{parser.prog}: error: {e}\n')
   print(f'{args.name}: prepared at {builder.data_dir}')
   for split, info in builder.info.splits.items():
     print(f'  {split}: {info.num_examples} examples')

@@ -401,7 +401,10 @@ def prepare_instructions(name: str, data_dir: str) -> str:
 def tfds_builder(cfg, prepare: bool = True):
   """The TFDS builder of `cfg.name`; prepares it from `cfg.manual_dir` if needed."""
   from nfnet_jax.data import _tf  # noqa: F401  (hides accelerators first)
-  import tensorflow_datasets as tfds
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    raise errors.missing_extra('data', "data.source='tfds'", e.name) from None
   try:
     builder = tfds.builder(cfg.name, data_dir=tfds_data_dir(cfg))
   except tfds.core.registered.DatasetNotFoundError:
@@ -423,7 +426,7 @@ def _tfds_split_name(cfg, split: str, builder) -> str:
 
 def tfds_source(cfg, split: str) -> Source:
   builder = tfds_builder(cfg)
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top (as above)
   split_name = _tfds_split_name(cfg, split, builder)
   image_key, label_key = builder.info.supervised_keys or ('image', 'label')
   data_dir = tfds_data_dir(cfg)

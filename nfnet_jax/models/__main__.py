@@ -27,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   print(f'{"model":<18}{"params (M)":>12}{"GMACs @test":>14}{"train px":>10}{"test px":>9}',
         flush=True)
   for row in summary.table(args.names or known):
-    print(f'{row["name"]:<18}{row["params"] / 1e6:>12.1f}{row["flops"] / 1e9:>14.2f}'
+    print(f'{row["name"]:<18}{row["params"] / 1e6:>12.1f}{row["macs"] / 1e9:>14.2f}'
           f'{row["train_px"]:>10}{row["test_px"]:>9}')
 
 

@@ -1,23 +1,23 @@
-"""The skeleton shared by every Normalizer-Free family (docs/models.md).
+"""The skeleton shared by every model family (docs/models.md).
 
 - `signal_schedule`: per residual block, its beta (1 / expected std of its input) and
   stochastic-depth rate; `expected_stds`: the expected std after each block.
 - `NFResidualBlock`: the block tail every family shares: pre-activation scaled by
   beta, the shortcut, stochastic depth, the learned skip gain and alpha. A family's
   block builds its convs in `__init__` and implements `residual`.
-- `NFNetwork`: stem -> blocks -> head -> pool -> dropout -> linear, the
+- `Network`: stem -> blocks -> head -> pool -> dropout -> linear, the
   signal-propagation metrics and the remat / grouped-conv options. A family builds
-  its stem, blocks and head modules in `__init__` and implements `stem` and `head`.
+  its stem, blocks and head modules in `__init__` and implements `stem` and `head`;
+  the BatchNorm baselines (`bn_resnet`) are one.
+- `NFNetwork`: a `Network` with the Normalizer-Free options (the scaled activation,
+  the WS convs' options, gamma placement, skip gain, width rounding).
 
 Submodules are built in `__init__` so Haiku names them `<block>/~/conv0` etc. (modules
 made in `__call__` lose the `~`), as in DeepMind's released checkpoints.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import re
 from typing import Any, Callable, Optional, Sequence
 
 import haiku as hk
@@ -33,33 +33,15 @@ from nfnet_jax import layers
 REMAT_POLICIES = ('none', 'convs', 'block_convs', 'blocks')
 
 
-def saved_residuals(net: hk.Transformed, params, x: jax.Array
-                    ) -> list[tuple[str, tuple[int, ...], str]]:
-  """[(dtype, shape, why)] of the batch-sized arrays JAX's autodiff keeps for the
-  backward pass of sum(logits) in training mode: `jax.ad_checkpoint.
-  print_saved_residuals`, parsed. What a remat policy saves is visible here (XLA:CPU's
-  own buffers are not a guide: it merges recomputation back into the forward pass).
-  `x`'s batch size must differ from every parameter's leading dimension."""
-  f = lambda p, x: net.apply(p, jax.random.PRNGKey(0), x, True)['logits'].sum()
-  buf = io.StringIO()
-  with contextlib.redirect_stdout(buf):
-    jax.ad_checkpoint.print_saved_residuals(f, params, x)
-  out = []
-  for line in buf.getvalue().splitlines():
-    m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line.strip())
-    if not m:
-      raise ValueError(f'unexpected print_saved_residuals line: {line!r}')
-    shape = tuple(int(d) for d in m.group(2).split(',') if d)
-    if shape and shape[0] == x.shape[0]:
-      out.append((m.group(1), shape, m.group(3)))
-  return out
-
-
 def check_options(family: type, remat: str = 'none', groups: str = 'auto') -> None:
-  """Raises ValueError for an unknown remat policy or grouped-conv implementation, or
-  a `groups` choice for a family without grouped convolutions."""
+  """Raises ValueError for an unknown remat policy or grouped-conv implementation, a
+  remat policy for a family without them (`HAS_REMAT`), or a `groups` choice for a
+  family without grouped convolutions (`HAS_GROUPED_CONVS`)."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f'remat must be one of {REMAT_POLICIES}, got {remat!r}')
+  if remat != 'none' and not family.HAS_REMAT:
+    raise ValueError(f'{family.__name__} takes no remat policy; remat={remat!r} '
+                     "applies to the Normalizer-Free families only (use 'none')")
   if groups not in layers.GROUPED_CONV_IMPLS:
     raise ValueError(f'groups must be one of {layers.GROUPED_CONV_IMPLS}, got {groups!r}')
   if groups != 'auto' and not family.HAS_GROUPED_CONVS:
@@ -217,7 +199,7 @@ class NFResidualBlock(hk.Module):
     return out * jnp.asarray(self.alpha, out.dtype) + shortcut, res_var
 
 
-class NFNetwork(hk.Module):
+class Network(hk.Module):
   """stem -> residual blocks -> head -> mean pool -> dropout -> linear.
 
   Call with images [N, H, W, 3] (NHWC, normalised floats). The images' dtype sets the
@@ -225,53 +207,40 @@ class NFNetwork(hk.Module):
   `dtype` is given, in which case images are cast to it. Returns a dict with `logits`
   [N, num_classes] (float32) and `pool` [N, C]; with `return_metrics=True` also
   `avg_sq_mean_i`, `avg_var_i` (i = 0 is the stem output, i = k the output of block
-  k-1) and `res_avg_var_k` (the residual branch of block k before the skip gain).
+  k-1) and `res_avg_var_k` (the residual branch of block k before it is scaled and
+  added).
+
+  A family builds in `__init__` its stem modules, `self.blocks` (each called as
+  `block(x, is_training) -> (out, residual variance)`), its head modules and `self.fc`
+  (the classifier), and implements `stem` and `head`.
 
   `remat` (one of REMAT_POLICIES) trades recomputation for activation memory without
   changing the function; `groups` picks how grouped convs run
   (`layers.GROUPED_CONV_IMPLS`; 'auto' = split on CPU, one XLA grouped conv elsewhere).
-
-  Options that change the function, for computing what other implementations compute
-  (timm's: `nfnet_jax.models.timm_models`): `gamma_placement` (GAMMA_PLACEMENTS),
-  `padding` (layers.PADDINGS), `ws_eps`/`ws_eps_mode` (layers.standardize_weight),
-  `skipinit` (the learned skip gain, NFResidualBlock), `ch_div` (round_width).
   """
 
   HAS_GROUPED_CONVS = True
+  HAS_REMAT = True
 
   def __init__(self, variants: dict[str, dict[str, Any]], variant: str, *,
-               drop_rate: Optional[float], activation: str, dtype: Any, remat: str,
-               groups: str, name: str, ws_eps: float = 1e-4, ws_eps_mode: str = 'max',
-               gamma_placement: str = 'act', padding: str = 'SAME',
-               skipinit: bool = True, ch_div: Optional[int] = None):
+               drop_rate: Optional[float], dtype: Any, remat: str = 'none',
+               groups: str = 'auto', name: str):
     super().__init__(name=name)
     if variant not in variants:
       raise ValueError(f'Unknown {type(self).__name__} variant {variant!r}; valid: '
                        f'{list(variants)}')
     check_options(type(self), remat, groups)
-    if gamma_placement not in GAMMA_PLACEMENTS:
-      raise ValueError(f'gamma_placement must be one of {GAMMA_PLACEMENTS}, got '
-                       f'{gamma_placement!r}')
-    if padding not in layers.PADDINGS:
-      raise ValueError(f'padding must be one of {layers.PADDINGS}, got {padding!r}')
-    if ch_div is not None and ch_div < 1:
-      raise ValueError(f'ch_div must be a positive integer or None, got {ch_div!r}')
     self.variant = variant
     self.drop_rate = variants[variant]['drop_rate'] if drop_rate is None else drop_rate
-    in_conv = gamma_placement == 'conv'
-    self.act = layers.activation(activation, scaled=not in_conv)
-    self.conv_options = ConvOptions(
-        eps=ws_eps, eps_mode=ws_eps_mode,
-        gamma=layers.GAMMAS[activation] if in_conv else 1.0, padding=padding)
-    self.skipinit, self.ch_div = skipinit, ch_div
     self.dtype = dtype
     self.remat, self.groups = remat, groups
-    self.blocks: list[NFResidualBlock] = []
+    self.blocks: list[hk.Module] = []
 
-  def stem(self, x: jax.Array) -> jax.Array:
+  def stem(self, x: jax.Array, is_training: bool) -> jax.Array:
+    """The images -> the first block's input."""
     raise NotImplementedError
 
-  def head(self, out: jax.Array) -> jax.Array:
+  def head(self, out: jax.Array, is_training: bool) -> jax.Array:
     """The last block's output -> the features that are pooled."""
     raise NotImplementedError
 
@@ -288,7 +257,7 @@ class NFNetwork(hk.Module):
     if self.dtype is not None:
       x = x.astype(self.dtype)
     outputs: dict[str, jax.Array] = {}
-    out = self.stem(x)
+    out = self.stem(x, is_training)
     if return_metrics:
       outputs.update(layers.signal_metrics(out, 0))
     for index, block in enumerate(self.blocks):
@@ -300,12 +269,44 @@ class NFNetwork(hk.Module):
       if return_metrics:
         outputs.update(layers.signal_metrics(out, index + 1))
         outputs[f'res_avg_var_{index}'] = res_var
-    out = self.head(out)
+    out = self.head(out, is_training)
     pool = jnp.mean(out.astype(jnp.float32), axis=(1, 2)).astype(out.dtype)
     outputs['pool'] = pool
     pool = layers.dropout(pool, self.drop_rate, is_training)
     outputs['logits'] = self.fc(pool).astype(jnp.float32)
     return outputs
+
+
+class NFNetwork(Network):
+  """A `Network` of Normalizer-Free residual blocks (`NFResidualBlock`): a scaled
+  activation, WS convs, no normalization layer.
+
+  Options that change the function, for computing what other implementations compute
+  (timm's: `nfnet_jax.models.timm_models`): `gamma_placement` (GAMMA_PLACEMENTS),
+  `padding` (layers.PADDINGS), `ws_eps`/`ws_eps_mode` (layers.standardize_weight),
+  `skipinit` (the learned skip gain, NFResidualBlock), `ch_div` (round_width).
+  """
+
+  def __init__(self, variants: dict[str, dict[str, Any]], variant: str, *,
+               drop_rate: Optional[float], activation: str, dtype: Any, remat: str,
+               groups: str, name: str, ws_eps: float = 1e-4, ws_eps_mode: str = 'max',
+               gamma_placement: str = 'act', padding: str = 'SAME',
+               skipinit: bool = True, ch_div: Optional[int] = None):
+    super().__init__(variants, variant, drop_rate=drop_rate, dtype=dtype, remat=remat,
+                     groups=groups, name=name)
+    if gamma_placement not in GAMMA_PLACEMENTS:
+      raise ValueError(f'gamma_placement must be one of {GAMMA_PLACEMENTS}, got '
+                       f'{gamma_placement!r}')
+    if padding not in layers.PADDINGS:
+      raise ValueError(f'padding must be one of {layers.PADDINGS}, got {padding!r}')
+    if ch_div is not None and ch_div < 1:
+      raise ValueError(f'ch_div must be a positive integer or None, got {ch_div!r}')
+    in_conv = gamma_placement == 'conv'
+    self.act = layers.activation(activation, scaled=not in_conv)
+    self.conv_options = ConvOptions(
+        eps=ws_eps, eps_mode=ws_eps_mode,
+        gamma=layers.GAMMAS[activation] if in_conv else 1.0, padding=padding)
+    self.skipinit, self.ch_div = skipinit, ch_div
 
 
 _SAVE_CONVS = jax.checkpoint_policies.save_only_these_names(layers.CONV_NAME)

@@ -48,16 +48,16 @@ import jax
 import jax.numpy as jnp
 
 from nfnet_jax import layers
-from nfnet_jax.models import nf_resnet
+from nfnet_jax.models import base, nf_resnet
 
 BN_DECAY = 0.9
 BN_EPS = 1e-5
 
 # Same depths as the NF-ResNets (one table, imported); resolution 224.
 VARIANTS: dict[str, dict[str, Any]] = {
-    name: dict(depth=list(depth), width=list(nf_resnet._WIDTHS), train_imsize=224,
+    name: dict(depth=list(depth), width=list(nf_resnet.WIDTHS), train_imsize=224,
                test_imsize=224, drop_rate=0.0, stateful=True)
-    for name, depth in nf_resnet._DEPTHS.items()
+    for name, depth in nf_resnet.DEPTHS.items()
 }
 
 
@@ -162,20 +162,24 @@ class BNResBlock(hk.Module):
     return (out if self.preactivation else self.act(out)), res_var
 
 
-class BNResNet(hk.Module):
+class BNResNet(base.Network):
   """Batch-normalized ResNet, variants '26', '50', ..., '600' (the NF-ResNet depths).
 
   Call with images [N, H, W, 3] (NHWC, normalised floats) under
-  `hk.transform_with_state`. The images' dtype sets the compute dtype unless `dtype`
-  is given. Returns a dict with `logits` [N, num_classes] (float32) and `pool`
-  [N, 2048 * width]; with `return_metrics=True` also `avg_sq_mean_i`, `avg_var_i` and
-  `res_avg_var_k`, indexed as in `NFResNet`.
+  `hk.transform_with_state`. Inputs and outputs as `base.Network`'s: `pool` is
+  [N, 2048 * width]; metric index 0 is the stem output after max-pooling, as in
+  `NFResNet`.
 
   `depths`: blocks per stage instead of the variant's (1 to 4 stages; fewer stages
   end at a narrower width). `cross_replica_axis`: a mapped axis name (e.g. the
   training loop's data axis) over which training batch statistics are averaged; None
-  (default): each device normalizes with its own batch's statistics.
+  (default): each device normalizes with its own batch's statistics. No grouped
+  convolutions and no remat policy: `remat` and `groups` other than the defaults are
+  refused (base.check_options).
   """
+
+  HAS_GROUPED_CONVS = False
+  HAS_REMAT = False
 
   def __init__(self, num_classes: int, variant: str = '50', width: float = 1.0,
                preactivation: bool = True, stochdepth_rate: float = 0.0,
@@ -183,68 +187,53 @@ class BNResNet(hk.Module):
                use_se: bool = False, se_ratio: float = 0.25,
                bottleneck_ratio: float = 0.25, dtype: Any = None,
                cross_replica_axis: Union[str, Sequence[str], None] = None,
-               depths: Optional[Sequence[int]] = None, name: str = 'BN_ResNet'):
-    super().__init__(name=name)
-    if variant not in VARIANTS:
-      raise ValueError(f'Unknown BN-ResNet variant {variant!r}; valid: {list(VARIANTS)}')
+               depths: Optional[Sequence[int]] = None, remat: str = 'none',
+               groups: str = 'auto', name: str = 'BN_ResNet'):
+    super().__init__(VARIANTS, variant, drop_rate=drop_rate, dtype=dtype, remat=remat,
+                     groups=groups, name=name)
     self.num_classes = num_classes
-    self.variant = variant
     params = VARIANTS[variant]
     self.train_imsize, self.test_imsize = params['train_imsize'], params['test_imsize']
     self.widths = [int(w * width) for w in params['width']]
-    self.stem_width = int(nf_resnet._STEM_WIDTH * width)
+    self.stem_width = int(nf_resnet.STEM_WIDTH * width)
     # `depths` (blocks per stage, up to 4 stages) overrides the variant's: small test
     # models.
     self.depths = list(params['depth'] if depths is None else depths)
     if not 1 <= len(self.depths) <= 4 or min(self.depths) < 1:
       raise ValueError(f'depths={depths!r}: 1 to 4 stages of at least one block each')
-    self.drop_rate = params['drop_rate'] if drop_rate is None else drop_rate
     self.preactivation = preactivation
     if activation not in layers.BASE_ACTIVATIONS:  # Plain (BN needs no gamma scaling).
       raise ValueError(f'Unknown activation {activation!r}; valid: '
                        f'{sorted(layers.BASE_ACTIVATIONS)}')
     self.act = layers.BASE_ACTIVATIONS[activation]
-    self.dtype = dtype
     self.initial_conv = Conv2D(self.stem_width, 7, 2, name='initial_conv')
     if not preactivation:
       self.initial_bn = batch_norm('initial_bn', cross_replica_axis)
-    self.blocks = []
     ch = self.stem_width
-    num_blocks = sum(self.depths)
-    for width, depth, stride in zip(self.widths, self.depths, nf_resnet._STRIDES):
-      for block_index in range(depth):
-        self.blocks.append(BNResBlock(
-            ch, width, stride=stride if block_index == 0 else 1,
-            preactivation=preactivation, bottleneck_ratio=bottleneck_ratio,
-            use_se=use_se, se_ratio=se_ratio,
-            stochdepth_rate=stochdepth_rate * len(self.blocks) / num_blocks,
-            act=self.act, cross_replica_axis=cross_replica_axis))
-        ch = width
+    # The NF-ResNets' block order and stochastic-depth rates (their beta is not used).
+    for b in base.signal_schedule(self.depths, stochdepth_rate=stochdepth_rate):
+      width = self.widths[b.stage]
+      self.blocks.append(BNResBlock(
+          ch, width, stride=nf_resnet.STRIDES[b.stage] if b.first_in_stage else 1,
+          preactivation=preactivation, bottleneck_ratio=bottleneck_ratio,
+          use_se=use_se, se_ratio=se_ratio, stochdepth_rate=b.stochdepth_rate,
+          act=self.act, cross_replica_axis=cross_replica_axis))
+      ch = width
     if preactivation:
       self.final_bn = batch_norm('final_bn', cross_replica_axis)
     self.fc = layers.Linear(num_classes, w_init=jnp.zeros)
 
-  def __call__(self, x: jax.Array, is_training: bool,
-               return_metrics: bool = False) -> dict[str, jax.Array]:
-    if self.dtype is not None:
-      x = x.astype(self.dtype)
-    outputs: dict[str, jax.Array] = {}
+  def stem(self, x: jax.Array, is_training: bool) -> jax.Array:
+    """7x7 stride-2 conv (v1: then BN and act), 3x3 stride-2 max-pool."""
     out = self.initial_conv(x)
     if not self.preactivation:
       out = self.act(_bn(self.initial_bn, out, is_training))
-    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
-                      padding='SAME')
-    if return_metrics:
-      outputs.update(layers.signal_metrics(out, 0))
-    for index, block in enumerate(self.blocks):
-      out, res_var = block(out, is_training)
-      if return_metrics:
-        outputs.update(layers.signal_metrics(out, index + 1))
-        outputs[f'res_avg_var_{index}'] = res_var
+    return hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
+                       padding='SAME')
+
+  def head(self, out: jax.Array, is_training: bool) -> jax.Array:
+    """v2: the last BN and act (each block's output is its sum, not activated);
+    v1: the blocks' output as is."""
     if self.preactivation:
-      out = self.act(_bn(self.final_bn, out, is_training))
-    pool = jnp.mean(out.astype(jnp.float32), axis=(1, 2)).astype(out.dtype)
-    outputs['pool'] = pool
-    pool = layers.dropout(pool, self.drop_rate, is_training)
-    outputs['logits'] = self.fc(pool).astype(jnp.float32)
-    return outputs
+      return self.act(_bn(self.final_bn, out, is_training))
+    return out

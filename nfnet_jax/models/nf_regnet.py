@@ -84,8 +84,9 @@ class NFRegNetBlock(base.NFResidualBlock):
 
 
 class NFRegNet(base.NFNetwork):
-  """Normalizer-Free RegNet, variants B0..B8 (see base.NFNetwork for inputs, outputs,
-  `remat`, `groups` and the options that compute what timm computes). `pool` is
+  """Normalizer-Free RegNet, variants B0..B8 (see base.Network for inputs, outputs,
+  `remat` and `groups`, base.NFNetwork for the options that compute what timm
+  computes). `pool` is
   [N, final_conv channels]. `depths` and `widths` override the variant's for small
   models."""
 
@@ -130,8 +131,8 @@ class NFRegNet(base.NFNetwork):
     self.final_conv = conv(features, 1, 'final_conv')
     self.fc = layers.Linear(num_classes, w_init=jnp.zeros)
 
-  def stem(self, x: jax.Array) -> jax.Array:
+  def stem(self, x: jax.Array, is_training: bool) -> jax.Array:
     return self.initial_conv(x)
 
-  def head(self, out: jax.Array) -> jax.Array:
+  def head(self, out: jax.Array, is_training: bool) -> jax.Array:
     return self.act(self.final_conv(out))

@@ -22,14 +22,18 @@ import jax.numpy as jnp
 from nfnet_jax import layers
 from nfnet_jax.models import base
 
-_WIDTHS = [256, 512, 1024, 2048]
-_STEM_WIDTH = 64
-_STRIDES = [1, 2, 2, 2]
+# The ResNet layout, shared with the BatchNorm baselines (bn_resnet): output widths
+# per stage at width=1.0, the stem's width, the stride of each stage's first block.
+# The ResNet layout, shared with the BatchNorm baselines (bn_resnet): output widths
+# per stage at width=1.0, the stem's width, the stride of each stage's first block.
+WIDTHS = [256, 512, 1024, 2048]
+STEM_WIDTH = 64
+STRIDES = [1, 2, 2, 2]
 
 # variant -> depths per stage (the paper's and DeepMind's released code). No official
 # dropout for NF-ResNets: 0 unless the caller sets one. Train/test resolution 224
 # (DeepMind's ImageNet config). See docs/models.md.
-_DEPTHS = {
+DEPTHS = {
     '26': [2, 2, 2, 2],
     '50': [3, 4, 6, 3],
     '101': [3, 4, 23, 3],
@@ -40,9 +44,9 @@ _DEPTHS = {
 }
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    name: dict(depth=depth, width=list(_WIDTHS), train_imsize=224, test_imsize=224,
+    name: dict(depth=depth, width=list(WIDTHS), train_imsize=224, test_imsize=224,
                drop_rate=0.0)
-    for name, depth in _DEPTHS.items()
+    for name, depth in DEPTHS.items()
 }
 
 
@@ -89,9 +93,9 @@ class NFResBlock(base.NFResidualBlock):
 
 class NFResNet(base.NFNetwork):
   """Normalizer-Free pre-activation ResNet, variants '26', '50', ..., '600' (see
-  base.NFNetwork for inputs, outputs, `remat` and the options that compute what timm
-  computes; `avg_pool_shortcut` is NFResBlock's). `depths` and `widths` override the
-  variant's for small models.
+  base.Network for inputs, outputs and `remat`, base.NFNetwork for the options that
+  compute what timm computes; `avg_pool_shortcut` is NFResBlock's). `depths` and
+  `widths` override the variant's for small models.
 
   `pool` is [N, 2048 * width]; metric index 0 is the stem output after max-pooling.
   NF-ResNets have no grouped convolutions, so `groups` other than 'auto' is refused.
@@ -117,7 +121,7 @@ class NFResNet(base.NFNetwork):
     # depths/widths (the output widths per stage, before `width`): overrides for
     # small models.
     self.widths = [base.round_width(w * width, ch_div) for w in widths or params['width']]
-    self.stem_width = base.round_width(_STEM_WIDTH * width, ch_div)
+    self.stem_width = base.round_width(STEM_WIDTH * width, ch_div)
     self.depths = list(depths or params['depth'])
     self.padding = padding
     conv = self.conv_options
@@ -127,7 +131,7 @@ class NFResNet(base.NFNetwork):
     for b in base.signal_schedule(self.depths, alpha, stochdepth_rate):
       width = self.widths[b.stage]
       self.blocks.append(NFResBlock(
-          ch, width, stride=_STRIDES[b.stage] if b.first_in_stage else 1, beta=b.beta,
+          ch, width, stride=STRIDES[b.stage] if b.first_in_stage else 1, beta=b.beta,
           alpha=alpha, bottleneck_ratio=bottleneck_ratio, use_se=use_se,
           se_ratio=se_ratio, stochdepth_rate=b.stochdepth_rate, act=self.act, conv=conv,
           skipinit=skipinit, avg_pool_shortcut=avg_pool_shortcut, ch_div=ch_div))
@@ -135,7 +139,7 @@ class NFResNet(base.NFNetwork):
     # Head: act, global mean pool, dropout, linear N(0, 0.01).
     self.fc = layers.Linear(num_classes, w_init=hk.initializers.RandomNormal(0.01))
 
-  def stem(self, x: jax.Array) -> jax.Array:
+  def stem(self, x: jax.Array, is_training: bool) -> jax.Array:
     out = self.initial_conv(x)
     # 3x3 stride-2 max pool. Symmetric: pad 1 on every side with -inf (never the max).
     if self.padding == 'SAME':
@@ -145,5 +149,5 @@ class NFResNet(base.NFNetwork):
     return hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                        padding='VALID')
 
-  def head(self, out: jax.Array) -> jax.Array:
+  def head(self, out: jax.Array, is_training: bool) -> jax.Array:
     return self.act(out)

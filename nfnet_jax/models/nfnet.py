@@ -97,8 +97,9 @@ class NFNetBlock(base.NFResidualBlock):
 
 
 class NFNet(base.NFNetwork):
-  """Normalizer-Free Network, variants F0..F7 and F0+..F7+ (see base.NFNetwork for
-  inputs, outputs, `remat`, `groups` and the options that compute what timm computes).
+  """Normalizer-Free Network, variants F0..F7 and F0+..F7+ (see base.Network for
+  inputs, outputs, `remat` and `groups`, base.NFNetwork for the options that compute
+  what timm computes).
 
   `width` multiplies the stage widths; `group_size` (128 in the paper; None =
   ungrouped), `depths`, `widths` (per stage) and `stem_widths` (the four stem convs)
@@ -148,10 +149,10 @@ class NFNet(base.NFNetwork):
     self.final_conv = conv(base.round_width(final_conv_mult * ch, ch_div), 1, 'final_conv')
     self.fc = layers.Linear(num_classes, w_init=hk.initializers.RandomNormal(0.01))
 
-  def stem(self, x: jax.Array) -> jax.Array:
+  def stem(self, x: jax.Array, is_training: bool) -> jax.Array:
     for i, conv in enumerate(self.stem_convs):
       x = conv(self.act(x) if i else x)
     return x
 
-  def head(self, out: jax.Array) -> jax.Array:
+  def head(self, out: jax.Array, is_training: bool) -> jax.Array:
     return self.act(self.final_conv(out))

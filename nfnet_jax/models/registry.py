@@ -66,6 +66,12 @@ def is_stateful(name: str) -> bool:
   return bool(info(name).get('stateful', False))
 
 
+def check_options(name: str, remat: str = 'none', groups: str = 'auto') -> None:
+  """Raises ValueError (one line) for implementation options the model does not take
+  (base.check_options): before anything is traced."""
+  base.check_options(_lookup(name)[0], remat, groups)
+
+
 def create(name: str, num_classes: int = 1000,
            **overrides) -> hk.Transformed | hk.TransformedWithState:
   """Returns hk.transform of the model, or hk.transform_with_state if it is stateful
@@ -77,16 +83,9 @@ def create(name: str, num_classes: int = 1000,
   (that dict, new state). `overrides` go to the module's constructor (e.g.
   stochdepth_rate, drop_rate, width, activation, dtype, and for the NF families the
   implementation options `remat` (one of REMAT_POLICIES) and `groups` of
-  base.NFNetwork, which do not change the function).
+  base.Network, which do not change the function; the BatchNorm models take neither).
   """
-  cls, _, _, _ = _lookup(name)
-  if is_stateful(name):
-    if overrides.get('remat', 'none') != 'none' or overrides.get('groups', 'auto') != 'auto':
-      raise ValueError(f'{name} (BatchNorm) does not take the remat/groups options of '
-                       'the NF families')
-    overrides = {k: v for k, v in overrides.items() if k not in ('remat', 'groups')}
-  else:
-    base.check_options(cls, overrides.get('remat', 'none'), overrides.get('groups', 'auto'))
+  check_options(name, overrides.get('remat', 'none'), overrides.get('groups', 'auto'))
   make = module_fn(name, num_classes, **overrides)
   def forward(images, is_training: bool, return_metrics: bool = False):
     return make()(images, is_training=is_training, return_metrics=return_metrics)

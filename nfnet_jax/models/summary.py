@@ -60,18 +60,18 @@ def count_params(name: str, num_classes: int = 1000, **overrides) -> int:
   return summarize(name, num_classes, **overrides)[0]
 
 
-def count_flops(name: str, num_classes: int = 1000, image_size: Optional[int] = None,
-                **overrides) -> int:
+def count_macs(name: str, num_classes: int = 1000, image_size: Optional[int] = None,
+               **overrides) -> int:
   """Multiply-adds of one forward pass on one image (see `summarize`)."""
   return summarize(name, num_classes, image_size, **overrides)[1]
 
 
 def table(names=None) -> list[dict]:
-  """Rows {name, params, flops, train_px, test_px} for the given models."""
+  """Rows {name, params, macs, train_px, test_px} for the given models."""
   rows = []
   for name in names or registry.names():
     facts = registry.info(name)
-    params, flops = summarize(name)
-    rows.append(dict(name=name, params=params, flops=flops,
+    params, macs = summarize(name)
+    rows.append(dict(name=name, params=params, macs=macs,
                      train_px=facts['train_imsize'], test_px=facts['test_imsize']))
   return rows
