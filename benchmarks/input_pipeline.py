@@ -10,11 +10,13 @@ temporary folder dataset and runs, through the real `nfnet_jax.data` pipeline
   eval       resize to (S+32)^2, centre crop S, normalise
 
 at 192 and 256 px, and the recipes of F0 (192 px, RandAugment M=5), F1 (224 px,
-M=10) and F3 (320 px, M=15) four ways: augment_on 'host' or 'device' (the host
-stops after decode/crop/flip/resize and emits uint8 + parameters), each with the
-paper's pairing (2B decoded -> B) and 'within_batch' (B decoded). With 'device'
-the per-image cost of `apply_device_augment` (jitted, on this machine's JAX
-backend) is measured beside an F0 forward+backward pass of the same batch
+M=10) and F3 (320 px, M=15) four ways: augment_on 'host' (`augment` jitted on the
+host's CPU, counted in the host's CPU time) or 'device' (the host stops after
+decode/crop/flip/resize and emits uint8), each with the paper's pairing (2B decoded
+-> B) and 'within_batch' (B decoded). The per-image cost of the jitted augmentation
+(on this machine's JAX backend) is measured for today's `augment.augment` and the
+former `apply_device_augment` (a copy in old_device_augment.py, for this comparison
+only), beside an F0 forward+backward pass of the same batch
 (--step-batch, 0 to skip). "img/s per core" = output images / process CPU-seconds
 (user + sys): robust on a shared machine. Also printed: wall-clock img/s with all
 cores, and the host cores one accelerator needs to sustain a given training rate
@@ -22,7 +24,8 @@ cores, and the host cores one accelerator needs to sustain a given training rate
 for another).
 
   python benchmarks/input_pipeline.py [--images 256] [--batch 64] [--batches 6]
-      [--recipe-batches 3] [--step-batch 8] [--no-basic] [--json OUT.json]
+      [--recipe-batches 3] [--step-batch 8] [--no-basic] [--augment-only]
+      [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -80,7 +83,11 @@ def measure(cfg, kind: str, batch: int, batches: int) -> dict:
     def make():
       return data.build_train_iter(cfg, batch, seed=0, process_index=0, process_count=1)
   it = make()
-  next(it)                                    # build + warm up (not timed)
+  # Build + warm up (not timed). The first batch also compiles the host
+  # augmentation, and meanwhile tf.data fills its buffers (prefetch and parallel
+  # map, several batches): drain them too, or their decodes would be counted free.
+  for _ in range(1 if kind == 'eval' else 8):
+    next(it)
   n, wall0, cpu0 = 0, time.perf_counter(), cpu_seconds()
   while n < batches * batch:
     try:
@@ -105,6 +112,8 @@ def main() -> None:
                   help='timed batches per recipe row (F0/F1/F3 x host/device x pairing)')
   ap.add_argument('--step-batch', type=int, default=8,
                   help='batch of the device-augment / F0 forward+backward timing (0: skip)')
+  ap.add_argument('--augment-only', action='store_true',
+                  help='only the old/new augmentation and F0 step timings (no pipelines)')
   ap.add_argument('--no-basic', action='store_true',
                   help='skip the train/train_lite/eval rows at 192/256 px')
   report.add_output_args(ap, json_default=os.path.join(
@@ -120,7 +129,7 @@ def main() -> None:
   print(f'{args.images} JPEGs 500x375 in {time.time() - t:.1f} s at {root}')
 
   results = []
-  for size in (() if args.no_basic else (192, 256)):
+  for size in (() if args.no_basic or args.augment_only else (192, 256)):
     for kind in ('train', 'train_lite', 'eval'):
       cfg = data.default_config()
       cfg.source, cfg.folder = 'folder', root
@@ -137,7 +146,7 @@ def main() -> None:
             f"{r['img_per_s']:7.1f} img/s wall", flush=True)
 
   recipes = []
-  for variant, size, magnitude in RECIPES:
+  for variant, size, magnitude in (() if args.augment_only else RECIPES):
     for augment_on in ('host', 'device'):
       for pairing in ('paper', 'within_batch'):
         cfg = recipe_config(root, size, magnitude, augment_on, pairing)
@@ -155,9 +164,11 @@ def main() -> None:
   device_cost = []
   if args.step_batch:
     for variant, size, magnitude in RECIPES:
-      device_cost.append(time_device_augment(root, size, magnitude, args.step_batch))
-      print(f"device augment {variant} {size}px: {device_cost[-1]['ms_per_image']:.2f} "
-            'ms/image', flush=True)
+      d = time_device_augment(size, magnitude, args.step_batch)
+      device_cost.append(d)
+      print(f"augment {variant} {size}px M={magnitude:g}: old apply_device_augment "
+            f"{d['old_ms_per_image']:.2f} ms/image, new augment {d['new_ms_per_image']:.2f} "
+            f"ms/image ({d['speedup']}x wall, {d['cpu_speedup']}x CPU time)", flush=True)
     step = time_f0_step(args.step_batch)
     f0 = next(d for d in device_cost if d['size'] == 192)
     step['device_augment_vs_step'] = round(f0['ms_per_image'] / step['ms_per_image'], 4)
@@ -166,6 +177,14 @@ def main() -> None:
   else:
     step = None
 
+  if args.augment_only:
+    info = device.jax_device_info()
+    report.write_json(args.json, dict(
+        env=dict(date=report.now(), cpu_model=_cpu_model(), jax=info['jax'],
+                 jax_backend=info['platform'], jax_device=info['device_kind']),
+        device_augment=device_cost, f0_step=step))
+    print(f'wrote {args.json}')
+    return
   rates = {'F0_H200_5567': F0_RATE}
   if args.rate:
     rates['given'] = args.rate
@@ -220,24 +239,72 @@ def recipe_config(root: str, size: int, magnitude: float, augment_on: str, pairi
   return cfg
 
 
-def time_device_augment(root: str, size: int, magnitude: float, batch: int,
-                        repeats: int = 3) -> dict:
-  """ms per image of the jitted apply_device_augment on one pipeline batch."""
+def augment_batch(size: int, batch: int, classes: int = 1000) -> dict:
+  """A pipeline batch of `augment` (paper pairing, MixUp in the first half, CutMix
+  in the second): random uint8 inputs, one-hot labels."""
+  rng = np.random.default_rng(0)
+  return dict(images=rng.integers(0, 256, (batch, 2, size, size, 3), dtype=np.uint8),
+              labels=np.eye(classes, dtype=np.float32)[rng.integers(0, classes, (batch, 2))],
+              aug_step=np.zeros([batch], np.int32), aug_row=np.arange(batch, dtype=np.int32),
+              mix_mode=(np.arange(batch) >= batch // 2).astype(np.int32),
+              mask=np.ones([batch], np.float32))
+
+
+def time_device_augment(size: int, magnitude: float, batch: int, repeats: int = 5) -> dict:
+  """ms per image of the jitted augmentation of one batch, on this machine's JAX
+  backend: today's `augment.augment` and the former `apply_device_augment` (kept
+  in benchmarks/old_device_augment.py for this comparison only; fed random
+  parameters of the same shapes). The two take turns, call by call, so machine
+  noise hits them alike; call i of the new one augments step i (its own draw of
+  ops: its cost depends on them, the former's does not). Wall: median of the calls;
+  CPU: median of the process CPU time (all threads) of the same calls."""
   import jax
   from nfnet_jax import data
-  from nfnet_jax.data import device_augment
-  cfg = recipe_config(root, size, magnitude, 'device', 'paper')
-  raw = next(data.build_train_iter(cfg, batch, seed=0, process_index=0, process_count=1))
-  raw = jax.device_put(raw)
-  fn = jax.jit(lambda b: device_augment.apply_device_augment(b, cfg))
-  t = time.perf_counter()
-  jax.block_until_ready(fn(raw))
-  compile_s = time.perf_counter() - t
-  times = timing.time_calls(lambda: fn(raw), jax.block_until_ready, repeats, 0,
-                            pipelined=False)
-  ms = 1000 * times['step_s_median'] / batch
-  return dict(size=size, magnitude=magnitude, batch=batch, compile_s=round(compile_s, 1),
-              ms_per_image=round(ms, 3), backend=jax.default_backend())
+  from nfnet_jax.data import augment
+  import old_device_augment  # pylint: disable=g-import-not-at-top
+  cfg = data.default_config()
+  cfg.image_size, cfg.randaugment.magnitude, cfg.augment_on = size, magnitude, 'device'
+  new_batch = augment_batch(size, batch)
+  rng = np.random.default_rng(1)
+  n = int(cfg.randaugment.num_layers)
+  old_batch = dict(images=new_batch['images'], labels=new_batch['labels'],
+                   mix_mode=new_batch['mix_mode'], mix_ratio=rng.random(batch, np.float32),
+                   mix_box=np.tile(np.array([[size // 4, size // 2, size // 4, size // 2]],
+                                            np.int32), (batch, 1)),
+                   ra_ops=rng.integers(0, 16, (batch, n)).astype(np.int32),
+                   ra_signs=np.where(rng.random((batch, n)) < 0.5, -1.0, 1.0).astype(np.float32),
+                   ra_centres=rng.integers(0, size, (batch, n, 2)).astype(np.int32),
+                   mask=new_batch['mask'])
+  recipe = augment.Recipe.from_config(cfg)
+  out = dict(size=size, magnitude=magnitude, batch=batch, backend=jax.default_backend(),
+             calls=repeats)
+  calls = {
+      'old': (jax.jit(lambda b: old_device_augment.apply_device_augment(b, cfg)),
+              [jax.device_put(old_batch)] * repeats),
+      'new': (jax.jit(lambda b: augment.augment(b, recipe, 0)),
+              [jax.device_put(dict(new_batch, aug_step=np.full([batch], i, np.int32)))
+               for i in range(repeats)])}
+  for name, (fn, batches) in calls.items():
+    t = time.perf_counter()
+    jax.block_until_ready(fn(batches[0]))
+    out[f'{name}_compile_s'] = round(time.perf_counter() - t, 1)
+  wall = {name: [] for name in calls}
+  cpu = {name: [] for name in calls}
+  for i in range(repeats):
+    for name, (fn, batches) in calls.items():
+      t, c = time.perf_counter(), cpu_seconds()
+      jax.block_until_ready(fn(batches[i]))
+      wall[name].append(time.perf_counter() - t)
+      cpu[name].append(cpu_seconds() - c)
+  for name in calls:
+    out[f'{name}_ms_per_image'] = round(1000 * float(np.median(wall[name])) / batch, 3)
+    # Process CPU time (all threads) per image: robust on a shared machine.
+    out[f'{name}_cpu_ms_per_image'] = round(1000 * float(np.median(cpu[name])) / batch, 3)
+  out['speedup'] = round(out['old_ms_per_image'] / out['new_ms_per_image'], 2)
+  out['cpu_speedup'] = round(out['old_cpu_ms_per_image'] / out['new_cpu_ms_per_image'], 2)
+  # The former name of the field, read by the step comparison below.
+  out['ms_per_image'] = out['new_ms_per_image']
+  return out
 
 
 def time_f0_step(batch: int, repeats: int = 2) -> dict:

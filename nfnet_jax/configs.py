@@ -643,16 +643,11 @@ def config_arg(arg: str, experiment: str, variants: Sequence[str] = (),
 
 
 def _check_augment_on(data, per_device: int) -> None:
-  """data.augment_on and what 'device' needs: the TF pipeline (the numpy path
-  augments on the host) and, with within-batch pairing, an even number of rows per
-  device (each device pairs its own rows 2i and 2i+1)."""
+  """data.augment_on and what 'device' needs: with within-batch pairing, an even
+  number of rows per device (each device pairs its own rows 2i and 2i+1)."""
   data_config.check_augment_config(data)
   if data.get('augment_on', 'host') != 'device':
     return
-  if not data.use_tf:
-    raise ValueError("data.augment_on='device' needs the TF input pipeline "
-                     "(data.use_tf=True); the numpy path augments on the host: use "
-                     "data.augment_on='host' with data.use_tf=False")
   if (data_config.mix_on(data) and data.mix.get('pairing', 'paper') == 'within_batch'
       and per_device % 2):
     raise ValueError(f"data.augment_on='device' with data.mix.pairing='within_batch' "

@@ -21,7 +21,7 @@ import optax
 
 from nfnet_jax import cpu_workarounds, layers, optim, sam
 from nfnet_jax import agc as agc_lib
-from nfnet_jax.data import device_augment
+from nfnet_jax.data import augment
 
 AXIS = 'data'
 Batch = dict[str, np.ndarray]
@@ -253,18 +253,18 @@ def make_train_step(config, model, tx, schedule) -> Callable:
   statistics), so the state stays replicated.
 
   The local batch is the input pipeline's: {images [b, S, S, 3], labels [b, K],
-  mask [b]}, or with data.augment_on='device' the uint8 inputs and per-row random
-  parameters of `device_augment` (every array's leading axis b).
+  mask [b]}, or with data.augment_on='device' the uint8 batch of `augment`
+  (every array's leading axis b).
   """
   model, stateful = with_state(model)
   gradients = make_gradient_fn(config, make_loss_fn(config, model))
 
   def step_fn(state, batch, flags_in):
-    # Augmentation on the device (data.augment_on='device'): this device's rows
-    # arrive as uint8 inputs plus their random parameters and are mixed,
-    # RandAugmented and normalised here (a host batch passes through unchanged).
-    # The split into micro-batches comes after.
-    batch = device_augment.apply_device_augment(batch, config.data)
+    # data.augment_on='device': this device's rows arrive as uint8 inputs and are
+    # mixed, RandAugmented and normalised here, each row with its own key (a host
+    # batch is already augmented). The split into micro-batches comes after.
+    if 'aug_row' in batch:
+      batch = augment.augment(batch, augment.Recipe.from_config(config.data), config.seed)
     local = batch['images'].shape[0]
     offset = jax.lax.axis_index(AXIS) * local  # Global index of this device's row 0.
     rng = jax.random.fold_in(state['rng'], state['step'])

@@ -194,7 +194,7 @@ def test_numpy_path_runs_without_tensorflow():
 
 def test_package_import_does_not_import_tensorflow():
   code = ('import sys; import nfnet_jax.data as d; d.default_config(); '
-          'import nfnet_jax.data.offline, nfnet_jax.data.shapes, nfnet_jax.data.indexing; '
+          'import nfnet_jax.data.augment, nfnet_jax.data.shapes, nfnet_jax.data.indexing; '
           'import nfnet_jax.data.numpy_pipeline, nfnet_jax.data.normalize, nfnet_jax.configs; '
           'import experiments.quickstart as q; q.get_config("numpy"); '
           'print(any(m.startswith("tensorflow") for m in sys.modules))')

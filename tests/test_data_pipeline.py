@@ -174,7 +174,9 @@ def test_pipeline_label_mass_equals_pixel_share(bw_folder):
                                           process_count=1), 3):
     share = batch['images'].mean(axis=(1, 2, 3)) / 255.0
     np.testing.assert_allclose(batch['labels'].sum(1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(batch['labels'][:, 1], share, atol=2e-3)
+    # The resized inputs are truncated to uint8 before mixing, so a white pixel that
+    # the bicubic resize leaves at 254.99 counts as 254 (up to 1/255 of its weight).
+    np.testing.assert_allclose(batch['labels'][:, 1], share, atol=4e-3)
   cut = batch['images'][8:] / 255.0                            # CutMix half: pasted
   assert np.mean((cut < 0.01) | (cut > 0.99)) > 0.99
 

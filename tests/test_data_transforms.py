@@ -143,6 +143,8 @@ def test_normalisation_constants_live_once():
   x = np.random.default_rng(2).uniform(0, 255, (4, 5, 3)).astype(np.float32)
   np.testing.assert_allclose(T.normalize(tf.constant(x)).numpy(), normalize.normalize(x),
                              rtol=1e-6, atol=1e-6)
-  from nfnet_jax.data import numpy_pipeline, offline
-  assert T.MEAN_RGB is normalize.MEAN_RGB and offline.MEAN_RGB is normalize.MEAN_RGB
+  from nfnet_jax.data import augment, numpy_pipeline
+  assert T.MEAN_RGB is normalize.MEAN_RGB and augment.MEAN_RGB is normalize.MEAN_RGB
   assert numpy_pipeline.normalize is normalize.normalize
+  np.testing.assert_allclose(augment.normalize(x), normalize.normalize(x), rtol=1e-6,
+                             atol=1e-6)

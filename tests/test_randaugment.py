@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip('tensorflow')
-from nfnet_jax.data import randaugment as ra  # noqa: E402
+import tf_randaugment as ra  # noqa: E402  (the TF oracle of test_augment)
 
 # 2x2 RGB test image; values chosen so no reference lands on a rounding boundary.
 P = np.array([[[65, 157, 195], [98, 117, 255]],

@@ -16,10 +16,10 @@ every GPU/TPU hidden from it; it and tensorflow-datasets come with the data extr
                    process_index=None, process_count=None)
       -> infinite iterator of {images [local, H, W, 3] float32|bfloat16,
                                labels [local, K] float32 (soft), mask [local]}
-      With cfg.augment_on='device' the images are uint8 (only decoded and cropped)
-      and each batch also carries the random parameters of the augmentation the
-      train step applies: device_augment.PARAM_KEYS (mix_mode, mix_ratio, mix_box,
-      ra_ops, ra_signs, ra_centres); see docs/augmentation.md.
+      With cfg.augment_on='device' the batch is the uint8 input of
+      `augment.augment` (images [local, m, H, W, 3], labels [local, m, K], aug_step,
+      aug_row, mix_mode, mask), which the train step applies; see
+      docs/augmentation.md.
   build_eval_iter(cfg, global_batch_size, process_index=None, process_count=None)
       -> finite iterator of the same, last batch padded with mask 0
   imagenet_class_names() / imagenet_wnids() -> 1000 strings, label order

@@ -82,14 +82,13 @@ def default_config() -> ml_collections.ConfigDict:
   # half of the global batch is MixUp, the second half CutMix.
   # pairing 'paper': 2B decoded -> B; 'within_batch': B decoded -> B, output rows
   # 2i and 2i+1 both mix decoded rows 2i and 2i+1 (in the two orders).
-  # quantize_inputs: clip+truncate the resized images to uint8 before mixing
-  # (always so with augment_on='device'; False mixes the unclamped bicubic output).
+  # The resized images are clipped and truncated to uint8 before mixing.
   c.mix = ml_collections.ConfigDict(dict(enabled=True, mixup_alpha=0.2, cutmix=True,
-                                         pairing='paper', quantize_inputs=False))
+                                         pairing='paper'))
 
-  # 'host': the tf.data/numpy pipeline mixes, augments and normalises. 'device': it
-  # emits uint8 images plus the random numbers of those stages and
-  # `device_augment.apply_device_augment` applies them in JAX (same numbers).
+  # Where `augment` (mixing, RandAugment, normalisation; one JAX function) runs:
+  # 'host' = jitted on the host's CPU backend in the input pipeline, 'device' = in
+  # the train step, each device on its own rows. The same batch either way.
   c.augment_on = 'host'
 
   c.normalize = True             # ImageNet mean/std on the 0-255 scale

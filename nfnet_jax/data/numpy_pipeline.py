@@ -3,67 +3,31 @@ TensorFlow.
 
 No TensorFlow here (and none may be imported): this path lets the training loop
 run end to end on a machine that has only numpy and JAX. It follows the TF path's
-layout (`indexing`), normalisation (`normalize`) and mixing rules: output row j
-mixes input rows 2j and 2j+1, MixUp in the first half of the global batch and
-CutMix in the second (`indexing.mix_modes`), the CutMix box rounded and clipped as
-in `mixing.cutmix_mask` and the label weight equal to the pasted area share. Its
-random numbers come from one numpy Generator per (seed, step), so its batches are
-not the TF path's batches, but they are a function of (seed, step) only.
+layout (`indexing`): per output row its m decoded inputs (m = 2 with the paper's
+pairing and mixing), the step, the global row and the mixing mode, the batch that
+`augment` takes, which then runs on the host's CPU (augment_on='host') or in the
+train step ('device'). Crop offsets and flips come from one numpy Generator per
+(seed, step), so its batches are not the TF path's batches, but they are a
+function of (seed, step) only.
 """
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator
 
 import numpy as np
 
+from nfnet_jax.data import augment
 from nfnet_jax.data import indexing
 from nfnet_jax.data import shapes
+from nfnet_jax.data.config import mix_on
 from nfnet_jax.data.normalize import normalize
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
   """int [n] -> float32 [n, num_classes]."""
   return np.eye(num_classes, dtype=np.float32)[labels]
-
-
-def cutmix_box(ratio: float, cy: float, cx: float, h: int, w: int) -> Tuple[int, int, int, int]:
-  """CutMix box (y0, y1, x0, x1): side sqrt(1-ratio)*size centred at (cy, cx), clipped.
-
-  Rounding is round-half-even, as in the TF path (`mixing.cutmix_mask`).
-  """
-  ch, cw = np.sqrt(1.0 - ratio) * h, np.sqrt(1.0 - ratio) * w
-  y0, y1 = np.round(cy - ch / 2), np.round(cy + ch / 2)
-  x0, x1 = np.round(cx - cw / 2), np.round(cx + cw / 2)
-  return (int(np.clip(y0, 0, h)), int(np.clip(y1, 0, h)),
-          int(np.clip(x0, 0, w)), int(np.clip(x1, 0, w)))
-
-
-def mix_pairs(images: np.ndarray, labels: np.ndarray, modes: np.ndarray,
-              lam: np.ndarray, ratio: np.ndarray, centres: np.ndarray
-              ) -> Tuple[np.ndarray, np.ndarray]:
-  """Pairs rows (2j, 2j+1) -> one row j.
-
-  images [2b, H, W, 3] float32, labels [2b, K]; per output row: modes [b]
-  (indexing.MIXUP | indexing.CUTMIX), lam [b] MixUp weight of the first image,
-  ratio [b] CutMix kept-area ratio, centres [b, 2] CutMix box centre as (y, x)
-  fractions of (H, W). Returns (images [b, H, W, 3], labels [b, K]).
-  """
-  a, b = images[0::2], images[1::2]
-  la, lb = labels[0::2], labels[1::2]
-  h, w = images.shape[1:3]
-  out, weight = np.empty_like(a), np.empty([a.shape[0]], np.float32)
-  for j, mode in enumerate(modes):
-    if mode == indexing.MIXUP:
-      out[j] = lam[j] * a[j] + (1 - lam[j]) * b[j]
-      weight[j] = lam[j]
-    else:
-      y0, y1, x0, x1 = cutmix_box(ratio[j], centres[j, 0] * h, centres[j, 1] * w, h, w)
-      out[j] = a[j]
-      out[j, y0:y1, x0:x1] = b[j, y0:y1, x0:x1]
-      weight[j] = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
-  return out, weight[:, None] * la + (1 - weight[:, None]) * lb
 
 
 def _prefetch(it: Iterator, size: int) -> Iterator:
@@ -126,11 +90,17 @@ def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
   local = indexing.local_batch_size(global_batch_size, process_count)
   images, labels = shapes.load(cfg, 'train')
   n, size, k = images.shape[0], images.shape[1], int(cfg.offline.num_classes)
-  mixing = bool(cfg.mix.enabled) and (cfg.mix.mixup_alpha > 0 or cfg.mix.cutmix)
-  m = 2 if mixing else 1
+  mixing = mix_on(cfg)
+  m = 2 if mixing and cfg.mix.get('pairing', 'paper') == 'paper' else 1
+  if m == 1 and mixing and local % 2:
+    raise ValueError(f"mix.pairing='within_batch' pairs rows (2i, 2i+1): the per-process "
+                     f'batch ({local}) must be even.')
   rows_in, local_in = m * global_batch_size, m * local
-  modes = indexing.mix_modes(global_batch_size, cfg.mix.mixup_alpha > 0, cfg.mix.cutmix)
+  modes = indexing.mix_modes(global_batch_size, mixing and cfg.mix.mixup_alpha > 0,
+                             bool(cfg.mix.cutmix))
   pad = int(cfg.pad_crop_padding) if cfg.crop in ('auto', 'pad_crop') else 0
+  recipe = augment.Recipe.from_config(cfg)
+  on_host = cfg.get('augment_on', 'host') == 'host'
   perms: Dict[int, np.ndarray] = {}
 
   def example_ids(step: int) -> np.ndarray:
@@ -150,10 +120,6 @@ def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
     rng = np.random.default_rng([seed, step, 0xDA7A])
     flips = rng.random(rows_in) < 0.5
     offsets = rng.integers(0, 2 * pad + 1, (rows_in, 2))
-    lam = rng.beta(cfg.mix.mixup_alpha, cfg.mix.mixup_alpha, global_batch_size) \
-        if cfg.mix.mixup_alpha > 0 else np.ones(global_batch_size)
-    ratio = rng.random(global_batch_size)
-    centres = rng.random((global_batch_size, 2))
     rin = slice(process_index * local_in, (process_index + 1) * local_in)
     rout = slice(process_index * local, (process_index + 1) * local)
     ids = example_ids(step)
@@ -164,17 +130,12 @@ def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
                     for i, (oy, ox) in enumerate(offsets[rin])])
     if cfg.flip:
       x = np.where(flips[rin][:, None, None, None], x[:, :, ::-1], x)
-    x = x.astype(np.float32)
-    y = one_hot(labels[ids], k)
-    if mixing:
-      x, y = mix_pairs(x, y, modes[rout], lam[rout], ratio[rout], centres[rout])
-    if cfg.randaugment.enabled:   # JAX ops of device_augment; own stream, global rows.
-      from nfnet_jax.data import device_augment
-      params = device_augment.draw_randaugment_params(
-          np.random.default_rng([seed, step, 0xA06]), global_batch_size,
-          int(cfg.randaugment.num_layers), size, size)
-      x = device_augment.randaugment_numpy(x, {k: v[rout] for k, v in params.items()}, cfg)
-    return dict(images=_finish(x, cfg), labels=y, mask=np.ones([local], np.float32))
+    batch = dict(images=x.reshape(local, m, size, size, 3),
+                 labels=one_hot(labels[ids], k).reshape(local, m, k),
+                 aug_step=np.full([local], step, np.int32),
+                 aug_row=np.arange(rout.start, rout.stop, dtype=np.int32),
+                 mix_mode=modes[rout], mask=np.ones([local], np.float32))
+    return augment.augment_on_host(batch, recipe, seed) if on_host else batch
 
   def gen():
     step = start_step

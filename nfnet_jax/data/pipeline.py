@@ -9,15 +9,15 @@ Train graph, per process (see `indexing` for the layout):
      to decode or declares more than `max_image_pixels` is dropped and counted
      (`train_iter` logs the count), and `max_consecutive_bad_records` of them in a
      row stop the run (errors.RunError)
-  -> batch(m) -> per output image [parallel]: mix the pair (MixUp/CutMix),
-     clip+uint8, RandAugment, normalise; seeded by (seed, step, global output row)
+     -> clip + truncate to uint8
+  -> batch(m) -> per output row: its m inputs, step, global row and mixing mode
   -> batch(local) -> prefetch -> numpy
+  -> augment_on='host': `augment.augment_on_host` (mixing, RandAugment,
+     normalisation, jitted on the host's CPU); 'device': the train step applies
+     `augment.augment` to each device's rows.
 
-With `mix.pairing='within_batch'` one image is decoded per output row and
-consecutive pairs (2i, 2i+1) give outputs 2i (2i mixed with 2i+1) and 2i+1 (the
-reverse). With `augment_on='device'` the per-output stage only draws the random
-numbers and the batch carries uint8 images for
-`device_augment.apply_device_augment`.
+With `mix.pairing='within_batch'` one image is decoded per output row and the
+augmentation pairs rows (2i, 2i+1).
 
 Nothing depends on a tf.data RNG state, so `start_step` starts the stream at any
 step without decoding the earlier ones, and the global batch of a step does not
@@ -32,6 +32,7 @@ from typing import Dict, Iterator
 import numpy as np
 
 from nfnet_jax import errors
+from nfnet_jax.data import augment
 from nfnet_jax.data import headers
 from nfnet_jax.data import indexing
 from nfnet_jax.data.config import check_augment_config, image_sizes, resolve_crop
@@ -39,8 +40,6 @@ from nfnet_jax.data.config import eval_rendered_as_is, eval_resize_side
 from nfnet_jax.data.config import resolve_eval_crop
 from nfnet_jax.data.config import MAX_CONSECUTIVE_BAD_RECORDS, MAX_IMAGE_PIXELS
 from nfnet_jax.data.config import mix_on as _mix_on
-from nfnet_jax.data import mixing
-from nfnet_jax.data import randaugment as ra
 from nfnet_jax.data import sources
 from nfnet_jax.data import transforms as T
 from nfnet_jax.data._tf import tf
@@ -50,7 +49,7 @@ _INT64_MAX = np.iinfo(np.int64).max
 # makes building the pipeline many times faster.
 _no_autograph = tf.autograph.experimental.do_not_convert
 # Stage tags folded into the per-row seeds, so stages draw independent numbers.
-_CROP, _FLIP, _MIX, _RA = 1, 2, 3, 4
+_CROP, _FLIP = 1, 2
 # Tag of the in-graph error that stops training after too many unusable records in
 # a row, followed by the length of that run and the counts of undecodable and
 # too-large records so far.
@@ -114,28 +113,19 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
   # The Inception crop's fallback window: the eval centre crop at the train size.
   fallback_side = eval_resize_side(size, float(cfg.eval_crop_fraction), 'inception')
   check_augment_config(cfg)
-  device = cfg.get('augment_on', 'host') == 'device'
-  mix_on = _mix_on(cfg)
-  within = mix_on and cfg.mix.get('pairing', 'paper') == 'within_batch'
+  within = _mix_on(cfg) and cfg.mix.get('pairing', 'paper') == 'within_batch'
   m = _inputs_per_row(cfg)
   if within and local % 2:
     raise ValueError(f"mix.pairing='within_batch' pairs rows (2i, 2i+1): the per-process "
                      f'batch ({local}) must be even.')
-  quantize = device or bool(cfg.mix.get('quantize_inputs', False))
   rows_in, local_in = m * global_batch_size, m * local
-  modes = tf.constant(indexing.mix_modes(global_batch_size, cfg.mix.mixup_alpha > 0,
-                                         bool(cfg.mix.cutmix)))
+  modes = tf.constant(indexing.mix_modes(global_batch_size, _mix_on(cfg) and
+                                         cfg.mix.mixup_alpha > 0, bool(cfg.mix.cutmix)))
   base = tf.constant([seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF], tf.int64)
-  rac = cfg.randaugment
-  ra_kw = dict(magnitude=float(rac.magnitude), contrast_mode=rac.contrast_mode,
-               posterize_mode=rac.posterize_mode, solarize_mode=rac.get('solarize', 'wrap'),
-               fill=int(rac.fill), translate_const=float(rac.translate_const),
-               cutout_const=float(rac.cutout_const))
-  alpha = float(cfg.mix.mixup_alpha)
   par = _parallel(cfg)
   max_pixels = _max_pixels(cfg)
   limit = _limit(cfg)
-  image_dtype = tf.uint8 if quantize else tf.float32
+  image_dtype = tf.uint8
 
   @_no_autograph
   def locate(i):
@@ -177,9 +167,7 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
     else:
       image = tf.cast(image, tf.float32)
       image.set_shape([size, size, 3])
-    if quantize:
-      image = T.to_uint8(image)
-    return image
+    return T.to_uint8(image)
 
   @_no_autograph
   def per_input(step, row, data, label):
@@ -226,64 +214,14 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
       state = tf.stack([pos, usable, undecodable, large])
     return state, (*element, state[2:])
 
-  def out_seed(step, out_row):
-    return T.fold_in(base, step, out_row + (1 << 40))
-
-  def augment(step, out_row, a, b, la, lb):
-    """Host stages of one output row: mix (a, b), clip+uint8, RandAugment, normalise."""
-    s = out_seed(step, out_row)
-    a = tf.cast(a, tf.float32)
-    if mix_on:
-      mode = tf.gather(modes, out_row)
-      ratio, box = mixing.mix_params(mode, T.fold_in(s, _MIX), alpha, size, size)
-      image, label = mixing.mix_with_params(a, tf.cast(b, tf.float32), la, lb, mode,
-                                            ratio, box)
-    else:
-      image, label = a, la
-    if rac.enabled:
-      image = T.to_uint8(image)
-      params = ra.randaugment_params(T.fold_in(s, _RA), int(rac.num_layers), size, size)
-      image = ra.randaugment_with_params(image, params, **ra_kw)
-      image.set_shape([size, size, 3])
-    return dict(images=_finish(image, cfg), labels=label, mask=tf.constant(1.0))
-
-  def draw(step, out_row):
-    """Random numbers of one output row for `device_augment` (same draws as `augment`)."""
-    s = out_seed(step, out_row)
-    if mix_on:
-      mode = tf.gather(modes, out_row)
-      ratio, box = mixing.mix_params(mode, T.fold_in(s, _MIX), alpha, size, size)
-    else:
-      mode, ratio, box = tf.constant(-1), tf.constant(1.0), tf.zeros([4], tf.int32)
-    n = int(rac.num_layers) if rac.enabled else 0
-    params = ra.randaugment_params(T.fold_in(s, _RA), n, size, size)
-    return dict(mix_mode=mode, mix_ratio=ratio, mix_box=box, ra_ops=params['ops'],
-                ra_signs=params['signs'], ra_centres=params['centres'],
-                mask=tf.constant(1.0))
-
   @_no_autograph
   def per_output(step, row, images, labels, skipped):
-    """m consecutive decoded rows -> output row row[0] // m."""
+    """m consecutive decoded rows -> output row row[0] // m (uint8 inputs, the
+    numbers `augment` folds into its key, the mixing mode)."""
     out_row = row[0] // m
-    if device:
-      out = dict(images=images, labels=labels, **draw(step[0], out_row))
-    else:
-      b, lb = (images[1], labels[1]) if m == 2 else (images[0], labels[0])
-      out = augment(step[0], out_row, images[0], b, labels[0], lb)
-    return dict(out, _skipped=skipped[-1])
-
-  @_no_autograph
-  def per_pair(step, row, images, labels, skipped):
-    """Within-batch pairing: decoded rows (2i, 2i+1) -> output rows 2i, 2i+1."""
-    outs = [dict(augment(step[0], row[j], images[j], images[1 - j], labels[j],
-                         labels[1 - j]), _skipped=skipped[1])
-            for j in (0, 1)]
-    return {key: tf.stack([o[key] for o in outs]) for key in outs[0]}
-
-  @_no_autograph
-  def per_row_device(step, row, image, label, skipped):
-    return dict(images=image[None], labels=label[None], **draw(step, row),
-                _skipped=skipped)
+    return dict(images=images, labels=labels, aug_step=tf.cast(step[0], tf.int32),
+                aug_row=tf.cast(out_row, tf.int32), mix_mode=tf.gather(modes, out_row),
+                mask=tf.constant(1.0), _skipped=skipped[-1])
 
   ds = tf.data.Dataset.range(start_step * local_in, _INT64_MAX)
   ds = ds.map(locate).batch(local_in).map(fetch, num_parallel_calls=par).unbatch()
@@ -303,12 +241,7 @@ def train_dataset(cfg, global_batch_size: int, seed: int, start_step: int,
                    tf.equal(status, headers.OK))
     ds = ds.map(lambda step, row, image, label, status, skipped:
                 (step, row, image, label, skipped))
-  if within and device:     # The device pairs the rows; one decoded image per row.
-    ds = ds.map(per_row_device, num_parallel_calls=par)
-  elif within:
-    ds = ds.batch(2).map(per_pair, num_parallel_calls=par).unbatch()
-  else:
-    ds = ds.batch(m).map(per_output, num_parallel_calls=par)
+  ds = ds.batch(m).map(per_output, num_parallel_calls=par)
   ds = ds.batch(local, drop_remainder=True).prefetch(int(cfg.prefetch))
   return ds.with_options(_options(cfg))
 
@@ -365,7 +298,8 @@ def _inputs_per_row(cfg) -> int:
 
 def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
                process_index: int, process_count: int) -> Iterator[Dict[str, np.ndarray]]:
-  """numpy batches of `train_dataset`. Counts the records dropped because they
+  """numpy batches of `train_dataset`, augmented on the host's CPU with
+  augment_on='host' (see `augment`). Counts the records dropped because they
   failed to decode or declared more than `data.max_image_pixels` pixels, and logs
   the running counts when they first grow and each time their sum doubles.
 
@@ -374,6 +308,8 @@ def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
   """
   ds = train_dataset(cfg, global_batch_size, seed, start_step, process_index,
                      process_count)
+  recipe = augment.Recipe.from_config(cfg)
+  on_host = cfg.get('augment_on', 'host') == 'host'
   max_pixels = _max_pixels(cfg)
   reported = 0
   batches = ds.as_numpy_iterator()
@@ -396,7 +332,7 @@ def train_iter(cfg, global_batch_size: int, seed: int, start_step: int,
                       'declared more than data.max_image_pixels=%d pixels.',
                       undecodable + large, undecodable, large, max_pixels)
       reported = undecodable + large
-    yield batch
+    yield augment.augment_on_host(batch, recipe, seed) if on_host else batch
 
 
 def eval_iter(cfg, global_batch_size: int, process_index: int,

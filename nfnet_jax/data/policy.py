@@ -1,7 +1,6 @@
 """RandAugment's op list and magnitude rules (no TensorFlow, no JAX).
 
-Shared by the TF ops (`randaugment`) and the JAX ops (`device_augment`), so both
-read one table. Magnitude M is on the 0-10 scale and extrapolated linearly above
+Read by `augment` (and by the TF oracle of the tests). Magnitude M is on the 0-10 scale and extrapolated linearly above
 10; `op_args` gives each op's unsigned argument at M.
 """
 from __future__ import annotations

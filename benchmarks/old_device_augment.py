@@ -1,4 +1,10 @@
-"""MixUp/CutMix, RandAugment and normalisation in JAX, from the host's random numbers.
+"""Frozen copy of the former `nfnet_jax/data/device_augment.py` (all 16 ops per layer
+under `lax.switch` in `vmap`), kept only so that `input_pipeline.py` can time it
+beside `nfnet_jax.data.augment` in one run. Not used by the package.
+
+Its original docstring follows.
+
+MixUp/CutMix, RandAugment and normalisation in JAX, from the host's random numbers.
 
 No TensorFlow. With `data.augment_on='device'` the input pipeline decodes, crops,
 flips and resizes, quantises to uint8 and emits, per output row, the random
@@ -33,13 +39,14 @@ differs from TF's two; `mul_int` and static tables keep TF's roundings.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The numpy source maps of the geometric ops are the same arithmetic in both.
+from nfnet_jax.data.augment import affine_matrix, source_index
 from nfnet_jax.data.config import check_augment_config, mix_on
 from nfnet_jax.data.policy import OP_NAMES, op_args, solarize_threshold
 
@@ -215,51 +222,6 @@ def cutout(image, half_size: int, cy, cx, fill: int = 128) -> jax.Array:
 # TF's ImageProjectiveTransformV3 kernel (nearest = round half away from zero),
 # and the device only gathers.
 
-def _round_half_away(v: np.ndarray) -> np.ndarray:
-  r = np.trunc(v)
-  return r + np.sign(v) * (np.abs(v - r) >= 0.5)
-
-
-def source_index(height: int, width: int, matrix) -> np.ndarray:
-  """int32 [H * W]: flat source pixel of each output pixel under the projective
-  `matrix` (8 floats, output (x, y) -> input ((a0 x + a1 y + a2) / k,
-  (b0 x + b1 y + b2) / k), k = c0 x + c1 y + 1), or H * W where it falls outside."""
-  t = np.asarray(matrix, np.float32)
-  y, x = np.mgrid[:height, :width].astype(np.float32)
-  k = t[6] * x + t[7] * y + np.float32(1)
-  in_x = (t[0] * x + t[1] * y + t[2]) / k
-  in_y = (t[3] * x + t[4] * y + t[5]) / k
-  xi, yi = _round_half_away(in_x), _round_half_away(in_y)
-  inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height) & (k != 0)
-  flat = np.where(inside, yi * width + xi, height * width)
-  return flat.astype(np.int32).reshape(-1)
-
-
-def affine_matrix(name: str, arg: float, height: int, width: int) -> np.ndarray:
-  """[8] float32 matrix of a signed geometric op at its signed argument `arg`,
-  computed as `randaugment` computes it in float32."""
-  f = np.float32
-  arg = f(arg)
-  if name == 'Rotate':
-    a = f(arg * f(math.pi / 180.0))
-    # Correctly rounded cos/sin of the float32 angle.
-    cos, sin = f(math.cos(float(a))), f(math.sin(float(a)))
-    h, w = f(height), f(width)
-    x_off = ((w - f(1)) - (cos * (w - f(1)) - sin * (h - f(1)))) / f(2)
-    y_off = ((h - f(1)) - (sin * (w - f(1)) + cos * (h - f(1)))) / f(2)
-    return np.array([cos, -sin, x_off, sin, cos, y_off, 0, 0], np.float32)
-  if name == 'ShearX':
-    return np.array([1, arg, 0, 0, 1, 0, 0, 0], np.float32)
-  if name == 'ShearY':
-    return np.array([1, 0, 0, arg, 1, 0, 0, 0], np.float32)
-  if name == 'TranslateX':
-    return np.array([1, 0, -arg, 0, 1, 0, 0, 0], np.float32)
-  if name == 'TranslateY':
-    return np.array([1, 0, 0, 0, 1, -arg, 0, 0], np.float32)
-  raise ValueError(f'{name!r} is not a geometric op')
-
-
-@functools.lru_cache(maxsize=64)
 def _signed_maps(name: str, arg: float, height: int, width: int) -> np.ndarray:
   """int32 [2, H * W]: `source_index` for sign -1 (row 0) and +1 (row 1)."""
   return np.stack([source_index(height, width, affine_matrix(name, s * np.float32(arg),
@@ -290,30 +252,18 @@ def apply_op(image, name: str, magnitude: float, sign=1.0, centre=(0, 0), *,
   """Op `name` at static magnitude M on uint8 [H, W, 3]; `sign` (+-1) and
   `centre` (cy, cx) may be traced."""
   arg = op_args(name, magnitude, posterize_mode, translate_const, cutout_const)
-  if name == 'AutoContrast':
-    return autocontrast(image)
-  if name == 'Equalize':
-    return equalize(image)
-  if name == 'Invert':
-    return invert(image)
   if name in ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY'):
     return geometric(image, name, arg, sign, fill)
-  if name == 'Posterize':
-    return posterize(image, arg)
-  if name == 'Solarize':
-    return solarize(image, arg, solarize_mode)
-  if name == 'SolarizeAdd':
-    return solarize_add(image, arg)
-  if name == 'Color':
-    return color(image, arg)
-  if name == 'Contrast':
-    return contrast(image, arg, contrast_mode)
-  if name == 'Brightness':
-    return brightness(image, arg)
-  if name == 'Sharpness':
-    return sharpness(image, arg)
-  if name == 'Cutout':
-    return cutout(image, arg, centre[0], centre[1], fill)
+  ops = {'AutoContrast': lambda: autocontrast(image), 'Equalize': lambda: equalize(image),
+         'Invert': lambda: invert(image), 'Posterize': lambda: posterize(image, arg),
+         'Solarize': lambda: solarize(image, arg, solarize_mode),
+         'SolarizeAdd': lambda: solarize_add(image, arg), 'Color': lambda: color(image, arg),
+         'Contrast': lambda: contrast(image, arg, contrast_mode),
+         'Brightness': lambda: brightness(image, arg),
+         'Sharpness': lambda: sharpness(image, arg),
+         'Cutout': lambda: cutout(image, arg, centre[0], centre[1], fill)}
+  if name in ops:
+    return ops[name]()
   raise ValueError(f'Unknown RandAugment op {name!r}')
 
 

@@ -1,4 +1,5 @@
-"""RandAugment on uint8 images (TF), in the TF "autoaugment" convention.
+"""The TF oracle of the tests: RandAugment on uint8 images in DeepMind's TF
+"autoaugment" convention, against which `nfnet_jax.data.augment` is checked.
 
 Images are uint8 [H, W, 3]. For each of N layers one of the 16 ops in `OP_NAMES`
 is drawn uniformly and always applied at magnitude M (0-10 scale, extrapolated
@@ -18,8 +19,8 @@ with the Python int threshold inside a tf.data graph, and TF converts the int to
 uint8 modulo 256. docs/augmentation.md has the details.
 
 The random parts of a policy (op index, sign, Cutout centre per layer) are drawn
-by `randaugment_params` and applied by `randaugment_with_params`, so the same
-numbers can drive the JAX ops of `device_augment`.
+by `randaugment_params` and applied by `randaugment_with_params`, so the numbers
+`augment.draw_randaugment` drew can drive these ops too.
 
 Geometric ops use `tf.raw_ops.ImageProjectiveTransformV3` (nearest, constant fill
 `fill`, default 128). Blends compute degenerate + f * (image - degenerate),
