@@ -95,7 +95,7 @@ HOOK = textwrap.dedent('''
     import numpy as np
     what, steps = sys.argv[1], {int(s) for s in sys.argv[2].split(',')}
     del sys.argv[1:3]
-    from nfnet_jax import data, train
+    from nfnet_jax import data
     build = data.build_train_iter
 
     def hooked(cfg, batch_size, seed, start_step=0, **kwargs):
@@ -118,8 +118,8 @@ HOOK = textwrap.dedent('''
         yield batch
 
     data.build_train_iter = hooked
-    from absl import app
-    app.run(train.main, flags_parser=train._parse_flags)
+    import runpy
+    runpy.run_module('nfnet_jax.train', run_name='__main__', alter_sys=True)  # -m
 ''')
 
 
