@@ -71,20 +71,6 @@ def test_bad_values_are_one_line(tmp_path):
     assert not (tmp_path / str(i)).exists()  # nothing created for a refused command
 
 
-@pytest.mark.parametrize('key, value, words', [
-    ('eval_dtype', 'float16', ['config.eval_dtype', 'bfloat16', 'float32']),
-    ('compute_dtype', 'bf16', ['config.compute_dtype', 'bfloat16']),
-])
-def test_bad_dtypes_are_refused(key, value, words):
-  from nfnet_jax import configs  # pylint: disable=import-outside-toplevel
-  c = configs.nfnet_config('F0')
-  c[key] = value
-  with pytest.raises(ValueError) as e:
-    configs.validate_config(c, 1, 1)
-  for w in words:
-    assert w in str(e.value)
-
-
 # ---------------------------------------------------------------------------
 # Values checked for meaning, and what a run needs on disk, before anything is
 # created; --check_config runs the same checks.

@@ -758,6 +758,8 @@ def no_compilation():
     (lambda c: setattr(c, 'model', 'nf_resnet_50'), 'Did you mean nf_resnet50'),
     (lambda c: c.model_kwargs.__setattr__('widht', 0.5), 'Did you mean width'),
     (lambda c: setattr(c, 'compute_dtype', 'float16'), 'Valid: bfloat16, float32'),
+    (lambda c: setattr(c, 'compute_dtype', 'bf16'), 'config.compute_dtype'),
+    (lambda c: setattr(c, 'eval_dtype', 'float16'), 'config.eval_dtype'),
     (lambda c: setattr(c, 'batch_size', 0), 'config.batch_size=0 must be a positive'),
     (lambda c: setattr(c, 'grad_accum_steps', 3), 'config.grad_accum_steps=3 must divide'),
     (lambda c: setattr(c.optimizer, 'name', 'lamb'),
@@ -765,7 +767,7 @@ def no_compilation():
     (lambda c: setattr(c, 'log_every', 0), 'config.log_every=0 must be >= 1'),
     (lambda c: setattr(c.data, 'source', 'imagenet'), 'Valid: tfds, folder, offline'),
 ], ids=['key', 'nested_key', 'data_key', 'model', 'model_close', 'model_kwargs', 'dtype',
-        'batch', 'accum', 'optimizer', 'log_every', 'data_source'])
+        'dtype_spelling', 'eval_dtype', 'batch', 'accum', 'optimizer', 'log_every', 'data_source'])
 def test_bad_config_refused_before_compilation(edit, message, tmp_path, no_compilation):
   from nfnet_jax import train  # pylint: disable=g-import-not-at-top
   config = tiny_config()
@@ -773,6 +775,8 @@ def test_bad_config_refused_before_compilation(edit, message, tmp_path, no_compi
   with pytest.raises(ValueError) as e:
     train.train_and_evaluate(config, str(tmp_path))
   assert message in str(e.value), str(e.value)
+  if 'dtype' in message:  # the valid choices are named
+    assert 'bfloat16' in str(e.value) and 'float32' in str(e.value), str(e.value)
   assert not (tmp_path / 'checkpoints').exists()
 
 
