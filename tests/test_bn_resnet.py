@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nf_testing import JIT  # -O0: a forward pass or two per compile
 from nfnet_jax import models
 from nfnet_jax.models import bn_resnet
 
@@ -129,7 +130,8 @@ def _model(preactivation):
 
 
 def _apply(model, params, state, images, training):
-  return jax.jit(model.apply, static_argnums=4)(params, state, None, images, training)
+  return jax.jit(model.apply, static_argnums=4, **JIT)(params, state, None, images,
+                                                      training)
 
 
 def test_registry_marks_bn_models_stateful():

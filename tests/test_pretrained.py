@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nf_testing import JIT  # -O0: one forward pass per compile
 from nfnet_jax import pretrained
 from nfnet_jax.pretrained import UnsafePickleError
 
@@ -356,7 +357,8 @@ def test_round_trip_identical_logits(tmp_path, f0_params):
   path = tmp_path / 'F0_haiku.npz'
   write_released(f0_params, path, protocol=4, dill_arrays=True)
   loaded = pretrained.load(path, model='F0')
-  apply = jax.jit(lambda p, x: net.apply(p, None, x, is_training=False)['logits'])
+  apply = jax.jit(lambda p, x: net.apply(p, None, x, is_training=False)['logits'],
+                  **JIT)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 64, 64, 3), np.float32))
   ref = np.asarray(apply(f0_params, x))
   got = np.asarray(apply(loaded, x))
