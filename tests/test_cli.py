@@ -262,9 +262,17 @@ def test_init_from_must_exist_and_fit(tmp_path, b1_weights):
 
 
 def test_eval_without_anything_to_evaluate_fails_the_check(tmp_path):
-  out = cli(QUICKSTART, f'--workdir={tmp_path / "w"}', '--mode=eval', '--check_config')
-  refused_in_one_line(out, '--mode=eval', 'nothing to evaluate')
-  assert not (tmp_path / 'w').exists()
+  """--mode=eval on an empty workdir: the check (the run's own, which
+  tests/test_eval_transform.py runs without --check_config) names what is missing."""
+  workdir = tmp_path / 'w'
+  out = cli(QUICKSTART, f'--workdir={workdir}', '--mode=eval', '--check_config')
+  line = refused_in_one_line(out, '--mode=eval', 'nothing to evaluate')
+  assert line == (
+      f'FATAL Config error: --mode=eval: no checkpoint in {workdir}/checkpoints and no '
+      'config.init_from, so nothing to evaluate (nothing was created). Train in this '
+      'workdir first, or pass --config.init_from=<weights file>.')
+  assert out.stderr.strip().splitlines()[-1] == line
+  assert not workdir.exists()
 
 
 def test_nocheck_paths_leaves_the_file_system_to_the_machine_that_runs(tmp_path):

@@ -862,18 +862,6 @@ def _cli(tmp_path: Path, workdir: Path, *flags: str, devices: int = 1,
                         timeout=TIMEOUT, check=False)
 
 
-def test_eval_mode_on_an_empty_workdir_says_so_and_creates_nothing(tmp_path):
-  workdir = tmp_path / 'empty'
-  done = _cli(tmp_path, workdir, '--mode=eval')
-  assert done.returncode == 1, done.stderr[-3000:]
-  assert 'Traceback' not in done.stderr
-  assert done.stderr.strip().splitlines()[-1] == (
-      f'FATAL Config error: --mode=eval: no checkpoint in {workdir}/checkpoints and no '
-      'config.init_from, so nothing to evaluate (nothing was created). Train in this '
-      'workdir first, or pass --config.init_from=<weights file>.')
-  assert not workdir.exists()
-
-
 @pytest.mark.slow
 def test_full_disk_at_the_start_is_one_line_and_writes_nothing(tmp_path,
                                                                small_filesystem):
