@@ -29,6 +29,9 @@ def run(script, *args, ok=True, timeout=900):
   env = dict(os.environ)
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
   env.setdefault('JAX_PLATFORMS', 'cpu')
+  # These tests check what the scripts compute and report, never how fast: XLA's
+  # backend optimisation (most of a CPU compile's time) is left out.
+  env.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
   r = subprocess.run([sys.executable, os.path.join(BENCH, script), *map(str, args)],
                      capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
   if ok:

@@ -117,6 +117,7 @@ def test_missing_tfds_dataset_is_one_clear_error(tmp_path, monkeypatch):
     assert f'not prepared in {expected}' in text
     assert (f'python -m nfnet_jax.data.prepare --name=imagenet2012 --data_dir={expected} '
             '--manual_dir=DIR') in text
+    assert 'ILSVRC2012_img_train.tar' in text  # what manual_dir must hold
     assert (f'tfds convert_format --dataset_dir={expected}/imagenet2012/<version> '
             '--out_file_format=array_record') in text
     assert 'delete' not in text and 'NotImplementedError' not in text

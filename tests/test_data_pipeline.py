@@ -181,37 +181,16 @@ def test_pipeline_label_mass_equals_pixel_share(bw_folder):
   assert np.mean((cut < 0.01) | (cut > 0.99)) > 0.99
 
 
-def test_missing_datasets_say_how_to_prepare(tmp_path):
-  cfg = data.default_config()
-  cfg.data_dir = str(tmp_path / 'tfds')
-  with pytest.raises(FileNotFoundError, match='nfnet_jax.data.prepare') as err:
-    data.dataset_info(cfg)
-  assert 'manual_dir' in str(err.value) and 'ILSVRC2012_img_train.tar' in str(err.value)
+def test_missing_folder_is_named(tmp_path):
+  """(A missing TFDS dataset: tests/test_data_config.py.)"""
   with pytest.raises(FileNotFoundError, match='Folder dataset'):
     data.dataset_info(folder_cfg(str(tmp_path / 'nope')))
 
 
-def test_unprepared_tfds_dataset_warns_of_no_missing_folder(tmp_path):
-  """The README's ImageNet command with an empty data_dir: the run stops on the
-  dataset not being prepared, without TFDS's warning about the version folder that
-  does not exist ('Variant folder .../imagenet2012/5.1.0 has no dataset_info.json')."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  empty = tmp_path / 'tfds'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             PYTHONPATH=os.pathsep.join([repo, os.environ.get('PYTHONPATH', '')]))
-  r = subprocess.run([sys.executable, '-m', 'nfnet_jax.train',
-                      '--config=experiments/nfnet.py:F0', f'--workdir={tmp_path / "w"}',
-                      f'--config.data.data_dir={empty}'], cwd=repo, env=env,
-                     capture_output=True, text=True, timeout=600)
-  assert r.returncode != 0 and f'not prepared in {empty}' in r.stderr, r.stderr[-3000:]
-  assert 'Variant folder' not in r.stdout + r.stderr, r.stderr[-3000:]
-
-
 def test_a_version_folder_without_its_info_file_still_warns(tmp_path, caplog):
   """A version folder that exists but lacks dataset_info.json (a copy half written or
-  damaged) is worth the warning."""
+  damaged) is worth the warning (without one, the run says nothing about it:
+  tests/test_cli.py, test_missing_tfds_data_is_one_line)."""
   (tmp_path / 'imagenet2012' / '5.1.0').mkdir(parents=True)
   cfg = data.default_config()
   cfg.data_dir = str(tmp_path)

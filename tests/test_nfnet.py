@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nf_testing import JIT  # -O0: a forward pass or two per compile
 from nfnet_jax import models
 from nfnet_jax.models import nfnet, registry
 
@@ -62,10 +63,10 @@ def test_module_names_and_shapes_match_released_layout():
 def test_forward_float32_bfloat16_and_determinism():
   m = models.create('F0', 10)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
-  params = jax.jit(lambda r, x: m.init(r, x, True))(jax.random.PRNGKey(1), x)
+  params = jax.jit(lambda r, x: m.init(r, x, True), **JIT)(jax.random.PRNGKey(1), x)
   params = jax.tree_util.tree_map(  # switch the residual branches on
       lambda p: jnp.full_like(p, 0.5) if p.ndim == 0 else p, params)
-  fwd = jax.jit(m.apply, static_argnums=(3,))
+  fwd = jax.jit(m.apply, static_argnums=(3,), **JIT)
   out32 = fwd(params, None, x, False)
   assert out32['logits'].shape == (2, 10) and out32['pool'].shape == (2, 3072)
   np.testing.assert_array_equal(out32['logits'], fwd(params, None, x, False)['logits'])
