@@ -372,12 +372,10 @@ def test_experiments_evaluate_in_float32(exp):
     assert c.compute_dtype == 'bfloat16'  # training stays bfloat16
 
 
-class _Identity:
+def _identity_logits(images, is_training):
   """A 'model' whose logits are its (flattened) input, in the input's dtype."""
-
-  def apply(self, params, rng, images, is_training):
-    del params, rng, is_training
-    return {'logits': images.reshape(images.shape[0], -1)}
+  del is_training
+  return {'logits': images.reshape(images.shape[0], -1)}
 
 
 @pytest.mark.parametrize('eval_dtype, top1', [('float32', 1.0), ('bfloat16', 0.0)])
@@ -389,7 +387,8 @@ def test_eval_step_computes_in_eval_dtype(eval_dtype, top1):
   import ml_collections  # pylint: disable=import-outside-toplevel
   from nfnet_jax import steps  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(dict(compute_dtype='bfloat16', eval_dtype=eval_dtype))
-  step = steps.make_eval_step(config, _Identity())
+  import haiku as hk  # pylint: disable=import-outside-toplevel
+  step = steps.make_eval_step(config, hk.transform(_identity_logits))
   batch = dict(images=np.array([[[[1.001, 1.0, 0.0]]]], np.float32),  # [1, 1, 1, 3]
                labels=np.array([[1.0, 0.0, 0.0]], np.float32),
                mask=np.ones([1], np.float32))
