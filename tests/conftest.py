@@ -1,6 +1,6 @@
 """Order of the suite over pytest-xdist workers.
 
-With `-n auto --dist loadfile --no-loadscope-reorder` (pytest.ini says when): each test file goes
+pytest.ini runs `-n auto --dist loadfile --no-loadscope-reorder`: each test file goes
 to one worker whole, so a module fixture that builds something expensive (trained
 runs, a model's weights, a batch of CLI checks) is built once. The files are handed
 out in the order of the collection, which this hook sets: the files with the most

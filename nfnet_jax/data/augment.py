@@ -492,6 +492,7 @@ def _jit(recipe: Recipe, seed: int):
 def augment_on_host(batch: Dict[str, np.ndarray], recipe: Recipe, seed: int
                     ) -> Dict[str, np.ndarray]:
   """`augment` jitted on the host's CPU backend (inputs placed there, so the jit
-  runs there whatever accelerator is attached); numpy in, numpy out."""
-  cpu = jax.devices('cpu')[0]
+  runs there whatever accelerator is attached); numpy in, numpy out. This process's own
+  CPU device: in a multi-process job the first global CPU device belongs to process 0."""
+  cpu = jax.local_devices(backend='cpu')[0]
   return jax.device_get(_jit(recipe, seed)(jax.device_put(dict(batch), cpu)))
