@@ -13,6 +13,9 @@ CPU this package computes the same function another way:
 - `split_grouped_convs`: `groups='auto'` runs a grouped convolution as one dense
   convolution per group (layers.conv2d). XLA:CPU runs grouped convolutions far slower
   than dense ones, while cuDNN and the TPU run them natively.
+- the row-by-row RandAugment schedule (data.augment.augment): a loop over the rows
+  that runs only the op each row picked, instead of every op family over the whole
+  batch. XLA:CPU pays for the work of all families; accelerators run them wide.
 
 Each changes how, never what, is computed (up to float reassociation of the split
 convolutions). `enabled()` is the switch: on when JAX's default backend is the CPU;

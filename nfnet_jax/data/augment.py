@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnet_jax import cpu_workarounds
 from nfnet_jax.data.config import check_augment_config, mix_on
 from nfnet_jax.data.indexing import CUTMIX, MIXUP
 from nfnet_jax.data.normalize import MEAN_RGB, STDDEV_RGB
@@ -454,9 +455,9 @@ def augment(batch: Dict[str, jax.Array], recipe: Recipe, seed: int,
             per_row: Optional[bool] = None) -> Dict[str, jax.Array]:
   """Batch of the module docstring -> {images [B, S, S, 3] float32 (bfloat16 with
   recipe.bfloat16), labels [B, K], mask [B]}. per_row (see `apply_layer`): None
-  picks it for the default backend (True on the CPU)."""
+  takes the CPU-workaround switch (True on the CPU backend)."""
   if per_row is None:
-    per_row = jax.default_backend() == 'cpu'
+    per_row = cpu_workarounds.enabled()
   images, labels = batch['images'], batch['labels'].astype(_F32)
   b, _, h, w, _ = images.shape
   keys = row_keys(seed, batch['aug_step'], batch['aug_row'])
