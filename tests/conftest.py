@@ -1,4 +1,12 @@
-"""Order of the suite over pytest-xdist workers.
+"""The suite's shared XLA compilation cache, and its order over pytest-xdist workers.
+
+Most of the suite's CPU time is XLA compiling: the CLI tests start dozens of
+`python -m nfnet_jax.train` processes that compile the same few programs. At import
+(before any test imports jax) this file points JAX's persistent compilation cache at
+one fresh directory for the whole session, through the environment, so the xdist
+workers and every subprocess they start share it; a program is compiled once per
+session and read back after that. It is removed when the session ends. A
+JAX_COMPILATION_CACHE_DIR set by the caller is used instead, and kept.
 
 pytest.ini runs `-n auto --dist loadfile --no-loadscope-reorder`: each test file goes
 to one worker whole, so a module fixture that builds something expensive (trained
@@ -8,7 +16,26 @@ slow tests first, so that no long file starts last while the other worker idles.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
+
+_OWNED_CACHE = 'NFNET_TESTS_OWN_XLA_CACHE'  # set when this suite made the directory
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='nfnet_xla_cache_')
+  os.environ[_OWNED_CACHE] = os.environ['JAX_COMPILATION_CACHE_DIR']
+# Every program, however small or quick to compile.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+  # The xdist controller (or a run without xdist) made it, and removes it; a worker
+  # (which has `workerinput`) leaves it to the controller.
+  if not hasattr(config, 'workerinput') and os.environ.get(_OWNED_CACHE):
+    shutil.rmtree(os.environ.pop(_OWNED_CACHE), ignore_errors=True)
 
 
 def _file(item: pytest.Item) -> str:

@@ -5,7 +5,7 @@ The runs are real `python -m nfnet_jax.train` processes on a tiny NFNet-F0 (widt
 ungrouped, two blocks, dropout 0.5, stochastic depth 0.5) on 16 px offline images with
 flips, pad-crops, MixUp and CutMix. They are started together, in parallel, by the
 module fixture `runs`, and share a persistent XLA compilation cache, so each distinct
-program is compiled once (at -O0: these tests are about the training loop, not about
+program is compiled once (tests/conftest.py; at -O0: these tests are about the training loop, not about
 XLA's code quality):
 
   one        1 device, numpy input pipeline  (the reference run)
@@ -136,7 +136,7 @@ def _free_port() -> int:
 class Run:
   """One `python -m nfnet_jax.train` process (or the HOOK wrapper around it)."""
 
-  def __init__(self, root: Path, cache: Path, name: str, devices: int, *flags: str,
+  def __init__(self, root: Path, name: str, devices: int, *flags: str,
                arg: str = '', hook: tuple[str, str] | None = None,
                workdir: Path | None = None):
     self.name, self.root = name, root
@@ -152,9 +152,6 @@ class Run:
         os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
         XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices} '
                    '--xla_backend_optimization_level=0'),
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
     self.proc = None
     self.rc = None
@@ -246,7 +243,6 @@ class Runs:
   def __init__(self, root: Path):
     self.root = root
     (root / 'tiny.py').write_text(TINY_CONFIG)
-    self.cache = root / 'xla_cache'
     self.runs: dict[str, Run] = {}
     # k + 2 < STEPS: the save lands at k..k+2 and must come before the last step.
     self.sigterm_step = random.Random().randint(1, STEPS - 3)
@@ -257,7 +253,7 @@ class Runs:
     self.error: BaseException | None = None
 
   def _run(self, name, devices, *flags, **kw) -> Run:
-    run = Run(self.root, self.cache, name, devices, *flags, **kw)
+    run = Run(self.root, name, devices, *flags, **kw)
     self.runs[name] = run
     return run.start()
 
@@ -538,7 +534,7 @@ def test_checkpoint_without_checksum_is_refused_unless_the_config_accepts_it(run
   meta = json.loads(meta_file.read_text())
   del meta['checksum']
   meta_file.write_text(json.dumps(meta))
-  done = _cli(runs.root, workdir, '--mode=eval', cache=runs.cache)
+  done = _cli(runs.root, workdir, '--mode=eval')
   out = done.stdout + done.stderr
   assert done.returncode == 1 and 'Traceback' not in out, out[-4000:]
   (moved,) = (workdir / 'checkpoints').glob(f'damaged-{STEPS}-*')
@@ -551,7 +547,7 @@ def test_checkpoint_without_checksum_is_refused_unless_the_config_accepts_it(run
   assert len([l for l in out.splitlines() if 'it has no checksum' in l]) == 1
   moved.rename(workdir / 'checkpoints' / str(STEPS))
   done = _cli(runs.root, workdir, '--mode=eval',
-              '--config.accept_unverified_checkpoints=True', cache=runs.cache)
+              '--config.accept_unverified_checkpoints=True')
   out = done.stdout + done.stderr
   assert done.returncode == 0, out[-4000:]
   assert f'Checkpoint {STEPS} has no checksum: restored without verification' in out
@@ -569,7 +565,7 @@ def test_workdir_of_another_width_is_refused_untouched(runs, tmp_path):
   snapshot = lambda: sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
                             for p in workdir.rglob('*'))
   before = snapshot()
-  done = _cli(runs.root, workdir, '--config.model_kwargs.width=0.25', cache=runs.cache)
+  done = _cli(runs.root, workdir, '--config.model_kwargs.width=0.25')
   assert done.returncode == 1, done.stderr[-4000:]
   out = done.stdout + done.stderr
   assert 'Traceback' not in out and len(out.splitlines()) < 15, out
@@ -613,7 +609,7 @@ def test_full_disk_stops_at_the_failed_save_with_one_message(runs):
 @pytest.mark.slow
 def test_second_sigterm_exits_at_once(runs, tmp_path):
   runs.get('one').ok()  # Its programs are in the cache.
-  run = Run(tmp_path, runs.cache, 'twice', 1, '--config.data.offline.num_eval=0',
+  run = Run(tmp_path, 'twice', 1, '--config.data.offline.num_eval=0',
             hook=('slow', '2,3,4,5'))
   (tmp_path / 'tiny.py').write_text(TINY_CONFIG)
   run.start()
@@ -704,18 +700,26 @@ def tiny_config():
 
 @pytest.fixture
 def no_compilation():
-  """Fails the test if XLA compiles anything."""
+  """Fails the test if XLA compiles anything, or fetches a program from the cache."""
   from jax import monitoring  # pylint: disable=g-import-not-at-top
   compiled = []
 
-  def listen(event, duration, **kwargs):
+  def listen_duration(event, duration, **kwargs):
     if event == '/jax/core/compile/backend_compile_duration':
-      compiled.append(duration)
+      compiled.append(event)
 
-  monitoring.register_event_duration_secs_listener(listen)
+  def listen(event, **kwargs):
+    # A hit in the suite's persistent cache (tests/conftest.py) skips the backend
+    # compile, and with it the event above.
+    if event.startswith('/jax/compilation_cache/'):
+      compiled.append(event)
+
+  monitoring.register_event_duration_secs_listener(listen_duration)
+  monitoring.register_event_listener(listen)
   yield compiled
-  monitoring.unregister_event_duration_listener(listen)
-  assert not compiled, 'something was compiled'
+  monitoring.unregister_event_duration_listener(listen_duration)
+  monitoring.unregister_event_listener(listen)
+  assert not compiled, f'something was compiled: {compiled}'
 
 
 @pytest.mark.parametrize('edit, message', [
@@ -826,12 +830,11 @@ def test_experiment_configs_are_valid(path, args):
     configs.validate_config(config, num_devices=8, num_processes=1)
 
 
-def _cli(tmp_path: Path, workdir: Path, *flags: str, devices: int = 1,
-         cache: Path | None = None) -> subprocess.CompletedProcess:
+def _cli(tmp_path: Path, workdir: Path, *flags: str,
+         devices: int = 1) -> subprocess.CompletedProcess:
   """`python -m nfnet_jax.train` with the tiny config (written to tmp_path)."""
   (tmp_path / 'tiny.py').write_text(TINY_CONFIG)
-  run = Run(tmp_path, cache or tmp_path / 'xla_cache', 'cli', devices, *flags,
-            workdir=workdir)
+  run = Run(tmp_path, 'cli', devices, *flags, workdir=workdir)
   return subprocess.run(run.cmd, cwd=REPO, env=run.env, capture_output=True, text=True,
                         timeout=TIMEOUT, check=False)
 
@@ -945,21 +948,20 @@ def device_runs(tmp_path_factory):
   """
   root = tmp_path_factory.mktemp('device_runs')
   (root / 'tiny.py').write_text(TINY_CONFIG)
-  cache = root / 'xla_cache'
   flags_ = ('--config.data.offline.num_eval=0', DEVICE_AUG)
   out = dict(sigterm_step=random.Random().randint(1, STEPS - 3))
   every = ('--config.checkpoint_every_steps=1', f'--config.keep_checkpoints={STEPS}')
-  out['device'] = Run(root, cache, 'device', 1, *flags_, *every, arg='tf').start()
-  out['host'] = Run(root, cache, 'host', 1, '--config.data.offline.num_eval=0',
+  out['device'] = Run(root, 'device', 1, *flags_, *every, arg='tf').start()
+  out['host'] = Run(root, 'host', 1, '--config.data.offline.num_eval=0',
                     *every, arg='tf').start()
   try:
     out['device'].wait()  # Its compiled programs are in the cache for the next ones.
-    out['accum'] = Run(root, cache, 'accum', 2, *flags_, '--config.grad_accum_steps=2',
+    out['accum'] = Run(root, 'accum', 2, *flags_, '--config.grad_accum_steps=2',
                        arg='tf').start()
-    out['preempted'] = Run(root, cache, 'preempted', 1, *flags_, arg='tf',
+    out['preempted'] = Run(root, 'preempted', 1, *flags_, arg='tf',
                            hook=('sigterm', str(out['sigterm_step']))).start().wait()
     out['preempted_steps'] = out['preempted'].steps()
-    out['resumed'] = Run(root, cache, 'resumed', 1, *flags_, arg='tf',
+    out['resumed'] = Run(root, 'resumed', 1, *flags_, arg='tf',
                          workdir=out['preempted'].workdir).start()
     yield out
   finally:
