@@ -8,6 +8,11 @@ workers and every subprocess they start share it; a program is compiled once per
 session and read back after that. It is removed when the session ends. A
 JAX_COMPILATION_CACHE_DIR set by the caller is used instead, and kept.
 
+The same way, XLA compiles at -O0 (`--xla_backend_optimization_level=0`, added to any
+XLA_FLAGS the caller set): the tests check what the code computes, never how fast, and
+LLVM's optimisation is most of a CPU compile's time. A test that sets XLA_FLAGS for a
+subprocess of its own says there what that subprocess needs.
+
 pytest.ini runs `-n auto --dist loadfile --no-loadscope-reorder`: each test file goes
 to one worker whole, so a module fixture that builds something expensive (trained
 runs, a model's weights, a batch of CLI checks) is built once. The files are handed
@@ -29,6 +34,9 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 # Every program, however small or quick to compile.
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+_O0 = '--xla_backend_optimization_level=0'
+if _O0 not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_O0}".strip()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

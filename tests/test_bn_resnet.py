@@ -306,9 +306,8 @@ def bn_runs(tmp_path_factory):
   import test_train  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('bn_runs')
   (root / 'tiny.py').write_text(BN_CONFIG)
-  cache = root / 'xla_cache'
   run = lambda name, devices, *flags, **kw: test_train.Run(
-      root, cache, name, devices, *flags, **kw)
+      root, name, devices, *flags, **kw)
   one = run('one', 1, '--config.checkpoint_every_steps=4',
             f'--config.keep_checkpoints={BN_STEPS // 4}').start()  # step 4's is kept
   early = ('--config.data.offline.num_eval=0', '--config.checkpoint_every_steps=4')

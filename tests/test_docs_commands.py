@@ -144,11 +144,14 @@ def _check(command: str, tmp: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
-  """Every command's --check_config run, a few at a time (each is mostly imports)."""
+  """Every command's --check_config run, a few at a time (each is mostly imports).
+  A command that several files show (the same arguments, spacing and comments aside)
+  is run once."""
+  argvs = [tuple(shlex.split(c, comments=True)) for _, c in COMMANDS]
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-    futures = [pool.submit(_check, c, tmp_path_factory.mktemp(f'cmd{i}'))
-               for i, (_, c) in enumerate(COMMANDS)]
-    return [f.result() for f in futures]
+    futures = {argv: pool.submit(_check, shlex.join(argv), tmp_path_factory.mktemp('cmd'))
+               for argv in dict.fromkeys(argvs)}
+    return [futures[argv].result() for argv in argvs]
 
 
 # What a documented command may lack on a test machine, as its one-line refusal says

@@ -123,7 +123,7 @@ def test_signal_propagation_follows_expected_std():
 
   f = hk.transform(fwd)
   x = jnp.zeros((24, 64, 64, 3))
-  params = f.init(jax.random.PRNGKey(0), x)
+  params = jax.jit(f.init)(jax.random.PRNGKey(0), x)
   for gain in (1.0, 0.0):
     p = jax.tree_util.tree_map(lambda v: jnp.full_like(v, gain) if v.ndim == 0 else v,
                                params)
