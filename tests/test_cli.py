@@ -187,17 +187,32 @@ def test_workdir_must_be_a_writable_directory(tmp_path, kind):
   assert not workdir.exists() or kind == 'file'
 
 
+# `python -m nfnet_jax.train ARGS`, then whether it imported TensorFlow (on stdout).
+TF_WATCH = ("import runpy, sys\n"
+            "try: runpy.run_module('nfnet_jax.train', run_name='__main__', alter_sys=True)\n"
+            "finally: print('tensorflow imported:', 'tensorflow' in sys.modules)")
+
+
 def test_missing_tfds_data_is_one_line(tmp_path):
   """The README's ImageNet command on a machine without ImageNet: one line saying how
   to prepare it, before anything is created (it was ~30 lines of traceback), without
   TFDS's warning about the version folder that does not exist ('Variant folder
-  .../imagenet2012/5.1.0 has no dataset_info.json')."""
-  out = cli('--config=experiments/nfnet.py:F0', f'--workdir={tmp_path / "w"}',
-            f'--config.data.data_dir={tmp_path / "tfds"}')
+  .../imagenet2012/5.1.0 has no dataset_info.json'), and without TensorFlow (the
+  answer comes before it would be imported); a misspelt dataset name is named."""
+  args = ['--config=experiments/nfnet.py:F0', f'--workdir={tmp_path / "w"}',
+          f'--config.data.data_dir={tmp_path / "tfds"}']
+  run = lambda *extra: subprocess.run(  # noqa: E731
+      [sys.executable, '-c', TF_WATCH, *args, *extra], cwd=REPO, env=env(),
+      capture_output=True, text=True, timeout=300)
+  out = run()
   refused_in_one_line(out, "'imagenet2012' is not prepared",
                       f'not prepared in {tmp_path / "tfds"}',
                       'python -m nfnet_jax.data.prepare')
   assert 'Variant folder' not in out.stdout + out.stderr, out.stderr[-3000:]
+  assert 'tensorflow imported: False' in out.stdout, out.stdout
+  out = run('--config.data.name=imagenet2021')
+  refused_in_one_line(out, "Unknown TFDS dataset data.name='imagenet2021'")
+  assert 'tensorflow imported: False' in out.stdout, out.stdout
   assert not (tmp_path / 'w').exists()
 
 

@@ -22,7 +22,9 @@ import numpy as np
 
 from nfnet_jax import errors
 from nfnet_jax.data import headers
+from nfnet_jax.data import tfds_location
 from nfnet_jax.data.config import FOLDER_VERIFY, MAX_IMAGE_PIXELS
+from nfnet_jax.data.tfds_location import prepare_instructions, tfds_data_dir
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 _MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'BM', b'GIF87a', b'GIF89a', b'RIFF')
@@ -378,26 +380,6 @@ def folder_source(cfg, split: str) -> Source:
 # TFDS
 # ---------------------------------------------------------------------------------
 
-def tfds_data_dir(cfg) -> str:
-  """The TFDS data_dir in use: data.data_dir, else $TFDS_DATA_DIR, else
-  ~/tensorflow_datasets (TFDS's own rule), with ~ expanded."""
-  return os.path.expanduser(cfg.data_dir or os.environ.get('TFDS_DATA_DIR')
-                            or '~/tensorflow_datasets')
-
-
-def prepare_instructions(name: str, data_dir: str) -> str:
-  """The commands that make `name` readable by index under `data_dir`."""
-  text = (f'Prepare it once (ArrayRecord format, needed for random access):\n'
-          f'  python -m nfnet_jax.data.prepare --name={name} --data_dir={data_dir}')
-  if name.startswith('imagenet2012'):
-    text += (' --manual_dir=DIR\n  where DIR holds ILSVRC2012_img_train.tar and '
-             'ILSVRC2012_img_val.tar from image-net.org (the tars, not extracted).')
-  text += ('\nA copy already prepared as TFRecord (the TFDS default) can be converted '
-           'instead:\n  tfds convert_format '
-           f'--dataset_dir={data_dir}/{name}/<version> --out_file_format=array_record')
-  return text
-
-
 def tfds_builder(cfg, prepare: bool = True):
   """The TFDS builder of `cfg.name`; prepares it from `cfg.manual_dir` if needed."""
   from nfnet_jax.data import _tf  # noqa: F401  (hides accelerators first)
@@ -436,10 +418,7 @@ def tfds_source(cfg, split: str) -> Source:
     # `from None`: TFDS's own error for a missing dataset speaks of a wrong file
     # format and of deleting data, which would only mislead.
     if not builder.is_prepared():
-      raise FileNotFoundError(
-          f'TFDS dataset {cfg.name!r} is not prepared in {data_dir} (data.data_dir, '
-          'else $TFDS_DATA_DIR, else ~/tensorflow_datasets).\n'
-          + prepare_instructions(cfg.name, data_dir)) from None
+      raise tfds_location.not_prepared(cfg) from None
     raise ValueError(
         f'Cannot read split {split_name!r} of {cfg.name!r} in {data_dir} by index '
         f'({type(e).__name__}: {str(e).splitlines()[0]}).\nThe pipeline needs a '
