@@ -92,22 +92,20 @@ def refused_in_one_line(out: subprocess.CompletedProcess, *words: str) -> str:
   return errors[0]
 
 
-def _quickstart_config():
-  """experiments/quickstart.py's config, as `--config=experiments/quickstart.py`
-  loads it."""
+def _experiment(file: str):
+  """experiments/<file>, loaded as `--config=experiments/<file>` loads it."""
   import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location('quickstart',
-                                                REPO / 'experiments' / 'quickstart.py')
+  spec = importlib.util.spec_from_file_location(Path(file).stem, REPO / 'experiments' / file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config('')
+  return module
 
 
 def _refusal(**values) -> str:
   """The one-line refusal of the quickstart config with `values` set (dotted keys as
   `a__b`), from the checks the command line runs (configs.validate_config)."""
   from nfnet_jax import configs  # pylint: disable=import-outside-toplevel
-  config = _quickstart_config()
+  config = _experiment('quickstart.py').get_config('')
   for key, value in values.items():
     *parents, leaf = key.split('__')
     node = config
@@ -194,9 +192,20 @@ def test_misspelled_data_values_are_refused(key, value, words):
 ])
 def test_config_arguments_are_checked(arg, words):
   """Every word of `--config=FILE:ARG` is checked as written (a case slip is refused
-  with the right spelling), in one line naming the experiment file."""
-  out = cli(f'--config=experiments/{arg}', '--check_config')
-  refused_in_one_line(out, f'experiments/{arg.split(":")[0]}', *words)
+  with the right spelling), in one line naming the experiment file: the file's
+  get_config(ARG) here; the command line's one-line refusal of it below."""
+  file, arg = arg.split(':')
+  with pytest.raises(ValueError) as e:
+    _experiment(file).get_config(arg)
+  line = str(e.value)
+  assert '\n' not in line and f'experiments/{file}' in line, line
+  for w in words:
+    assert w in line, (w, line)
+
+
+def test_a_bad_config_argument_on_the_command_line_is_one_line():
+  out = cli('--config=experiments/nfnet.py:F0,sma', '--check_config')
+  refused_in_one_line(out, 'experiments/nfnet.py', "'sma'", 'Did you mean sam?')
 
 
 def test_config_argument_is_named_in_the_summary():
