@@ -34,6 +34,7 @@ import ml_collections
 
 from nfnet_jax import checkpoints, data, errors, hub, models, optim, pretrained, sam
 from nfnet_jax.data import config as data_config
+from nfnet_jax.data import tfds_location
 from nfnet_jax.models import registry
 
 MODES = ('train', 'eval', 'train_and_eval')
@@ -542,6 +543,8 @@ def _check_data(data_cfg, mode: str) -> int:
       label = (builder.info.supervised_keys or ('image', 'label'))[1]
       return int(builder.info.features[label].num_classes)
   try:
+    if cfg.source == 'tfds':  # Missing data is said without importing TensorFlow.
+      tfds_location.refuse_if_absent(cfg)
     info = data.dataset_info(cfg)
   except (OSError, ValueError) as e:
     raise ValueError(f'config.data: {one_line(e)}') from None

@@ -71,9 +71,6 @@ def dataset_info(cfg) -> Dict[str, int]:
     o = cfg.offline
     k, train_n, eval_n = int(o.num_classes), int(o.num_train), int(o.num_eval)
   else:
-    if cfg.source == 'tfds':  # Missing data is said without importing TensorFlow.
-      from nfnet_jax.data import tfds_location
-      tfds_location.refuse_if_absent(cfg)
     from nfnet_jax.data import sources
     train = sources.get_source(cfg, 'train')
     k, train_n = train.num_classes, train.num_examples

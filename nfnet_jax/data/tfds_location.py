@@ -1,10 +1,12 @@
 """Where a TFDS dataset lives, how to prepare it, and the one refusal for a dataset
 that is certainly not there: all without TensorFlow, so that `--check_config` of a
-TFDS config on a machine without the data answers in a second.
+TFDS config on a machine without the data does not load it.
 
 TFDS keeps a prepared dataset in <data_dir>/<name>/[<config>/]<version>/; with no
 <data_dir>/<name>/ folder at all nothing of it is prepared. Whether a folder that
-exists holds a readable copy is for TFDS to say (`sources.tfds_source`).
+exists holds a readable copy is for TFDS to say (`sources.tfds_source`). The check
+before a run (`configs.check_run`) asks here first; `data.dataset_info` asks TFDS
+only, so that TFDS's test doubles (`tfds.testing.mock_data`) stand in for the data.
 """
 from __future__ import annotations
 
