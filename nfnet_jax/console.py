@@ -1,6 +1,6 @@
 """What a person watching the terminal sees: a progress bar that log lines do not
-overwrite, a ticking line while XLA compiles the first step, and no backend-probe or
-TFDS variant-folder noise.
+overwrite, a ticking line while XLA compiles the first step, and no backend-probe,
+TFDS variant-folder or TensorFlow start-up noise.
 
 While the bar is shown (stderr is a terminal), every write to stderr, absl's log
 lines included, goes through `tqdm.write`, which clears the bar, prints the whole
@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging as std_logging
+import os
+import re
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Iterator, Optional, TextIO
@@ -59,6 +62,60 @@ def quiet_missing_tfds_variants() -> None:
   logger = std_logging.getLogger('absl')
   if not any(isinstance(f, _NoMissingVariantFolder) for f in logger.filters):
     logger.addFilter(_NoMissingVariantFolder())
+
+
+# A line that absl's C++ logging writes before absl::InitializeLog: the severity, then
+# a zero date and the time in seconds since the epoch ("I0000 00:00:1796652881.27 ...").
+# Python's absl lines carry a real date, so they never match.
+_NATIVE_EARLY_LINE = re.compile(rb'([IWEF])0000 00:00:\d+\.\d+ ')
+_NATIVE_EARLY_BANNER = b'WARNING: All log messages before absl::InitializeLog() is called'
+
+
+def _tf_cpp_min_log_level() -> int:
+  try:
+    return int(os.environ.get('TF_CPP_MIN_LOG_LEVEL', '0'))
+  except ValueError:
+    return 0
+
+
+def _native_line_dropped(line: bytes, level: int) -> bool:
+  if line.startswith(_NATIVE_EARLY_BANNER):
+    return True
+  m = _NATIVE_EARLY_LINE.match(line)
+  return m is not None and 'IWEF'.index(m.group(1).decode()) < level
+
+
+@contextlib.contextmanager
+def tf_cpp_log_level_applied() -> Iterator[None]:
+  """Makes TF_CPP_MIN_LOG_LEVEL hold while TensorFlow is imported inside this block.
+
+  TensorFlow 2.21 logs from C++ through absl before absl::InitializeLog has run, and
+  absl then writes every line to stderr whatever TF_CPP_MIN_LOG_LEVEL says, with a
+  banner saying so (oneDNN's "custom operations are on", twice, on every import).
+  TensorFlow offers no call or variable that stops it, so file descriptor 2 goes to a
+  temporary file for the block and is then written back to stderr whole, less the
+  banner and the early C++ lines below the level. Nothing else is held back or lost;
+  at level 0 nothing is redirected.
+  """
+  level = _tf_cpp_min_log_level()
+  if level <= 0:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      kept = [line for line in held.read().splitlines(keepends=True)
+              if not _native_line_dropped(line, level)]
+      if kept:
+        os.write(2, b''.join(kept))
 
 
 class _BarSafeStream:

@@ -38,3 +38,27 @@ def test_a_failed_compile_is_not_reported_as_compiled(caplog):
     with console.compiling('the train step', None):
       raise ValueError('no fit')
   assert not any(m.startswith('Compiled') for m in _messages(caplog))
+
+
+@pytest.mark.parametrize('level', ['0', '2'])
+def test_tf_cpp_log_level_holds_for_early_native_lines(level, capfd, monkeypatch):
+  """What C++ code writes to stderr (file descriptor 2) inside the block, as
+  TensorFlow 2.21's import does: absl's banner and zero-dated lines below
+  TF_CPP_MIN_LOG_LEVEL are dropped; every other line comes back, in order (a Python
+  absl line with a real date, an early line at the level, plain text); level 0 drops
+  nothing."""
+  import os  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', level)
+  lines = [b'WARNING: All log messages before absl::InitializeLog() is called are '
+           b'written to STDERR\n',
+           b'I0000 00:00:1796652881.275108   16404 port.cc:153] oneDNN custom ops\n',
+           b'I1207 14:06:52.520477 139648042863488 train.py:383] a Python log line\n',
+           b'W0000 00:00:1796652881.300000   16404 x.cc:1] an early warning\n',
+           b'E0000 00:00:1796652881.400000   16404 x.cc:2] an early error\n',
+           b'plain text without a newline']
+  with console.tf_cpp_log_level_applied():
+    for line in lines:
+      os.write(2, line)
+  err = capfd.readouterr().err
+  kept = lines if level == '0' else lines[2:3] + lines[4:]
+  assert err == b''.join(kept).decode()
