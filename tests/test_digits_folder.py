@@ -7,8 +7,9 @@ is used in full (not replaced by a holdout), the start-up line says what the eva
 transform does, and the held-out top-1 is far above what the fixed S + 32 eval crop
 gave (42.90 % after 100 full-width quickstart steps, measured with the middle half of
 each 32 px image; benchmarks/RESULTS.md has this run's figures). The run augments on
-the device (data.augment_on='device', RandAugment at one layer of magnitude 2), so the
-same top-1 shows that training with device augmentation learns.
+the device with every augmentation on (data.augment_on='device': MixUp and CutMix,
+RandAugment at one layer of magnitude 2, Inception crops and flips), so the same top-1
+shows that training with the augmentation learns.
 """
 from __future__ import annotations
 
@@ -48,13 +49,15 @@ def write_digits_folder(root: Path) -> None:
 def digits_run(tmp_path_factory):
   """The quickstart config (cut to two blocks, batch 64, 300 steps) on the digits
   folder, with data.holdout_fraction=0.1 as a fine-tuning config sets it: the val/
-  folder must still be the eval split. RandAugment and the rest of the train
-  transform's random part run in the train step (augment_on='device'). Returns
-  (completed process, seconds)."""
+  folder must still be the eval split. MixUp/CutMix, RandAugment and the rest of the
+  train transform's random part run in the train step (augment_on='device'). XLA
+  optimises as it does for a user (not the suite's -O0): over 300 steps the
+  unoptimised code costs more than its shorter compile saves. Returns (completed
+  process, seconds)."""
   root = tmp_path_factory.mktemp('digits')
   write_digits_folder(root / 'images')
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS='--xla_backend_optimization_level=0',
+             XLA_FLAGS='',
              PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
   cmd = [sys.executable, '-m', 'nfnet_jax.train', '--config=experiments/quickstart.py',
          f'--workdir={root / "run"}', '--config.data.source=folder',
@@ -65,7 +68,8 @@ def digits_run(tmp_path_factory):
          '--config.ema_decay=0.99', '--config.eval_batch_size=128',
          '--config.checkpoint_every_steps=0', '--config.log_every=100',
          '--config.data.augment_on=device', '--config.data.randaugment.enabled=True',
-         '--config.data.randaugment.num_layers=1', '--config.data.randaugment.magnitude=2']
+         '--config.data.randaugment.num_layers=1', '--config.data.randaugment.magnitude=2',
+         '--config.data.mix.enabled=True']
   start = time.monotonic()
   done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=1800, check=False)
@@ -103,4 +107,7 @@ def test_held_out_top1_on_every_val_image_is_far_above_the_old_crop(digits_run):
   done, _ = digits_run
   top1, ema_top1, count = _final(done)
   assert count == NUM_VAL
-  assert top1 >= 70.0, (top1, ema_top1)
+  # Chance is 10 %, the old crop gave 42.90 %. The bar sits well under the lowest of
+  # three seeds measured with this command (benchmarks/RESULTS.md): float
+  # reassociation on another CPU moves the trajectory as a seed does.
+  assert top1 >= 65.0, (top1, ema_top1)
