@@ -105,25 +105,35 @@ def _param_shapes(name):
   return jax.eval_shape(lambda r, x: net.init(r, x, True), jax.random.PRNGKey(0), x)
 
 
-def _logits_and_grads(name, **options):
-  """Training-mode logits and d(sum(logits * ct))/dparams, same rng for every net."""
-  net = models.create(name, NUM_CLASSES, **TINY[name], **options)
+# The families with grouped convolutions (NF-ResNets have none).
+GROUPED = ('F0', 'nf_regnet_b0')
+
+
+@functools.lru_cache(maxsize=None)
+def _logits_and_grads(name):
+  """{option: (logits, grads)}: training-mode logits and d(sum(logits * ct))/dparams,
+  the same rng for every net, for each remat policy ('remat=none' is the reference)
+  and, where the family has grouped convs, each grouped-conv form ('groups=lax',
+  'groups=split'). All in one compiled program: one compile instead of six, XLA
+  sharing what the programs have in common."""
+  options = {f'remat={r}': dict(remat=r) for r in models.REMAT_POLICIES}
+  if name in GROUPED:
+    options.update({f'groups={g}': dict(groups=g) for g in ('lax', 'split')})
+  nets = {k: models.create(name, NUM_CLASSES, **TINY[name], **o) for k, o in options.items()}
   x, ct = _inputs()
 
   @functools.partial(jax.jit, **JIT)
   def f(params):
-    def loss(p):
-      logits = net.apply(p, jax.random.PRNGKey(2), x, True)['logits']
-      return jnp.sum(logits * ct), logits
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return logits, grads
+    out = {}
+    for key, net in nets.items():
+      def loss(p, net=net):
+        logits = net.apply(p, jax.random.PRNGKey(2), x, True)['logits']
+        return jnp.sum(logits * ct), logits
+      (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+      out[key] = (logits, grads)
+    return out
 
   return f(_params(name))
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(name):
-  return _logits_and_grads(name)
 
 
 def _assert_trees_close(a, b, rtol):
@@ -134,16 +144,19 @@ def _assert_trees_close(a, b, rtol):
     assert err <= rtol, (jax.tree_util.keystr(path), err)
 
 
-# Each case compiles two gradients; one stays in the fast subset.
-@pytest.mark.parametrize('name,remat', [
-    (name, remat) if (name, remat) == ('nf_resnet26', 'block_convs') else
-    pytest.param(name, remat, marks=pytest.mark.slow)
-    for name in TINY for remat in models.REMAT_POLICIES if remat != 'none'])
-def test_remat_computes_the_same_function(name, remat):
-  logits, grads = _logits_and_grads(name, remat=remat)
-  ref_logits, ref_grads = _reference(name)
-  np.testing.assert_allclose(logits, ref_logits, rtol=1e-6, atol=1e-7)
-  _assert_trees_close(grads, ref_grads, rtol=1e-5)
+# One stays in the fast subset.
+@pytest.mark.parametrize('name', [n if n == 'nf_resnet26' else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in TINY])
+def test_remat_computes_the_same_function(name):
+  """Every remat policy: the logits and gradients of remat='none'."""
+  out = _logits_and_grads(name)
+  ref_logits, ref_grads = out['remat=none']
+  policies = [r for r in models.REMAT_POLICIES if r != 'none']
+  assert len(policies) == 3
+  for remat in policies:
+    logits, grads = out[f'remat={remat}']
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-6, atol=1e-7, err_msg=remat)
+    _assert_trees_close(grads, ref_grads, rtol=1e-5)
 
 
 @pytest.mark.parametrize('name', list(TINY))
@@ -196,13 +209,14 @@ def test_remat_and_groups_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['F0', 'nf_regnet_b0'])
+@pytest.mark.parametrize('name', GROUPED)
 def test_grouped_conv_implementations_agree(name):
   """Split per-group convs (the default on CPU from SPLIT_MIN_POSITIONS output
   positions) == one XLA grouped conv ('lax', the default on GPU/TPU): logits and
   every gradient."""
-  lax_logits, lax_grads = _logits_and_grads(name, groups='lax')
-  for logits, grads in (_reference(name), _logits_and_grads(name, groups='split')):
+  out = _logits_and_grads(name)
+  lax_logits, lax_grads = out['groups=lax']
+  for logits, grads in (out['remat=none'], out['groups=split']):
     np.testing.assert_allclose(logits, lax_logits, rtol=1e-5, atol=1e-6)
     _assert_trees_close(grads, lax_grads, rtol=1e-4)
 
