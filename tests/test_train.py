@@ -369,16 +369,21 @@ def mark_eval_rows(path: Path) -> None:
 
 
 def damage_array_file(step_dir: Path) -> tuple[Path, int]:
-  """Inverts 4 KiB (or the middle half of a smaller file) in the middle of the largest
-  file of a checkpoint's state, keeping its size; returns (file, size)."""
-  path = max((p for p in (step_dir / 'state').rglob('*') if p.is_file()),
-             key=lambda p: p.stat().st_size)
-  data = bytearray(path.read_bytes())
-  n = min(4096, len(data) // 2)
-  mid = (len(data) - n) // 2
-  data[mid:mid + n] = bytes(255 - b for b in data[mid:mid + n])
-  path.write_bytes(bytes(data))
-  return path, len(data)
+  """Inverts 4 KiB (or the middle half of a smaller file) in the middle of every file
+  of a checkpoint's array data (OCDBT's d/ files; all of the state's files where
+  there are none), keeping their sizes; returns (the largest of them, its size).
+  Every file, not one: with several devices a data file can hold bytes the
+  checkpoint does not reference, and damage there changes nothing that is read."""
+  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file()]
+  data_files = [p for p in files if p.parent.name == 'd'] or files
+  for path in data_files:
+    data = bytearray(path.read_bytes())
+    n = min(4096, len(data) // 2)
+    mid = (len(data) - n) // 2
+    data[mid:mid + n] = bytes(255 - b for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+  largest = max(data_files, key=lambda p: p.stat().st_size)
+  return largest, largest.stat().st_size
 
 
 @pytest.fixture(scope='module')
