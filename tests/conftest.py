@@ -3,9 +3,9 @@
 Most of the suite's CPU time is XLA compiling: the CLI tests start dozens of
 `python -m nfnet_jax.train` processes that compile the same few programs. At import
 (before any test imports jax) this file points JAX's persistent compilation cache at
-one fresh directory for the whole session, through the environment, so the xdist
+one fresh directory for the whole test run, through the environment, so the xdist
 workers and every subprocess they start share it; a program is compiled once per
-session and read back after that. It is removed when the session ends. A
+run and read back after that. It is removed when the run ends. A
 JAX_COMPILATION_CACHE_DIR set by the caller is used instead, and kept.
 
 The same way, XLA compiles at -O0 (`--xla_backend_optimization_level=0`, added to any

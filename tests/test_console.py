@@ -4,6 +4,7 @@ line in tests/test_cli.py::test_terminal_output_is_readable)."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pytest
@@ -47,7 +48,6 @@ def test_tf_cpp_log_level_holds_for_early_native_lines(level, capfd, monkeypatch
   TF_CPP_MIN_LOG_LEVEL are dropped; every other line comes back, in order (a Python
   absl line with a real date, an early line at the level, plain text); level 0 drops
   nothing."""
-  import os  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', level)
   lines = [b'WARNING: All log messages before absl::InitializeLog() is called are '
            b'written to STDERR\n',
